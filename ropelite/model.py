@@ -29,6 +29,11 @@ _FROM_HF_ROPE = {"default": "rope", "linear": "pi", "dynamic": "dynamic", "yarn"
 _TO_HF_ROPE = {"pi": "linear", "dynamic": "dynamic", "yarn": "yarn", "llama3": "llama3", "longrope": "longrope"}
 _ROPE_KEYS = ("beta_fast", "beta_slow", "truncate", "attention_factor", "mscale", "mscale_all_dim",
               "low_freq_factor", "high_freq_factor", "short_factor", "long_factor")
+# The rope_scaling keys of each type, written even at their defaults: transformers requires some
+# (llama3's low/high_freq_factor) and warns about keys that belong to another type.
+_HF_KEYS = {"yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"),
+            "llama3": ("low_freq_factor", "high_freq_factor"),
+            "longrope": ("short_factor", "long_factor", "attention_factor")}
 
 # One observed attention row block: (layer index, absolute query positions (t,), probabilities (B, H, t, S)).
 AttentionCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -92,10 +97,12 @@ class LlamaConfig:
         if r.type == "ntk":
             d["rope_theta"] = r.base if r.base is not None else ntk_base(self.head_dim, r.theta, r.factor)
         elif r.type != "rope":
-            scaling = {"rope_type": _TO_HF_ROPE[r.type], "type": _TO_HF_ROPE[r.type], "factor": r.factor,
-                       "original_max_position_embeddings": r.original_max_position_embeddings}
-            defaults = RopeConfig()
-            scaling.update({k: getattr(r, k) for k in _ROPE_KEYS if getattr(r, k) != getattr(defaults, k)})
+            scaling = {"rope_type": _TO_HF_ROPE[r.type], "type": _TO_HF_ROPE[r.type], "factor": r.factor}
+            if r.type in _HF_KEYS:  # linear has no L; dynamic takes it from max_position_embeddings
+                scaling["original_max_position_embeddings"] = r.original_max_position_embeddings
+            scaling.update({k: getattr(r, k) for k in _HF_KEYS.get(r.type, ()) if getattr(r, k) is not None})
+            if not r.truncate:
+                scaling["truncate"] = False
             d["rope_scaling"] = scaling
             if r.type != "dynamic":  # transformers reads the extended length as max_position_embeddings
                 d["max_position_embeddings"] = int(r.original_max_position_embeddings * r.factor)
@@ -110,10 +117,11 @@ class LlamaConfig:
         if rope is None and factor is None and not rope_kwargs:
             return self
         current = self.rope
+        same = rope in (None, current.type)  # naming the checkpoint's own variant keeps its settings
         new = RopeConfig(type=rope or current.type, theta=current.theta,
                          factor=current.factor if factor is None else float(factor),
                          original_max_position_embeddings=current.original_max_position_embeddings,
-                         **({} if rope else _nondefault_extras(current)), **rope_kwargs)
+                         **{**(_nondefault_extras(current) if same else {}), **rope_kwargs})
         return dataclasses.replace(self, rope=new)
 
 
@@ -129,18 +137,26 @@ def _rope_from_hf(d: dict) -> RopeConfig:
     theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
     kind = _FROM_HF_ROPE.get(scaling.get("rope_type") or scaling.get("type") or "default")
     if kind is None:
-        raise RopeliteError(f"unsupported rope_scaling type '{scaling.get('rope_type') or scaling.get('type')}'")
+        raise RopeliteError(f"unsupported rope_scaling type '{scaling.get('rope_type') or scaling.get('type')}': "
+                            f"ropelite reads {', '.join(_FROM_HF_ROPE)}")
     if own and own.get("rope") == "ntk":                     # rope_theta holds the NTK base; restore the story
         return RopeConfig(type="ntk", theta=own["theta"], factor=own["factor"], base=own["base"],
                           original_max_position_embeddings=own["original_max_position_embeddings"])
-    original = scaling.get("original_max_position_embeddings") or d.get("max_position_embeddings", 4096)
+    max_len = d.get("max_position_embeddings", 4096)
+    # transformers' dynamic scales from max_position_embeddings whatever rope_scaling says; Phi-3-style configs
+    # keep the pretrained length at the top level.
+    original = (max_len if kind == "dynamic" else
+                d.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings") or max_len)
     if own:
         original = own["original_max_position_embeddings"]
     extras = {k: scaling[k] for k in _ROPE_KEYS if scaling.get(k) is not None}
     for k in ("short_factor", "long_factor"):
         if k in extras:
             extras[k] = tuple(extras[k])
-    return RopeConfig(type=kind, theta=theta, factor=float(scaling.get("factor", 1.0)) if kind != "rope" else 1.0,
+    factor = scaling.get("factor")
+    if factor is None:  # transformers: longrope without a factor scales by the ratio of the two lengths
+        factor = max_len / original if kind == "longrope" else 1.0
+    return RopeConfig(type=kind, theta=theta, factor=float(factor) if kind != "rope" else 1.0,
                       original_max_position_embeddings=int(original), **extras)
 
 
@@ -179,10 +195,11 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> to
     Grouped-query attention: query head h reads key head h // (H / Hkv). Returns (B, H, t, S)."""
     B, H, t, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    qg = q.float().view(B, Hkv, H // Hkv, t, d)                                 # (B, Hkv, rep, t, d)
-    scores = qg @ k.float().unsqueeze(2).transpose(-1, -2) / math.sqrt(d)      # (B, Hkv, rep, t, S)
+    # Scale q, not the (t, S) scores, and mask in place: two fewer passes over the largest tensor.
+    qg = (q.float() * (1 / math.sqrt(d))).view(B, Hkv, H // Hkv, t, d)          # (B, Hkv, rep, t, d)
+    scores = qg @ k.float().unsqueeze(2).transpose(-1, -2)                       # (B, Hkv, rep, t, S)
     future = torch.arange(S, device=q.device)[None, :] > q_pos[:, None]         # (t, S)
-    return scores.masked_fill(future, float("-inf")).softmax(-1).view(B, H, t, S)
+    return scores.masked_fill_(future, float("-inf")).softmax(-1).view(B, H, t, S)
 
 
 class Observer:
@@ -282,7 +299,13 @@ class Block(nn.Module):
 
 class KVCache:
     """Keys and values of the tokens seen so far, per layer. Keys are stored rotated for a fixed RoPE, and
-    unrotated (``raw_keys``) for a length-dependent one, whose frequencies change as the sequence grows."""
+    unrotated (``raw_keys``) for a length-dependent one, whose frequencies change as the sequence grows.
+
+    Re-rotating fixes the attention logits, not the past: from layer 1 on, the cached keys and values of earlier
+    tokens were produced by attention at the length those tokens were seen. So for dynamic/longrope a cached
+    decode past L equals a full forward only for one layer, or when the frequencies have not changed since the
+    prefill (longrope with the prefill already past L); otherwise it approximates it (the first token after a
+    prefill is always exact). Measure long-context quality with full forwards."""
 
     def __init__(self, n_layers: int, raw_keys: bool):
         self.raw_keys = raw_keys
@@ -364,6 +387,8 @@ class Llama(nn.Module):
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.shape[1], chunk_size):
             hc, tc = h[:, start:start + chunk_size], targets[:, start:start + chunk_size]
+            if bool((tc == -100).all()):
+                continue  # context only (a sliding window's already-scored tokens): no logits needed
             if torch.is_grad_enabled():
                 total = total + checkpoint(_chunk_nll, hc, tc, self.lm_head.weight, use_reentrant=False)
             else:
@@ -461,7 +486,10 @@ def load_model(path, rope: str | None = None, factor: float | None = None, dtype
             raise RopeliteError(f"missing tensor '{key}' in {path}")
         if tensors[key].shape != shape:
             raise RopeliteError(f"tensor '{key}' has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
-    model.load_state_dict({k.removeprefix("model."): tensors[k] for k in expected}, strict=True, assign=True)
+    state = {k.removeprefix("model."): tensors[k] for k in expected}
+    if config.tie_word_embeddings:  # the meta model lists the shared weight under both names
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()

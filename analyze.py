@@ -1,0 +1,699 @@
+"""Attention distributions and JS divergence between RoPE variants, frequency maps, and the base bound.
+
+    python analyze.py attention --rope rope pi ntk yarn --factor 4 --lengths 2048 --samples 3
+    python analyze.py attention --rope rope pi ntk yarn --factor 4 --base 1000000 --lengths 2048 8192 --samples 10
+    python analyze.py attention --reference-model path/to/long-context-model --lengths 8192
+    python analyze.py bound --dim 128                        # Men et al.'s table, 1K..128K (~4 min on 2 cores)
+    python analyze.py bound --dim 128 --lengths 1024:1048576  # all of it, to 1M (~10 min more)
+    python analyze.py freqs --rope rope pi ntk yarn dynamic llama3 --factor 4
+    python analyze.py freqs --dim 128 --theta 10000 --original 4096 --factor 16
+
+attention   the seed paper's Figure 2 and Table 1 (Zhong et al. 2024, section 3)
+bound       Men et al. 2024, "Base of RoPE bounds context length": the lower bound of the base per context length
+freqs       per-pair wavelength and scaling of each RoPE variant (how each treats fast and slow dimensions)
+
+Each subcommand writes <name>.json (settings, definitions, results), <name>.csv (the table) and PNG figures into
+--out (default runs/analyze); `analyze.py SUBCOMMAND --help` says exactly what is computed. Bad input ends as one
+line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ropelite.cli import DTYPES, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.data import KINDS, load_documents, tokenize_documents
+from ropelite.errors import RopeliteError
+from ropelite.io import atomic_path, write_csv, write_json
+from ropelite.model import LlamaConfig, read_config
+from ropelite.rope import (RopeConfig, base_reaches, context_of_base, first_negative_B, men_B,
+                           min_base_for_context, rope_inv_freq)
+from ropelite.stats import NATS_PER_BIT, entropy, js_divergence
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention: seed paper Figure 2 and Table 1
+# ----------------------------------------------------------------------------------------------------------------
+
+ATTENTION_DOC = """\
+The seed paper's Figure 2 and Table 1 (Zhong et al. 2024, section 3), training-free: the variants in --rope share
+one loaded model (its config's RoPE is swapped between forwards; the frequencies are computed from the config on
+every forward).
+
+Samples: for each length L, the first L tokens of the first --samples documents that have at least L tokens
+(under every tokenizer in play), from --data or, without it, the built-in --builtin text joined into documents
+of at least 4.5 * max(--lengths) characters. Every variant and the reference see the same samples.
+
+What is measured. For sample s, layer l and head h, p_{s,l,h} is the attention distribution of the LAST query
+(position L-1) over the keys 0..L-1 (softmax probabilities, float32). The forward runs on the fast path and only
+that row is formed eagerly; per sample only (layers, heads, L) numbers are held and everything else is running
+sums, so memory is O(L * heads * layers), never O(L^2).
+  mean distribution     pbar = mean over (s, l, h) of p_{s,l,h}: the red line of Figure 2 (one curve over L keys)
+  per-head curves       mean over s of p_{s,l,h}, one per (layer, head): Figure 2's thin lines
+  js_mean               JS(pbar_variant, pbar_reference): Table 1. JS(p, q) = KL(p||m)/2 + KL(q||m)/2 with
+                        m = (p + q)/2, in nats (natural log; at most ln 2 = 0.693) and bits (at most 1)
+  js_per_distribution   mean over (s, l, h) of JS(p_{s,l,h} variant, p_{s,l,h} reference), pairing the same
+                        sample, layer and head: a DIFFERENT quantity, never smaller than js_mean (JS is jointly
+                        convex); null when the reference model has another number of layers or heads
+  entropy_per_layer     mean over (s, h) of H(p_{s,l,h}) = -sum p ln p, nats, per layer; entropy = their mean;
+                        entropy_of_mean = H(pbar); uniform attention over L keys would give ln L
+The reference is plain RoPE on the same model and length, or --reference-model (its own checkpoint RoPE, its own
+tokenizer on the same documents). The paper's Table 1 values exceed ln 2, so its unit is not a single JS in nats.
+
+Outputs in --out: attention.json (settings, these definitions, one row per (length, variant)), attention.csv (the
+rows), attention_L<L>.png (Figure 2: one panel per variant, log y, x = key position), attention_entropy.png (entropy
+per layer) and attention_L<L>.npz (running sums: per_head_sum (layers, heads, L) = sum over samples, entropy and
+JS sums per layer, samples done). The npz is rewritten after every sample, so a killed run resumes there.
+"""
+
+DEFINITIONS = {
+    "distribution": "p_{s,l,h}: softmax attention of the last query (position L-1) over keys 0..L-1, for sample s, "
+                    "layer l, head h",
+    "mean_distribution": "pbar = mean over (sample, layer, head) of p_{s,l,h} (Figure 2, red line)",
+    "per_head_curve": "mean over samples of p_{s,l,h} for one (layer, head) (Figure 2, thin lines)",
+    "js_mean_nats": "JS(pbar_variant, pbar_reference) = KL(p||m)/2 + KL(q||m)/2, m = (p+q)/2, natural log (Table 1)",
+    "js_mean_bits": "js_mean_nats / ln 2",
+    "js_per_distribution_nats": "mean over (sample, layer, head) of JS(p_{s,l,h} variant, p_{s,l,h} reference); "
+                                "a different quantity, >= js_mean by joint convexity",
+    "js_per_distribution_bits": "js_per_distribution_nats / ln 2",
+    "entropy_per_layer": "mean over (sample, head) of -sum p ln p of p_{s,l,h}, nats",
+    "entropy": "mean over layers of entropy_per_layer, nats",
+    "entropy_of_mean": "-sum pbar ln pbar, nats",
+    "uniform_entropy": "ln L: the entropy of uniform attention over L keys",
+}
+
+
+@dataclasses.dataclass
+class Variant:
+    """One thing whose attention is measured: a model with a RoPE config, under a label."""
+    label: str
+    model: torch.nn.Module
+    config: LlamaConfig
+    tokens: int            # index into the tokenised samples: which tokenizer's ids this model reads
+
+
+def last_rows(variant: Variant, ids: np.ndarray) -> torch.Tensor:
+    """(layers, heads, L) float32: the last query's attention over keys 0..L-1 in every layer and head."""
+    model, c = variant.model, variant.config
+    model.config = c  # the RoPE is built from model.config on every forward
+    L = len(ids)
+    rows = torch.empty(c.num_hidden_layers, c.num_attention_heads, L)
+
+    def keep(layer: int, positions: torch.Tensor, probs: torch.Tensor) -> None:
+        rows[layer] = probs[0, :, 0].cpu()                  # probs (1, H, 1, L): the one row asked for
+
+    device = next(model.parameters()).device
+    with torch.no_grad():  # hidden_states: no (L, vocab) logits are ever made
+        model.hidden_states(torch.as_tensor(ids, device=device).view(1, L), on_attention=keep,
+                            attention_rows=torch.tensor([L - 1], device=device))
+    return rows
+
+
+class Reduction:
+    """Running sums over samples for one variant at one length; nothing but these is kept between samples."""
+
+    def __init__(self, layers: int, heads: int, length: int):
+        self.per_head_sum = torch.zeros(layers, heads, length, dtype=torch.float64)  # sum_s p_{s,l,h}
+        self.entropy_sum = torch.zeros(layers, dtype=torch.float64)                  # sum_{s,h} H(p_{s,l,h})
+        self.js_sum = torch.zeros(layers, dtype=torch.float64)                       # sum_{s,h} JS(p, ref)
+        self.samples = 0
+
+    def add(self, rows: torch.Tensor, reference: torch.Tensor) -> None:
+        """rows, reference: (layers, heads, L) distributions of the same sample."""
+        self.per_head_sum += rows
+        self.entropy_sum += entropy(rows).sum(1)
+        if reference.shape == rows.shape:
+            self.js_sum += js_divergence(rows, reference).sum(1)
+        else:  # another architecture: there is no (layer, head) to pair with
+            self.js_sum.fill_(float("nan"))
+        self.samples += 1
+
+    def per_head(self) -> torch.Tensor:
+        return self.per_head_sum / self.samples                                       # (layers, heads, L)
+
+    def mean(self) -> torch.Tensor:
+        return self.per_head_sum.sum((0, 1)) / (self.samples * self.per_head_sum[..., 0].numel())  # (L,)
+
+    def arrays(self, prefix: str) -> dict:
+        return {f"{prefix}per_head_sum": self.per_head_sum.numpy(), f"{prefix}entropy_sum": self.entropy_sum.numpy(),
+                f"{prefix}js_sum": self.js_sum.numpy(), f"{prefix}samples": np.array(self.samples)}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str) -> "Reduction":
+        r = cls(1, 1, 1)
+        r.per_head_sum = torch.from_numpy(arrays[f"{prefix}per_head_sum"].copy())
+        r.entropy_sum = torch.from_numpy(arrays[f"{prefix}entropy_sum"].copy())
+        r.js_sum = torch.from_numpy(arrays[f"{prefix}js_sum"].copy())
+        r.samples = int(arrays[f"{prefix}samples"])
+        return r
+
+
+def summarize(r: Reduction, reference: Reduction) -> dict:
+    """The Table 1 numbers of one variant against the reference (see DEFINITIONS)."""
+    mean, ref_mean = r.mean(), reference.mean()
+    heads = r.per_head_sum.shape[1]
+    js = float(js_divergence(mean, ref_mean)) if len(mean) == len(ref_mean) else float("nan")
+    per_dist = float(r.js_sum.sum() / (r.samples * r.js_sum.numel() * heads))
+    per_layer = (r.entropy_sum / (r.samples * heads)).tolist()
+    return {"js_mean_nats": js, "js_mean_bits": js / NATS_PER_BIT,
+            "js_per_distribution_nats": per_dist, "js_per_distribution_bits": per_dist / NATS_PER_BIT,
+            "entropy": float(np.mean(per_layer)), "entropy_of_mean": float(entropy(mean)),
+            "uniform_entropy": math.log(len(mean)), "entropy_per_layer": per_layer}
+
+
+def save_state(path: Path, meta: dict, reductions: dict[str, Reduction]) -> None:
+    arrays = {"meta": np.array(json.dumps(meta))}
+    for i, r in enumerate(reductions.values()):
+        arrays.update(r.arrays(f"{i}/"))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
+
+
+def load_state(path: Path, meta: dict) -> dict[str, Reduction] | None:
+    """The saved sums when they were made with the same settings and a prefix of the same samples."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            saved = json.loads(str(arrays["meta"]))
+            done = saved.get("sample_hashes", [])
+            if (saved.get("settings") != meta["settings"] or saved.get("labels") != meta["labels"]
+                    or done != meta["sample_hashes"][:len(done)]):
+                return None
+            return {label: Reduction.from_arrays(arrays, f"{i}/") for i, label in enumerate(saved["labels"])}
+    except (OSError, ValueError, KeyError):
+        raise RopeliteError(f"{path} is not an analyze.py attention state file; use another --out") from None
+
+
+def pick_samples(docs: list, tokenizers: list, vocab_sizes: list[int], lengths: list[int],
+                 count: int) -> dict[int, list[list[np.ndarray]]]:
+    """length -> the first ``count`` documents with >= length tokens under every tokenizer, cut to their first
+    ``length`` tokens: [sample][tokenizer] -> ids. Documents are tokenised only until enough are long enough."""
+    tokenized = []
+    for doc in docs:
+        per_tokenizer = [tokenize_documents([doc], tok)[0] for tok in tokenizers]
+        for x, vocab in zip(per_tokenizer, vocab_sizes):
+            bad = x[(x < 0) | (x >= vocab)]
+            check(not bad.size, f"token id {int(bad[0])} outside the model's vocabulary ({vocab} ids)")
+        tokenized.append(per_tokenizer)
+        if sum(min(map(len, t)) >= max(lengths) for t in tokenized) >= count:
+            break
+    picks = {}
+    for L in lengths:
+        long = [[x[:L] for x in t] for t in tokenized if min(map(len, t)) >= L]
+        check(len(long) >= count, f"only {len(long)} documents have at least {L} tokens, --samples asks for "
+                                  f"{count}: give --data with longer documents, fewer --samples or a shorter length")
+        picks[L] = long[:count]
+    return picks
+
+
+def draw_distributions(panels: list[tuple[str, np.ndarray]], length: int, path: Path, max_curves: int,
+                       title: str) -> None:
+    """Figure 2: per panel, the per-head curves (thin, coloured by layer; an evenly spaced subset of at most
+    ``max_curves``) and their mean over heads and layers (red), log y, x = key position."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
+    x = np.arange(length)
+    lows = []
+    for ax, (name, per_head) in zip(axes[0], panels):
+        flat = per_head.reshape(-1, length)                                         # (layers*heads, L)
+        pick = np.unique(np.linspace(0, len(flat) - 1, min(max_curves, len(flat))).round().astype(int))
+        shown = np.where(flat[pick] > 0, flat[pick], np.nan)  # log axis: exact zeros are left out
+        segments = np.stack([np.broadcast_to(x, shown.shape), shown], axis=-1)     # (curves, L, 2)
+        colors = plt.cm.viridis(pick / max(len(flat) - 1, 1))
+        ax.add_collection(LineCollection(segments, colors=colors, linewidths=0.3, alpha=0.35))
+        mean = flat.mean(0)
+        ax.plot(x, np.where(mean > 0, mean, np.nan), color="red", linewidth=1.2, label="mean")
+        ax.set_yscale("log")
+        ax.set_xlim(0, length - 1)
+        ax.set_xlabel("key position")
+        ax.set_title(f"{name} (L={length}, {len(pick)}/{len(flat)} heads)", fontsize=9)
+        positive = flat[flat > 0]
+        if positive.size:
+            lows.append(np.percentile(positive, 1))
+            ax.set_ylim(top=1.2 * positive.max())
+    if lows:
+        axes[0][0].set_ylim(bottom=min(lows))
+    axes[0][0].set_ylabel("attention of the last query")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def draw_entropy(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in rows:
+        ax.plot(r["entropy_per_layer"], marker=".", label=f"{r['rope']} L={r['length']}")
+    for L in sorted({r["length"] for r in rows}):
+        ax.axhline(math.log(L), color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean entropy of the last query's attention (nats)")
+    ax.set_title("attention entropy per layer (dotted: ln L, uniform)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
+    """(variants, reference, tokenizers, vocabulary sizes). The variants share one loaded model."""
+    import ropelite
+
+    model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model.eval()
+    base = model.config
+    variants = []
+    for rope in dict.fromkeys(args.rope):
+        config = base.with_rope(**rope_overrides(rope, args.factor, args.base))
+        variants.append(Variant(config.rope.describe(), model, config, 0))
+    tokenizers, vocab = [tokenizer], [base.vocab_size]
+    if args.reference_model is None:
+        config = base.with_rope(**rope_overrides("rope", args.factor, args.base))
+        found = [v for v in variants if v.config == config]
+        reference = found[0] if found else Variant("rope (reference)", model, config, 0)
+    else:
+        ref_model, ref_tok = ropelite.load(args.reference_model, dtype=DTYPES[args.dtype], device=args.device)
+        ref_model.eval()
+        name = Path(args.reference_model).name or args.reference_model
+        reference = Variant(f"{name} {ref_model.config.rope.describe()} (reference)", ref_model, ref_model.config, 1)
+        tokenizers.append(ref_tok)
+        vocab.append(ref_model.config.vocab_size)
+    return variants, reference, tokenizers, vocab
+
+
+def measure(entries: list[Variant], reference: Variant, samples: list, state_path: Path, meta: dict,
+            bar) -> dict[str, Reduction]:
+    """The running sums of every entry over the samples of one length, resumed from ``state_path`` when it holds
+    a prefix of this run; rewritten there after every sample."""
+    L, count = len(samples[0][0]), len(samples)
+    red = load_state(state_path, meta)
+    if red is None or red[reference.label].samples > count:
+        red = {v.label: Reduction(v.config.num_hidden_layers, v.config.num_attention_heads, L) for v in entries}
+    done = red[reference.label].samples
+    if done:
+        print(f"attention: L={L}: {done} of {count} samples already in {state_path}", file=sys.stderr)
+    bar.update(L * done * len(entries))
+    for s in range(done, count):
+        ref_rows = last_rows(reference, samples[s][reference.tokens])   # first: every variant is paired with it
+        bar.update(L)
+        for v in entries:
+            if v is not reference:
+                red[v.label].add(last_rows(v, samples[s][v.tokens]), ref_rows)
+                bar.update(L)
+        red[reference.label].add(ref_rows, ref_rows)
+        save_state(state_path, {**meta, "sample_hashes": meta["sample_hashes"][:s + 1]}, red)
+        bar.set_postfix_str(f"L={L} sample {s + 1}/{count}")
+    return red
+
+
+def attention_main(args) -> None:
+    lengths = parse_ints(args.lengths, "--lengths")
+    check(lengths[0] >= 2, "--lengths must be at least 2 tokens")
+    check(args.samples >= 1, "--samples must be at least 1")
+    check(args.max_curves >= 0, "--max-curves must be >= 0")
+    docs = load_documents(args.data, args.builtin, min_chars=math.ceil(4.5 * max(lengths)))
+    variants, reference, tokenizers, vocab = load_variants(args)
+    entries = variants + ([] if reference in variants else [reference])
+    picks = pick_samples(docs, tokenizers, vocab, lengths, args.samples)
+    out = Path(args.out)
+    settings = {"model": args.model, "reference_model": args.reference_model, "dtype": args.dtype,
+                "data": args.data or f"builtin:{args.builtin}", "samples": args.samples, "lengths": lengths,
+                "ropes": {v.label: dataclasses.asdict(v.config.rope) for v in entries}, "reference": reference.label}
+    c = variants[0].config
+    title = (f"{Path(args.model).name}: the last query's attention, {args.samples} samples x "
+             f"{c.num_hidden_layers} layers x {c.num_attention_heads} heads; red = mean")
+
+    rows: list[dict] = []
+    with token_bar(sum(lengths) * args.samples * len(entries), "attention") as bar:
+        for L in lengths:
+            hashes = [hashlib.sha256(b"".join(x.tobytes() for x in s)).hexdigest()[:16] for s in picks[L]]
+            meta = json.loads(json.dumps({  # as it reads back from the file (tuples become lists)
+                "settings": {k: v for k, v in settings.items() if k not in ("samples", "lengths")} | {"length": L},
+                "labels": [v.label for v in entries], "sample_hashes": hashes}))
+            red = measure(entries, reference, picks[L], out / f"attention_L{L}.npz", meta, bar)
+            for v in entries:
+                n = red[v.label].samples
+                rows.append({"length": L, "rope": v.label, "reference": reference.label, "samples": n,
+                             "distributions": n * v.config.num_hidden_layers * v.config.num_attention_heads,
+                             **summarize(red[v.label], red[reference.label])})
+            write_csv(out / "attention.csv", rows)
+            write_json(out / "attention.json", {"settings": settings, "definitions": DEFINITIONS, "rows": rows})
+            draw_distributions([(v.label, red[v.label].per_head().numpy()) for v in entries], L,
+                               out / f"attention_L{L}.png", args.max_curves, title)
+            draw_entropy(rows, out / "attention_entropy.png")
+    print(table1(rows))
+    print(f"wrote {out}/attention.json, attention.csv, attention_L*.png, attention_entropy.png")
+
+
+def table1(rows: list[dict]) -> str:
+    """Table 1 as text: one line per length, JS(pbar_variant, pbar_reference) in nats, per-distribution JS in ()."""
+    labels = list(dict.fromkeys(r["rope"] for r in rows))
+    width = max(17, *(len(lab) + 2 for lab in labels))
+    lines = ["JS of mean distributions vs the reference, nats (mean per-distribution JS in parentheses)",
+             "length " + "".join(f"{lab:>{width}}" for lab in labels)]
+    for L in dict.fromkeys(r["length"] for r in rows):
+        cells = {r["rope"]: f"{r['js_mean_nats']:.4f} ({r['js_per_distribution_nats']:.3f})"
+                 for r in rows if r["length"] == L}
+        lines.append(f"{L:>6} " + "".join(f"{cells.get(lab, '-'):>{width}}" for lab in labels))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bound: Men et al. 2024
+# ----------------------------------------------------------------------------------------------------------------
+
+BOUND_DOC = """\
+Men et al. 2024 (Theorem 1): B_m = sum_{i<d/2} cos(m theta_i), theta_i = b^(-2i/d), is the long-term decay of the
+ability to attend more to similar tokens than to random ones. The context a base reaches is
+L_b = sup{L : B_m >= 0 for every m in [0, L]}; the lower bound of the base for a context L is the smallest b whose
+B_m >= 0 for every m <= L (rope.min_base_for_context: a geometric scan with step --ratio, then --refine evenly
+spaced bases in the last step; the feasible set is not monotone in b, so bisection would be wrong).
+
+bound.json/csv: one row per length: our min_base; the paper's printed base (d=128 only), whether it satisfies
+its own criterion (B_m >= 0 for all m <= L) and the context it reaches; the context our base reaches. Contexts are
+searched up to 2L. Then, per model (--model, --theta with --dim; default: SmolLM2-135M and LLaMa-2-7B), the
+context its base reaches (searched up to 2^22) next to its training length. bound.png: B_m for --plot-bases
+(log x, m up to max(2^20, the longest length)), the first negative m of each marked. Rows are written after each
+length; a rerun with the same --dim, --ratio and --refine skips the lengths already in bound.json.
+"""
+
+# Men et al. 2024, their table of lower bounds of the base (d = 128), as printed (two digits).
+PAPER_BASES_D128 = {1024: 4.3e3, 2048: 1.6e4, 4096: 2.7e4, 8192: 8.4e4, 16384: 3.1e5, 32768: 6.4e5,
+                    65536: 2.1e6, 131072: 7.8e6, 262144: 3.6e7, 524288: 6.4e7, 1048576: 5.1e8}
+# (name, head dim, base, training length) of models whose base is known without loading them.
+KNOWN_MODELS = [("SmolLM2-135M", 64, 1e5, 8192), ("LLaMa-2-7B", 128, 1e4, 4096)]
+
+
+def model_context_rows(args) -> list[dict]:
+    """How far the base of each model reaches, next to the length it was trained at."""
+    found = []
+    for name in args.model or []:
+        from ropelite.hub import resolve_model
+        c = read_config(resolve_model(name))
+        found.append((name, c.head_dim, c.rope.theta, c.rope.original_max_position_embeddings))
+    found += [(f"theta={t:g}", args.dim, t, None) for t in args.theta or []]
+    rows = []
+    for name, dim, base, trained in found or KNOWN_MODELS:
+        reached = context_of_base(dim, base, 1 << 22)
+        rows.append({"model": name, "dim": dim, "base": base, "trained_length": trained, "context_reached": reached,
+                     "reaches_trained_length": None if trained is None else reached >= trained})
+    return rows
+
+
+def bound_row(dim: int, length: int, ratio: float, refine: int) -> dict:
+    found = min_base_for_context(dim, length, ratio=ratio, refine=refine)
+    row = {"length": length, "dim": dim, "ratio": ratio, "refine": refine, "min_base": found,
+           "min_base_context": context_of_base(dim, found, 2 * length)}
+    paper = PAPER_BASES_D128.get(length) if dim == 128 else None
+    row.update(paper_base=paper, paper_base_reaches=None if paper is None else base_reaches(dim, paper, length),
+               paper_base_context=None if paper is None else context_of_base(dim, paper, 2 * length),
+               min_base_over_paper=None if paper is None else found / paper)
+    return row
+
+
+def draw_B(dim: int, bases: list[float], max_m: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # every integer m up to 20000 (B oscillates fast there), then log-spaced: a log-x plot of a long range
+    m = np.unique(np.concatenate([np.arange(1, min(max_m, 20000) + 1),
+                                  np.geomspace(1, max_m, 20000).round()])).astype(np.int64)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for base in bases:
+        line, = ax.plot(m, men_B(m, dim, base), linewidth=0.6, label=f"b = {base:g}")
+        first = first_negative_B(dim, base, max_m)
+        if first is not None:
+            ax.axvline(first, color=line.get_color(), linestyle=":", linewidth=1)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("relative distance m")
+    ax.set_ylabel(r"$B_m = \sum_i \cos(m\theta_i)$")
+    ax.set_title(f"Men et al.: B_m at d={dim} (dotted: first m with B_m < 0)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def bound_main(args) -> None:
+    lengths = parse_ints(args.lengths, "--lengths")
+    check(args.dim >= 2 and args.dim % 2 == 0, f"--dim must be an even number >= 2, got {args.dim}")
+    check(lengths[0] >= 1, "--lengths must be positive")
+    check(args.ratio > 1, "--ratio must be > 1")
+    check(args.refine >= 1, "--refine must be >= 1")
+    check(all(b > 1 for b in [*args.plot_bases, *(args.theta or [])]), "bases must be > 1")
+    out = Path(args.out)
+    path = out / "bound.json"
+    try:
+        old = json.loads(path.read_text())["rows"] if path.exists() else []
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise RopeliteError(f"{path} is not an analyze.py bound file; use another --out") from None
+    same = {r["length"]: r for r in old if (r.get("dim"), r.get("ratio"), r.get("refine"))
+            == (args.dim, args.ratio, args.refine)}
+    models = model_context_rows(args)
+    rows = []
+    definitions = {
+        "B_m": "sum_{i<d/2} cos(m b^(-2i/d)) (Men et al. 2024, Theorem 1)",
+        "min_base": "smallest base with B_m >= 0 for all m <= length, found by a scan: exact to one refinement "
+                    "step, a relative (1 - 1/ratio) / refine",
+        "*_context": "largest L with B_m >= 0 for all m <= L, searched up to 2 * length",
+        "paper_base_reaches": "the printed base satisfies B_m >= 0 for all m <= length",
+        "context_reached": "largest L with B_m >= 0 for all m <= L, searched up to 2^22"}
+    for L in tqdm(lengths, desc="bound", unit="length", dynamic_ncols=True):
+        rows.append(same.get(L) or bound_row(args.dim, L, args.ratio, args.refine))
+        write_json(path, {"definitions": definitions, "rows": rows, "models": models})
+        write_csv(out / "bound.csv", rows)
+    write_csv(out / "bound_models.csv", models)
+    draw_B(args.dim, args.plot_bases, max(max(lengths), 1 << 20), out / "bound.png")
+    print(f"{'length':>8} {'min base':>10} {'paper':>8} {'paper ok':>8} {'paper reaches':>13}")
+    for r in rows:
+        paper = "-" if r["paper_base"] is None else f"{r['paper_base']:.2g}"
+        ok = "-" if r["paper_base_reaches"] is None else "yes" if r["paper_base_reaches"] else "NO"
+        reach = "-" if r["paper_base_context"] is None else str(r["paper_base_context"])
+        print(f"{r['length']:>8} {r['min_base']:>10.4g} {paper:>8} {ok:>8} {reach:>13}")
+    for m in models:
+        print(f"{m['model']}: d={m['dim']} base {m['base']:g} reaches {m['context_reached']} tokens"
+              + ("" if m["trained_length"] is None else f" (trained at {m['trained_length']})"))
+    print(f"wrote {out}/bound.json, bound.csv, bound_models.csv, bound.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# freqs: what each variant does to each pair
+# ----------------------------------------------------------------------------------------------------------------
+
+FREQS_DOC = """\
+For each pair i = 0..d/2-1 and each variant: theta_i = b^(-2i/d) of plain RoPE at the pretrained base b, the
+variant's theta'_i at --length (only dynamic and longrope depend on it), the wavelength 2 pi / theta'_i in tokens,
+the scale theta_i / theta'_i (1 = the pair is kept as RoPE; s = interpolated like PI), and L / wavelength, the
+rotations the pair makes in the original context L. Pair 0 is the fastest (wavelength 2 pi).
+
+The shape comes from --model's config.json (no weights are read) or, with --dim and --theta, from the flags
+alone; --dim/--theta/--original override the config. freqs.json (settings, per-variant attention factor, rows),
+freqs.csv (one row per (variant, pair)) and freqs.png (scale vs pair, log y; wavelength vs pair with the original
+context L and --length marked).
+"""
+
+
+def freqs_main(args) -> None:
+    if args.dim is not None and args.theta is not None:
+        source = "flags"
+        rope = RopeConfig(theta=args.theta, original_max_position_embeddings=args.original or 4096)
+        config = LlamaConfig(vocab_size=1, hidden_size=args.dim, intermediate_size=1, num_hidden_layers=0,
+                             num_attention_heads=1, num_key_value_heads=1, head_dim=args.dim, rope=rope)
+    else:
+        from ropelite.hub import resolve_model
+        source = args.model
+        config = read_config(resolve_model(args.model))
+        rope = config.rope.replace(**{k: v for k, v in (("theta", args.theta),
+                                                        ("original_max_position_embeddings", args.original))
+                                      if v is not None})
+        config = dataclasses.replace(config, head_dim=args.dim or config.head_dim, rope=rope)
+    dim, theta, L = config.head_dim, config.rope.theta, config.rope.original_max_position_embeddings
+    check(dim >= 2 and dim % 2 == 0, f"the rotary dim must be an even number >= 2, got {dim}")
+    check(theta > 1, f"the base must be > 1, got {theta:g}")
+    check(L >= 1, "--original must be positive")
+    # without --factor: the checkpoint's own scaling when it has one, else 4 (a plot of s = 1 shows nothing)
+    factor = args.factor if args.factor is not None else config.rope.factor if config.rope.factor > 1 else 4.0
+    length = args.length if args.length is not None else int(round(L * factor))
+    check(length >= 1, "--length must be positive")
+    original = rope_inv_freq(dim, theta)
+    rows, summary = [], []
+    for name in dict.fromkeys(args.rope):
+        rope = config.with_rope(**rope_overrides(name, factor, args.base)).rope
+        inv_freq, attention_factor = rope.frequencies(dim, length)
+        label = rope.describe()
+        summary.append({"rope": label, "config": dataclasses.asdict(rope), "attention_factor": attention_factor})
+        for i, (t, t_new) in enumerate(zip(original.tolist(), inv_freq.tolist())):
+            wavelength = 2 * math.pi / t_new
+            rows.append({"rope": label, "pair": i, "theta": t, "theta_new": t_new,
+                         "wavelength_original": 2 * math.pi / t, "wavelength": wavelength, "scale": t / t_new,
+                         "rotations_in_original_context": L / wavelength})
+    out = Path(args.out)
+    write_json(out / "freqs.json", {"settings": {"source": source, "dim": dim, "theta": theta, "original": L,
+                                                 "length": length}, "variants": summary, "rows": rows})
+    write_csv(out / "freqs.csv", rows)
+    draw_freqs(rows, dim, theta, L, length, out / "freqs.png")
+    for s in summary:
+        mine = [r for r in rows if r["rope"] == s["rope"]]
+        print(f"{s['rope']:>16}: scale {mine[0]['scale']:.3g} (fastest pair) .. {mine[-1]['scale']:.3g} "
+              f"(slowest), attention factor {s['attention_factor']:.4g}")
+    print(f"wrote {out}/freqs.json, freqs.csv, freqs.png")
+
+
+def draw_freqs(rows: list[dict], dim: int, theta: float, L: int, length: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label in dict.fromkeys(r["rope"] for r in rows):
+        mine = [r for r in rows if r["rope"] == label]
+        pairs = [r["pair"] for r in mine]
+        left.plot(pairs, [r["scale"] for r in mine], label=label)
+        right.plot(pairs, [r["wavelength"] for r in mine], label=label)
+    right.plot(pairs, [r["wavelength_original"] for r in mine], color="black", linestyle=":", label="original")
+    right.axhline(L, color="grey", linestyle="--", linewidth=0.8)
+    right.text(0, L, f" original context L={L}", va="bottom", fontsize=7)
+    if length != L:
+        right.axhline(length, color="grey", linestyle="-.", linewidth=0.8)
+        right.text(0, length, f" --length {length}", va="bottom", fontsize=7)
+    left.set_yscale("log")
+    right.set_yscale("log")
+    left.set_ylabel(r"scale $\theta_i / \theta'_i$")
+    right.set_ylabel(r"wavelength $2\pi / \theta'_i$ (tokens)")
+    for ax in (left, right):
+        ax.set_xlabel("pair index i (0 = fastest)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"RoPE frequencies: d={dim}, base {theta:g}, L={L}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Script
+# ----------------------------------------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors become RopeliteError, so `run` answers them in one line with exit 2."""
+
+    def error(self, message):
+        raise RopeliteError(f"{self.prog}: {message}")
+
+
+def parse_ints(specs: list[str], name: str) -> list[int]:
+    """Sorted distinct integers from '1024 2048' and/or 'START:STOP' (the powers of two from START to STOP)."""
+    values = []
+    for spec in specs:
+        try:
+            if ":" in spec:
+                start, stop = (int(float(v)) for v in spec.split(":"))
+                check(start >= 1 and stop >= start, f"bad {name} range '{spec}': need 1 <= START <= STOP")
+                values += [start << k for k in range((stop // start).bit_length()) if start << k <= stop]
+            else:
+                value = float(spec)
+                check(value.is_integer(), f"bad {name} value '{spec}': give whole numbers")
+                values.append(int(value))
+        except ValueError:
+            raise RopeliteError(f"bad {name} value '{spec}': give integers or START:STOP (powers of two)") from None
+    check(bool(values), f"{name} is empty")
+    return sorted(set(values))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineParser(prog="analyze.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{attention,bound,freqs}")
+    raw = argparse.RawDescriptionHelpFormatter
+    hidden = {"help": argparse.SUPPRESS}
+    out_help = "results folder (default runs/analyze)"
+
+    a = sub.add_parser("attention", help="attention distributions and JS divergence (seed paper Fig. 2, Table 1)",
+                       description=ATTENTION_DOC, formatter_class=raw)
+    add_model_args(a, several_ropes=True, overrides={
+        "--rope": {"default": ["rope", "pi", "ntk", "yarn"],
+                   "help": "RoPE variants, weights loaded once (default: rope pi ntk yarn, the paper's four)"},
+        "--factor": {"default": 4.0, "help": "scale factor s for pi/ntk/dynamic/yarn/llama3 (default 4)"}})
+    g = a.add_argument_group("measurement")
+    g.add_argument("--lengths", nargs="+", default=["2048"], metavar="N",
+                   help="sequence lengths L (default 2048; the paper: 2048 8192); START:STOP = powers of two")
+    g.add_argument("--samples", type=int, default=10, help="documents per length (default 10, the paper's)")
+    g.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text / .jsonl / .npy / .bin files or folders (default: built-in text, see --builtin)")
+    g.add_argument("--builtin", default="mixed", choices=KINDS,
+                   help="built-in text when --data is not given (default mixed: Python's manual and stdlib)")
+    g.add_argument("--reference-model", default=None, metavar="MODEL",
+                   help="compare against this model (its own RoPE and tokenizer), e.g. a long-context one; "
+                        "default: plain RoPE on --model")
+    g.add_argument("--max-curves", type=int, default=300,
+                   help="per-head curves drawn per panel, an evenly spaced subset of the (layer, head) pairs "
+                        "(default 300; the mean is over all)")
+    a.add_argument("--out", default="runs/analyze", help=out_help)
+
+    b = sub.add_parser("bound", help="Men et al.'s lower bound of the base per context length",
+                       description=BOUND_DOC, formatter_class=raw)
+    b.add_argument("--dim", type=int, default=128, help="rotary dimension d (head dim; default 128, the paper's)")
+    b.add_argument("--lengths", nargs="+", default=["1024:131072"], metavar="N",
+                   help="context lengths, or START:STOP for the powers of two between (default 1024:131072, "
+                        "~4 min on 2 cores; 1024:1048576 is the paper's whole table, ~10 min more)")
+    b.add_argument("--model", nargs="+", default=None, metavar="MODEL",
+                   help="models whose reachable context to report (config.json only: head dim and rope_theta)")
+    b.add_argument("--theta", nargs="+", type=float, default=None, metavar="BASE",
+                   help="bases at --dim whose reachable context to report (default with no --model: SmolLM2-135M "
+                        "d=64 b=1e5 and LLaMa-2-7B d=128 b=1e4)")
+    b.add_argument("--plot-bases", nargs="+", type=float, default=[1e4, 1e5, 1e6, 1e7], metavar="BASE",
+                   help="bases drawn in bound.png (default 1e4 1e5 1e6 1e7)")
+    b.add_argument("--ratio", type=float, default=1.002, help="geometric step of the base scan (default 1.002)")
+    b.add_argument("--refine", type=int, default=100,
+                   help="evenly spaced bases tried inside the last step of the scan (default 100)")
+    b.add_argument("--out", default="runs/analyze", help=out_help)
+
+    f = sub.add_parser("freqs", help="per-pair wavelength and scaling of each RoPE variant",
+                       description=FREQS_DOC, formatter_class=raw)
+    add_model_args(f, several_ropes=True, overrides={
+        "--model": {"help": "'smollm2' (default), a model folder or a .gguf: only its config is read"},
+        "--rope": {"default": ["rope", "pi", "ntk", "yarn", "dynamic", "llama3"],
+                   "help": "variants (default: rope pi ntk yarn dynamic llama3; longrope needs a checkpoint's "
+                           "factor lists)"},
+        "--factor": {"default": None, "help": "scale factor s (default: the checkpoint's when it is > 1, else 4)"},
+        "--dtype": hidden, "--device": hidden})
+    f.add_argument("--dim", type=int, default=None, help="rotary dimension d (with --theta: no model is read)")
+    f.add_argument("--theta", type=float, default=None, help="pretrained base b")
+    f.add_argument("--original", type=int, default=None,
+                   help="pretrained context L (default: the config's; 4096 from flags)")
+    f.add_argument("--length", type=int, default=None,
+                   help="sequence length for length-dependent variants (dynamic, longrope); default s * L")
+    f.add_argument("--out", default="runs/analyze", help=out_help)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    {"attention": attention_main, "bound": bound_main, "freqs": freqs_main}[args.command](args)
+
+
+if __name__ == "__main__":
+    run(main)

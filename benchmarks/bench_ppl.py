@@ -1,0 +1,150 @@
+"""Peak memory and speed of eval_ppl's loss path against a transformers forward with labels, same tokens.
+
+    python benchmarks/bench_ppl.py                                # SmolLM2, 8192 and 16384 tokens
+    python benchmarks/bench_ppl.py --lengths 4096 --methods ropelite
+
+Each measurement runs in a fresh subprocess, so its peak resident memory (resource.getrusage ru_maxrss: the
+model's weights, the activations, the logits) is its own:
+  ropelite:      ropelite.load + ropelite.ppl.perplexity (what eval_ppl.py runs: hidden states on the fast
+                 attention path, logits --chunk-size positions at a time), under torch.no_grad;
+  transformers:  LlamaForCausalLM.from_pretrained(..., attn_implementation="sdpa")(ids, labels=ids) under
+                 torch.no_grad: full (L, V) logits, then the loss (skipped when transformers is not installed).
+The tokens are the first L tokens of the longest built-in prose document. Tokens/s counts the loss computation
+only (not loading). Both NLLs are kept: they should agree to ~1e-4, a check that the two compute the same thing.
+Ratios are against transformers measured in the same run; the CPU may be shared, so timings drift.
+
+Outputs in --out (default runs/bench_ppl): bench_ppl.json and bench_ppl.csv, rewritten after each measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ropelite.cli import DTYPES, check, run  # noqa: E402
+from ropelite.io import write_results  # noqa: E402
+
+METHODS = ("ropelite", "transformers")
+
+
+def rss_mb() -> float:
+    """Resident memory now (VmRSS), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def measure(method: str, model_name: str, tokens: Path, chunk_size: int, dtype: str) -> dict:
+    """One measurement, in this (fresh) process."""
+    import torch
+
+    from ropelite.hub import resolve_model
+    torch.set_grad_enabled(False)
+    ids = np.load(tokens)
+    if method == "ropelite":
+        import ropelite
+        from ropelite.ppl import perplexity
+        model, _ = ropelite.load(model_name, dtype=DTYPES[dtype])
+        loaded, load_peak = rss_mb(), peak_rss_mb()
+        start = time.perf_counter()
+        nll = perplexity(model, [ids], len(ids), chunk_size=chunk_size)["nll"]
+    else:
+        from transformers import LlamaForCausalLM
+        model = LlamaForCausalLM.from_pretrained(resolve_model(model_name), dtype=DTYPES[dtype],
+                                                 attn_implementation="sdpa").eval()
+        loaded, load_peak = rss_mb(), peak_rss_mb()
+        x = torch.from_numpy(ids)[None]                                               # (1, L)
+        start = time.perf_counter()
+        nll = float(model(input_ids=x, labels=x).loss)
+    seconds = time.perf_counter() - start
+    return {"loaded_rss_mb": round(loaded, 1), "load_peak_rss_mb": round(load_peak, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "seconds": round(seconds, 2),
+            "tokens_per_s": round(len(ids) / seconds, 1), "nll": nll, "threads": torch.get_num_threads()}
+
+
+def benchmark_tokens(model_name: str, length: int, folder: Path) -> Path:
+    from ropelite.data import load_documents, tokenize_documents
+    from ropelite.hub import resolve_model
+    from ropelite.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(resolve_model(model_name))
+    check(tokenizer is not None, f"{model_name} has no tokenizer")
+    docs = tokenize_documents(load_documents(None, "prose", min_chars=5 * length), tokenizer)
+    longest = max(docs, key=len)
+    check(len(longest) >= length, f"the longest built-in document has {len(longest)} tokens, fewer than {length}")
+    path = folder / f"tokens_{length}.npy"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(path, longest[:length])
+    return path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (default), a model folder or a .gguf file")
+    p.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384], metavar="L",
+                   help="sequence lengths in tokens (default: 8192 16384)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="what to measure (default: both; transformers is skipped when not installed)")
+    p.add_argument("--chunk-size", type=int, default=512, help="ropelite's logits chunk, as eval_ppl's (default 512)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and activations (default fp32)")
+    p.add_argument("--out", default="runs/bench_ppl", help="results folder (default runs/bench_ppl)")
+    p.add_argument("--worker", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args.worker[0], args.model, Path(args.worker[1]), args.chunk_size, args.dtype)))
+        return
+    check(min(args.lengths) >= 2 and args.chunk_size >= 1, "--lengths must be >= 2 and --chunk-size >= 1")
+    methods = list(dict.fromkeys(args.methods))
+    if "transformers" in methods and importlib.util.find_spec("transformers") is None:
+        print("bench_ppl: transformers is not installed; measuring ropelite only", file=sys.stderr)
+        methods.remove("transformers")
+    out, rows = Path(args.out), []
+    for length in sorted(set(args.lengths)):
+        tokens = benchmark_tokens(args.model, length, out)
+        for method in methods:
+            print(f"bench_ppl: {method} at {length} tokens (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+            cmd = [sys.executable, __file__, "--model", args.model, "--chunk-size", str(args.chunk_size),
+                   "--dtype", args.dtype, "--worker", method, str(tokens)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            check(proc.returncode == 0, f"{method} at {length} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            row = {"method": method, "length": length, "dtype": args.dtype,
+                   "chunk_size": args.chunk_size if method == "ropelite" else None,
+                   **json.loads(proc.stdout.strip().splitlines()[-1])}
+            rows.append(row)
+            base = next((r for r in rows if r["method"] == "transformers" and r["length"] == length), None)
+            for r in rows:
+                if base and r["length"] == length:
+                    r["peak_vs_transformers"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 3)
+                    r["speed_vs_transformers"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+                    r["nll_minus_transformers"] = r["nll"] - base["nll"]
+            write_results(out, "bench_ppl", rows)
+            print(f"  peak {row['peak_rss_mb'] / 1024:.2f} GB (loaded {row['loaded_rss_mb'] / 1024:.2f} GB), "
+                  f"{row['tokens_per_s']} tokens/s, nll {row['nll']:.5f}", file=sys.stderr)
+    for r in rows:
+        print(f"{r['method']:<13} L={r['length']:<6} peak {r['peak_rss_mb'] / 1024:6.2f} GB  "
+              f"{r['tokens_per_s']:8.1f} tok/s  nll {r['nll']:.5f}"
+              + (f"  x{r['peak_vs_transformers']} memory, x{r['speed_vs_transformers']} speed"
+                 if "peak_vs_transformers" in r else ""))
+
+
+if __name__ == "__main__":
+    run(main)

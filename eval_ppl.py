@@ -1,0 +1,238 @@
+"""Perplexity vs context length for several RoPE variants of one model, weights loaded once.
+
+    python eval_ppl.py                                           # SmolLM2, plain RoPE, built-in prose, 2K-8K
+    python eval_ppl.py --rope rope pi ntk yarn dynamic --factor 4 --lengths 2048 4096 8192 16384 --docs 2
+    python eval_ppl.py --rope ntk --base 1e6 --data book.txt --lengths 4096 8192
+    python eval_ppl.py --protocol sliding --window 8192 --stride 4096 --lengths 16384 32768
+
+Protocols (see ropelite/ppl.py; every row says which one made it):
+  truncate (default, PI / YaRN / the seed paper): for each length L, the first L tokens of each document with
+      at least L tokens (BOS first when the tokenizer adds one); PPL = exp(mean over documents of each
+      document's mean NLL over its L-1 predicted tokens).
+  sliding: the same L tokens read through --window W tokens moved by --stride S; each token is scored once, by
+      the first window reaching it, with the window's earlier tokens as context (at least W - S of them).
+
+Documents: --data files (a text file is one document; .jsonl / .npy / .bin / folders as ropelite.data reads
+them), else the built-in text of --builtin, joined into documents of at least 5 characters per token of the
+longest length. With --docs N the N longest documents are used, so every length scores the same documents when
+they all are long enough; a length only some of them reach uses those, with a warning.
+
+The RoPE variant is switched by replacing ``model.config``: Llama computes its cos/sin tables from
+``config.rope`` on every forward (``Llama.rope_tables``), and no module keeps frequencies of its own.
+
+Outputs in --out (default runs/ppl): ppl.json and ppl.csv, one row per (variant, length), rewritten atomically
+after each; ppl_settings.json (what each settings id means); ppl.png, PPL vs length (log-log), one line per
+variant of this run, dashed at the training length. Running again with the same --out skips the rows already
+there with the same settings, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import ropelite
+from ropelite.cli import DTYPES, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.data import KINDS, load_documents, tokenize_documents
+from ropelite.errors import RopeliteError
+from ropelite.io import atomic_path, read_rows, settings_id, write_json, write_results
+from ropelite.ppl import PROTOCOLS, choose_documents, effective_base, perplexity, sliding_windows
+
+RESULTS = "ppl"
+CHARS_PER_TOKEN = 5  # built-in text: generous (SmolLM2 reads ~4 characters per token), so documents are long
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, several_ropes=True)
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192], metavar="L",
+                   help="context lengths in tokens (default: 2048 4096 8192)")
+    e.add_argument("--protocol", default="truncate", choices=PROTOCOLS,
+                   help="truncate: one forward over the first L tokens; sliding: windows of --window moved by "
+                        "--stride over them (default truncate)")
+    e.add_argument("--window", type=int, default=None,
+                   help="sliding only: window W in tokens (default: the model's training length)")
+    e.add_argument("--stride", type=int, default=None, help="sliding only: stride S <= W (default W/2)")
+    e.add_argument("--chunk-size", type=int, default=512,
+                   help="positions whose logits exist at once: memory chunk x vocab x 4 bytes (default 512)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text (one document each) / .jsonl / .npy / .bin files or folders (default: built-in text)")
+    d.add_argument("--builtin", default="prose", choices=KINDS,
+                   help="built-in text when --data is absent: Python's reference manual (prose), standard "
+                        "library sources (code), or both alternating (mixed) (default prose)")
+    d.add_argument("--docs", type=int, default=None,
+                   help="at most this many documents, the longest ones (default: every long enough document)")
+    p.add_argument("--out", default="runs/ppl",
+                   help="results folder; rows already there with the same settings are skipped (default runs/ppl)")
+    return p.parse_args(argv)
+
+
+def validate(args: argparse.Namespace) -> None:
+    check(min(args.lengths) >= 2, "--lengths must be at least 2 tokens (one to read, one to predict)")
+    check(args.docs is None or args.docs >= 1, "--docs must be at least 1")
+    check(args.chunk_size >= 1, "--chunk-size must be at least 1")
+    check(args.base is None or "ntk" in args.rope, "--base sets NTK's new base: add ntk to --rope")
+    if args.protocol == "truncate":
+        check(args.window is None and args.stride is None, "--window and --stride belong to --protocol sliding")
+    else:
+        check(args.window is None or args.window >= 2, "--window must be at least 2 tokens")
+        check(args.stride is None or args.stride >= 1, "--stride must be at least 1")
+        check(args.window is None or args.stride is None or args.stride <= args.window,
+              f"--stride {args.stride} is longer than --window {args.window}: tokens between windows would "
+              f"never be scored")
+
+
+def select(doc_lengths: list[int], lengths: list[int], max_docs: int | None) -> dict[int, list[int]]:
+    """Documents per length; a length no document reaches is an error, one only some reach a warning."""
+    wanted = min(max_docs or len(doc_lengths), len(doc_lengths))
+    chosen = {}
+    for n in lengths:
+        qualify = sum(k >= n for k in doc_lengths)
+        check(qualify > 0, f"no document has {n} tokens (longest: {max(doc_lengths)}); 0 of {len(doc_lengths)} "
+                           f"qualify: give shorter --lengths or longer --data")
+        chosen[n] = choose_documents(doc_lengths, n, max_docs)
+        if len(chosen[n]) < wanted:
+            print(f"eval_ppl: warning: only {qualify} of {len(doc_lengths)} documents have {n} tokens; "
+                  f"length {n} uses {len(chosen[n])} instead of {wanted}", file=sys.stderr)
+    return chosen
+
+
+def draw(rows: list[dict], labels: dict[str, str], train_len: int, path: Path, title: str) -> None:
+    """PPL vs length, one line per settings id (in ``labels``), log x, dashed at the training length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    lengths = sorted({r["length"] for r in rows if r["settings"] in labels})
+    for sid, label in labels.items():
+        mine = sorted((r for r in rows if r["settings"] == sid and r["ppl"] is not None), key=lambda r: r["length"])
+        if mine:
+            ax.plot([r["length"] for r in mine], [r["ppl"] for r in mine], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    if lengths:
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.axvline(train_len, color="grey", linestyle="--", linewidth=1.2, label=f"training length {train_len}")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def table(rows: list[dict], labels: dict[str, str], lengths: list[int]) -> str:
+    cell = {(r["settings"], r["length"]): r["ppl"] for r in rows}
+    lines = [f"{'ppl':<18}" + "".join(f"{n:>10}" for n in lengths)]
+    for sid, label in labels.items():
+        values = [cell.get((sid, n)) for n in lengths]
+        lines.append(f"{label:<18}" + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in values))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.lengths = sorted(set(args.lengths))
+    args.rope = list(dict.fromkeys(args.rope))
+    validate(args)
+    docs = load_documents(args.data, args.builtin, min_chars=CHARS_PER_TOKEN * max(args.lengths))
+    model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    pretrained = model.config
+    # Every variant is built (and so checked) before anything runs.
+    variants = [pretrained.with_rope(**rope_overrides(r, args.factor, args.base)) for r in args.rope]
+    train_len = pretrained.rope.original_max_position_embeddings
+    window = args.window or train_len
+    stride = args.stride or max(1, window // 2)
+    check(stride <= window, f"--stride {stride} is longer than the window {window}")
+
+    ids = [d for d in tokenize_documents(docs, tokenizer) if d.size]
+    check(bool(ids), "no documents: every document is empty")
+    chosen = select([len(d) for d in ids], args.lengths, args.docs)
+
+    out = Path(args.out)
+    rows = read_rows(out, RESULTS, ("settings", "length"))
+    known_path = out / f"{RESULTS}_settings.json"
+    try:
+        known = json.loads(known_path.read_text()) if known_path.exists() else {}
+    except json.JSONDecodeError:
+        raise RopeliteError(f"{known_path} is not valid JSON; use another --out") from None
+    data = ", ".join(args.data) if args.data else f"builtin:{args.builtin}"
+    protocol = {"protocol": args.protocol, **({"window": window, "stride": stride} if args.protocol == "sliding"
+                                               else {})}
+    labels, todo = {}, []
+    for config in variants:
+        settings = {"model": args.model, "rope": dataclasses.asdict(config.rope), "dtype": args.dtype,
+                    "data": data, "max_docs": args.docs, **protocol}
+        sid = settings_id(settings)
+        known[sid] = settings
+        labels[sid] = config.rope.describe()
+        done = {r["length"] for r in rows if r["settings"] == sid}
+        todo += [(sid, config, n) for n in args.lengths if n not in done]
+    write_json(known_path, known)
+    skipped = len(variants) * len(args.lengths) - len(todo)
+    if skipped:
+        print(f"eval_ppl: {skipped} rows already in {out}, {len(todo)} to run", file=sys.stderr)
+
+    def seq_len(n: int) -> int:
+        """The length of each forward pass at length n: the RoPE tables depend on it alone."""
+        return n if args.protocol == "truncate" else min(window, n)
+
+    def forward_tokens(n: int) -> int:
+        w = seq_len(n)
+        return len(chosen[n]) * sum(e - b for b, e, _ in sliding_windows(n, w, min(stride, w)))
+
+    def rope_key(config, n: int) -> tuple:
+        inv_freq, attention_factor = config.rope.frequencies(config.head_dim, seq_len(n))
+        return n, tuple(inv_freq.tolist()), attention_factor
+
+    # Variants whose tables coincide at a length (dynamic is plain RoPE up to the training length) give the same
+    # numbers: such a row is copied from the first one, marked same_as, and costs no forward.
+    first_of = {}
+    for sid, config, n in todo:
+        first_of.setdefault(rope_key(config, n), (sid, config))
+    results = {}
+    title = f"{Path(args.model).name}: {args.protocol} perplexity on {data}"
+    bar = token_bar(sum(forward_tokens(n) for sid, c, n in todo if first_of[rope_key(c, n)][0] == sid), "eval_ppl")
+    for sid, config, n in todo:
+        model.config = config  # the RoPE is read from the config on every forward: no reload
+        rope = config.rope
+        bar.set_description(f"{rope.describe()} @ {n}")
+        start = time.perf_counter()
+        key = rope_key(config, n)
+        same_as = first_of[key][1].rope.describe() if first_of[key][0] != sid else None
+        if key not in results:
+            results[key] = perplexity(model, [ids[i] for i in chosen[n]], n, args.protocol, window, stride,
+                                      args.chunk_size, on_tokens=bar.update)
+        result = results[key]
+        rows.append({"settings": sid, "model": args.model, "rope": rope.type, "label": rope.describe(),
+                     "factor": rope.factor if rope.type != "rope" else None,
+                     "base": effective_base(rope, config.head_dim, seq_len(n)), "length": n,
+                     "protocol": args.protocol, "window": seq_len(n) if args.protocol == "sliding" else None,
+                     "stride": stride if args.protocol == "sliding" else None, "dtype": args.dtype,
+                     "docs": result["docs"], "doc_ids": chosen[n], "tokens": result["tokens"],
+                     "nll": result["nll"], "ppl": result["ppl"], "same_as": same_as,
+                     "seconds": round(time.perf_counter() - start, 2)})
+        write_results(out, RESULTS, rows)
+        draw(rows, labels, train_len, out / f"{RESULTS}.png", title)
+        bar.set_postfix_str(f"ppl {result['ppl']:.3f}")
+    bar.close()
+    model.config = pretrained
+    if not todo and rows:
+        draw(rows, labels, train_len, out / f"{RESULTS}.png", title)
+    print(f"{args.protocol} perplexity ({Path(args.model).name}, {data}); results in {out}")
+    print(table(rows, labels, args.lengths))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,153 @@
+"""The seed paper in miniature: every experiment on one model, and one report with the command behind each.
+
+    python paper.py                           # SmolLM2-135M on CPU (about half an hour on 2 cores)
+    python paper.py --out runs/paper --only ppl needle
+    python paper.py --model path/to/llama-2-7b --device cuda --scale paper   # the full-size protocol on a GPU
+
+Pieces (each is one of the project's scripts, run as a separate process, so any piece can be rerun alone with
+the command that report.md prints for it):
+  bound      analyze.py bound       Men et al.: the smallest base for each context length, beside their table
+  freqs      analyze.py freqs       how PI / NTK / YaRN / dynamic / Llama-3 rescale each RoPE dimension
+  ppl        eval_ppl.py            perplexity vs length of rope / pi / ntk / yarn / dynamic past the training
+                                    length (seed paper Figure 1)
+  attention  analyze.py attention   attention distributions at 2K and 8K and their JS divergence from plain
+                                    RoPE (Figure 2, Table 1)
+  needle     needle.py              needle-in-a-haystack grids with attention entropy (Figure 4), RoPE and YaRN
+  train      train.py               a short YaRN finetune: the loss moving
+
+Every script resumes from its own output folder, so a killed paper.py continues where it stopped when run
+again with the same --out. The report is rewritten after every piece.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ropelite.cli import run
+from ropelite.errors import RopeliteError
+from ropelite.io import atomic_path
+
+HERE = Path(__file__).resolve().parent
+PIECES = ("bound", "freqs", "ppl", "attention", "needle", "train")
+
+
+def plan(args) -> list[dict]:
+    """The commands, as lists of arguments, and what of their output goes into the report."""
+    m = ["--model", args.model, "--device", args.device]
+    paper = args.scale == "paper"
+    out = Path(args.out)
+    ppl_lengths = ["2048", "4096", "8192", "16384", "32768", "65536", "131072"] if paper else \
+        ["2048", "4096", "8192", "12288", "16384"]
+    needle_lengths = ["1000:131072:32"] if paper else ["1000", "2000", "4000", "8000", "12000"]
+    steps = [
+        dict(name="bound", title="Men et al. 2024: the base a context length needs",
+             argv=["analyze.py", "bound", "--out", str(out / "bound")]),
+        dict(name="freqs", title="How each variant rescales each RoPE dimension",
+             argv=["analyze.py", "freqs", *m, "--rope", "rope", "pi", "ntk", "yarn", "dynamic", "llama3",
+                   "--factor", "4", "--out", str(out / "freqs")]),
+        dict(name="ppl", title="Perplexity vs context length, training-free (seed paper Figure 1)",
+             argv=["eval_ppl.py", *m, "--rope", "rope", "pi", "ntk", "yarn", "dynamic", "--factor", "4",
+                   "--lengths", *ppl_lengths, "--docs", "10" if paper else "1", "--out", str(out / "ppl")]),
+        dict(name="attention", title="Attention distributions and JS divergence (seed paper Figure 2, Table 1)",
+             argv=["analyze.py", "attention", *m, "--rope", "rope", "pi", "ntk", "yarn", "--factor", "4",
+                   "--lengths", "2048", "8192", "--samples", "10" if paper else "2", "--out", str(out / "attention")]),
+        *[dict(name="needle", title=f"Needle in a haystack with attention entropy: {label} (seed paper Figure 4)",
+               argv=["needle.py", *m, *rope, "--lengths", *needle_lengths,
+                     "--depths", *(["0:100:10"] if paper else ["0", "50", "100"]), "--out", str(out / "needle")])
+          for label, rope in (("RoPE", ["--rope", "rope"]), ("YaRN x4", ["--rope", "yarn", "--factor", "4"]))],
+        dict(name="train", title="A short YaRN finetune (the loss moving)",
+             argv=["train.py", *m, "--rope", "yarn", "--factor", "4", "--len", "32768" if paper else "1024",
+                   "--tokens", "50M" if paper else "40960", "--batch-tokens", "2M" if paper else "4096",
+                   "--out", str(out / "train")]),
+    ]
+    return [s for s in steps if s["name"] in args.only]
+
+
+def command_line(argv: list[str]) -> str:
+    return "python " + " ".join(shlex.quote(a) for a in argv)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, limit: int = 60) -> str:
+    """Rows of scalars as a Markdown table; list/dict cells are left out, floats shown with 4 significant digits."""
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
+    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows[:limit]]
+    if len(rows) > limit:
+        lines.append(f"\n({len(rows) - limit} more rows in the JSON)")
+    return "\n".join(lines) + "\n"
+
+
+def result_tables(folder: Path) -> list[tuple[str, list[dict]]]:
+    """Every JSON file in ``folder`` that holds a list of rows (settings files hold a dict and are skipped)."""
+    tables = []
+    for f in sorted(folder.glob("*.json")):
+        data = json.loads(f.read_text())
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            tables.append((f.name, data))
+    return tables
+
+
+def write_report(out: Path, steps: list[dict], status: dict) -> Path:
+    parts = ["# ropelite: the seed paper in miniature\n",
+             "Made by `" + command_line(["paper.py", *sys.argv[1:]]) + "`. Each section gives the exact command "
+             "that produced it; run it alone to redo that piece.\n"]
+    for step in steps:
+        folder = Path(step["argv"][step["argv"].index("--out") + 1])
+        parts.append(f"## {step['title']}\n\n```\n{command_line(step['argv'])}\n```\n\n{status.get(id(step), 'not run')}\n")
+        if folder.is_dir():
+            for name, rows in result_tables(folder):
+                parts.append(f"`{name}`:\n\n" + markdown_table(rows))
+            for png in sorted(folder.glob("*.png")):
+                parts.append(f"![{png.name}]({png.relative_to(out).as_posix()})\n")
+            if (folder / "metrics.jsonl").is_file():
+                rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+                parts.append("`metrics.jsonl`:\n\n" + markdown_table(rows))
+    report = out / "report.md"
+    with atomic_path(report) as tmp:
+        tmp.write_text("\n".join(parts))
+    return report
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (default), a Hugging Face LLaMa folder, or a .gguf file")
+    p.add_argument("--device", default="cpu", help="torch device for every piece (default cpu)")
+    p.add_argument("--scale", choices=("mini", "paper"), default="mini",
+                   help="mini: sizes that finish in about half an hour on 2 CPU cores (default); paper: the seed "
+                        "paper's lengths, samples, needle grid and a 32K finetune, for a GPU")
+    p.add_argument("--only", nargs="+", choices=PIECES, default=list(PIECES), metavar="PIECE",
+                   help=f"run only these pieces: {', '.join(PIECES)} (default: all)")
+    p.add_argument("--out", default="runs/paper", help="run folder: one sub-folder per piece and report.md")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps, status = plan(args), {}
+    failed, report = [], write_report(out, steps, status)
+    for step in steps:
+        print(f"\n=== {step['title']}\n{command_line(step['argv'])}", flush=True)
+        start = time.time()
+        code = subprocess.call([sys.executable, str(HERE / step["argv"][0]), *step["argv"][1:]])
+        seconds = time.time() - start
+        status[id(step)] = (f"Finished in {seconds:.0f} s." if code == 0 else
+                            f"**Failed** with exit status {code} after {seconds:.0f} s; see the console output.")
+        if code:
+            failed.append(step["name"])
+        report = write_report(out, steps, status)
+    print(f"\nreport: {report}")
+    if failed:
+        raise RopeliteError(f"pieces that failed: {', '.join(failed)} (the report says which; rerun to resume)")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,145 @@
+"""Documents to evaluate on: text every Python install has, or the user's `--data`.
+
+A document is either a `str` (text, tokenised later with the model's tokenizer) or a 1-D `np.ndarray` of token
+ids (pre-tokenised input, passed through untouched). `tokenize_documents` turns both into int64 id arrays.
+
+Built-in text (no download, deterministic for a given Python version):
+- "prose": the reference manual topics in `pydoc_data.topics` (79 documents, ~465K characters on 3.11), in
+  sorted topic order;
+- "code": the top-level `.py` modules of the standard library (~170 files), in sorted path order;
+- "mixed": prose and code documents alternating (prose first), the longer list's rest at the end.
+Perplexity at long lengths needs long documents: with `min_chars`, consecutive documents (in the order above)
+are joined with a blank line until each reaches `min_chars` characters; a last group that stays shorter is
+dropped, so every returned document has at least `min_chars` characters. With SmolLM2's tokenizer (~4.1
+characters per token on prose, ~3.8 on code) min_chars=70_000 gives 5 prose documents of >= 17K tokens, 47 code
+documents of >= 17K tokens, or 50 mixed ones (Python 3.11).
+"""
+
+import itertools
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from ropelite.errors import RopeliteError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".py")
+# `.bin` is a raw uint16 token stream, as nanoGPT writes it (vocabularies up to 65536; use .npy beyond that)
+DATA_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".npy", ".bin")
+KINDS = ("prose", "code", "mixed")
+
+
+def builtin_documents(kind: str = "prose", min_chars: int = 0) -> list[str]:
+    if kind == "prose":
+        docs = _prose()
+    elif kind == "code":
+        docs = _code()
+    elif kind == "mixed":
+        pairs = itertools.zip_longest(_prose(), _code())
+        docs = [doc for pair in pairs for doc in pair if doc is not None]
+    else:
+        raise RopeliteError(f"unknown built-in data kind {kind!r} (choose from {', '.join(KINDS)})")
+    if min_chars <= 0:
+        return docs
+    grouped, group = [], []
+    for doc in docs:
+        group.append(doc)
+        if sum(len(d) for d in group) + 2 * (len(group) - 1) >= min_chars:
+            grouped.append("\n\n".join(group))
+            group = []
+    if not grouped:
+        raise RopeliteError(f"built-in {kind} text is shorter than min_chars={min_chars}")
+    return grouped
+
+
+def _prose() -> list[str]:
+    from pydoc_data.topics import topics  # the text behind help("FOR"), help("with"), ...
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def _code() -> list[str]:
+    stdlib = Path(sysconfig.get_path("stdlib"))
+    return [f.read_text(encoding="utf-8", errors="replace") for f in sorted(stdlib.glob("*.py"))]
+
+
+def load_documents(data: list[str] | None = None, kind: str = "prose", min_chars: int = 0) -> list:
+    """Documents (str or token-id arrays) from `--data` paths, or built-in text of `kind` when data is empty.
+
+    Each path is a text file (one document), a .jsonl file (one document per line, its "text" field), a .npy
+    token array (1-D: one document; 2-D: one per row), a .bin uint16 token stream (one document), or a folder
+    searched recursively, in sorted order, for files with those suffixes. `min_chars` applies to built-in text.
+    """
+    if not data:
+        return builtin_documents(kind, min_chars)
+    docs = []
+    for item in data:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            if not files:
+                raise RopeliteError(f"no {'/'.join(DATA_SUFFIXES)} files in {path}")
+            for f in files:
+                docs += _read(f)
+        elif path.is_file():
+            docs += _read(path)
+        else:
+            raise RopeliteError(f"data not found: {item}")
+    docs = [d for d in docs if (d.size if isinstance(d, np.ndarray) else d.strip())]
+    if not docs:
+        raise RopeliteError(f"no non-empty documents in {', '.join(map(str, data))}")
+    return docs
+
+
+def _read(path: Path) -> list:
+    if path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RopeliteError(f"{path}:{number}: not JSON: {e}") from e
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise RopeliteError(f"{path}:{number}: no \"text\" string field")
+            docs.append(record["text"])
+        return docs
+    if path.suffix == ".npy":
+        try:
+            tokens = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise RopeliteError(f"cannot read {path} as a .npy token array: {e}") from e
+        if not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim not in (1, 2):
+            raise RopeliteError(f"{path}: expected a 1-D or 2-D integer token array, got {tokens.dtype} "
+                                f"{tokens.shape}")
+        tokens = tokens.astype(np.int64)
+        return [tokens] if tokens.ndim == 1 else list(tokens)
+    if path.suffix == ".bin":
+        if path.stat().st_size % 2:
+            raise RopeliteError(f"{path}: odd size, not a uint16 token stream")
+        return [np.fromfile(path, dtype=np.uint16).astype(np.int64)]
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as e:
+        raise RopeliteError(f"{path} is not UTF-8 text") from e
+
+
+def tokenize_documents(docs, tokenizer) -> list[np.ndarray]:
+    """int64 token ids per document: text is encoded (BOS as the tokenizer's files say), arrays pass through."""
+    out = []
+    for doc in docs:
+        if isinstance(doc, np.ndarray):
+            ids = doc.astype(np.int64)
+        elif tokenizer is None:
+            raise RopeliteError("text documents need a tokenizer, and this model has none")
+        else:
+            ids = np.asarray(tokenizer.encode(doc), dtype=np.int64)
+        # a token file made with another vocabulary would otherwise index out of the embedding table
+        if tokenizer is not None and ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+            bad = ids.min() if ids.min() < 0 else ids.max()
+            raise RopeliteError(f"token id {int(bad)} outside the tokenizer's vocabulary ({tokenizer.vocab_size} ids)")
+        out.append(ids)
+    return out

@@ -1,0 +1,110 @@
+"""Perplexity of long documents, the two protocols of the long-context literature.
+
+- ``truncate`` (PI / YaRN / the seed paper): the first L tokens of each document with at least L tokens (BOS
+  first when the tokenizer adds one), the mean NLL over its L-1 predicted tokens, PPL = exp(mean over documents).
+- ``sliding``: the same L tokens read through windows of W tokens moved by S; every token is scored exactly
+  once, by the first window that reaches it, with the tokens before it in that window as context. As in Hugging
+  Face's "perplexity of fixed-length models", except that the last window also keeps W tokens of context.
+
+The loss is ``Llama.nll``: hidden states on the fast attention path, logits a chunk of positions at a time, so
+memory is O(L * hidden + chunk * vocab), never the L x V logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import RopeliteError
+from .model import Llama
+from .rope import RopeConfig
+
+PROTOCOLS = ("truncate", "sliding")
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over tokens 0..n_tokens-1.
+
+    The first window scores positions 1..W-1 (position 0 has nothing to predict it); each next window ends S
+    tokens later (or at the end) and scores only the positions the previous one did not reach, so the counts add
+    up to n_tokens - 1. Every window holds W tokens, hence every scored token has at least W - S tokens of
+    context. A window cannot predict its own first token, so S = W (windows side by side) advances by W - 1:
+    each window starts on the last token of the one before. A document of at most W tokens is one window: the
+    truncate protocol."""
+    if not 1 <= stride <= window or window < 2:
+        raise RopeliteError(f"the stride ({stride}) must be between 1 and the window ({window}, at least 2), "
+                            "or some tokens would never be scored")
+    if n_tokens <= window:
+        return [(0, n_tokens, 1)]
+    step = min(stride, window - 1)
+    windows, scored_to = [(0, window, 1)], window
+    while scored_to < n_tokens:
+        end = min(scored_to + step, n_tokens)
+        windows.append((end - window, end, scored_to))
+        scored_to = end
+    return windows
+
+
+@torch.no_grad()
+def document_nll(model: Llama, ids: torch.Tensor, window: int, stride: int, chunk_size: int = 512,
+                 on_tokens: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """(sum of NLL, number of scored tokens) of one document ``ids`` (T,), read with ``sliding_windows``.
+    ``on_tokens(n)`` is told how many tokens each forward pass read (for a progress bar)."""
+    total, count = 0.0, 0
+    for begin, end, first in sliding_windows(len(ids), window, stride):
+        x = ids[begin:end].unsqueeze(0)                                              # (1, w)
+        labels = x.clone()
+        labels[:, :first - begin] = -100  # context: predicted by an earlier window, or position 0
+        s, n = model.nll(x, labels, chunk_size=chunk_size)
+        total, count = total + float(s), count + int(n)
+        if on_tokens is not None:
+            on_tokens(end - begin)
+    return total, count
+
+
+def perplexity(model: Llama, docs: list[np.ndarray], length: int, protocol: str = "truncate",
+               window: int | None = None, stride: int | None = None, chunk_size: int = 512,
+               on_tokens: Callable[[int], None] | None = None) -> dict:
+    """PPL of the first ``length`` tokens of each document (all must have that many), averaged per document:
+    exp(mean over documents of each document's mean NLL). ``window``/``stride`` are the sliding protocol's.
+    Returns {"nll", "ppl", "docs", "tokens"} (tokens = scored tokens)."""
+    if protocol not in PROTOCOLS:
+        raise RopeliteError(f"unknown protocol '{protocol}': choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "truncate":
+        window = stride = length
+    elif window is None or stride is None:
+        raise RopeliteError("the sliding protocol needs a window and a stride")
+    short = [len(d) for d in docs if len(d) < length]
+    if short or not docs:
+        raise RopeliteError(f"{len(short)} of {len(docs)} documents have fewer than {length} tokens")
+    device = next(model.parameters()).device
+    means, tokens = [], 0
+    for ids in docs:
+        x = torch.as_tensor(np.asarray(ids[:length], dtype=np.int64), device=device)
+        s, n = document_nll(model, x, window, stride, chunk_size, on_tokens)
+        means.append(s / n)
+        tokens += n
+    nll = float(np.mean(means))
+    return {"nll": nll, "ppl": math.exp(nll), "docs": len(docs), "tokens": tokens}
+
+
+def choose_documents(doc_lengths: list[int], length: int, max_docs: int | None = None) -> list[int]:
+    """Indices (in corpus order) of the documents to score at ``length``: of the ``max_docs`` longest documents
+    (all when None; ties keep corpus order), those with at least ``length`` tokens. The choice does not depend
+    on the other lengths asked for, and the sets are nested: when the max_docs longest all reach the longest
+    length, every length scores the same documents (the PI / YaRN protocol)."""
+    longest = sorted(range(len(doc_lengths)), key=lambda i: -doc_lengths[i])[:max_docs]
+    return sorted(i for i in longest if doc_lengths[i] >= length)
+
+
+def effective_base(rope: RopeConfig, dim: int, seq_len: int) -> float:
+    """The base in use at ``seq_len``: NTK's new base, dynamic NTK's base at this length, else the pretrained
+    one (PI, YaRN, llama3 rescale frequencies, not the base). Read back from theta_1 = b^(-2/d) rather than
+    re-deriving each formula."""
+    if rope.type in ("ntk", "dynamic"):
+        inv_freq, _ = rope.frequencies(dim, seq_len)
+        return float(inv_freq[1]) ** (-dim / 2)
+    return rope.theta

@@ -1,0 +1,256 @@
+"""The pieces of ``train.py`` that its tests and ``benchmarks/bench_train.py`` reuse.
+
+- Data: documents -> token ids -> one stream ``doc EOS doc EOS ...`` cut into ``len``-token sequences, packed
+  without document masks as YaRN trains. Sequence i is a pure function of i (the stream starts over when it runs
+  out), so a checkpoint's data position is one integer: the number of sequences consumed.
+- ``ByteTokenizer``: UTF-8 bytes, for a model trained from scratch without tokenizer files.
+- The learning-rate schedule, and one optimizer step's gradient accumulation.
+- Checkpoints: a folder written under a temporary name and renamed into place, so ``out/checkpoint`` is always
+  a complete step (a loadable model folder plus the optimizer, data position and RNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import tokenize_documents
+from .errors import RopeliteError
+from .io import atomic_path
+from .model import Llama, LlamaConfig, save_model
+
+CHECKPOINT = "checkpoint"          # out/checkpoint: the last complete step
+_CHECKPOINT_TMP = ".checkpoint.tmp"
+_CHECKPOINT_OLD = ".checkpoint.old"  # the previous step, only between two renames
+TRAINER_STATE = "trainer_state.pt"   # step, data position, RNG, flags: small, every rank reads it
+OPTIMIZER_STATE = "optimizer.pt"     # AdamW moments by parameter name: large, only rank 0 reads it
+MAX_SHARD_BYTES = 5_000_000_000    # Hugging Face's shard size: a 7B in fp32 becomes 6 files
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """Token ids 0..255 are the UTF-8 bytes of the text, 256 is EOS: text data for ``--init random``."""
+
+    vocab_size = 257
+    eos_id = 256
+    bos_id = None
+    add_bos = False
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+def pack_documents(docs: list, tokenizer, eos_id: int, needed: int) -> tuple[np.ndarray, int]:
+    """The token stream doc_0 EOS doc_1 EOS ... (int64), and how many documents it holds. Documents are
+    tokenised in order only until ``needed`` tokens are there (all of them when the corpus is shorter), so a
+    short run does not pay for tokenising a large corpus; the stream is the same prefix either way."""
+    parts, total, used = [], 0, 0
+    for doc in docs:
+        ids = tokenize_documents([doc], tokenizer)[0]
+        parts += [ids, np.array([eos_id], dtype=np.int64)]
+        total, used = total + ids.size + 1, used + 1
+        if total >= needed:
+            break
+    return np.concatenate(parts), used
+
+
+class PackedSequences:
+    """Sequence i = tokens [i*len, (i+1)*len) of the stream repeated end to end."""
+
+    def __init__(self, stream: np.ndarray, length: int):
+        self.stream, self.length = np.asarray(stream, dtype=np.int64), length
+
+    def batch(self, first: int, count: int) -> torch.Tensor:
+        """Sequences first .. first+count-1 as a (count, len) int64 tensor."""
+        start = first * self.length
+        positions = (start + np.arange(count * self.length)) % self.stream.size
+        return torch.from_numpy(self.stream[positions].reshape(count, self.length))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------------------------
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def learning_rate(step: int, peak: float, warmup: int, total: int, schedule: str = "linear") -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total``: linear warmup over the first ``warmup``
+    steps (step 0 already moves, at peak/warmup), then constant, linear to 0 or cosine to 0 at step ``total``.
+    YaRN's finetune.py: warmup 20, then linear (transformers' get_linear_schedule_with_warmup)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)  # 0 at the end of warmup, 1 at step `total`
+    if schedule == "linear":
+        return peak * (1 - progress)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def random_model(config: LlamaConfig, seed: int) -> Llama:
+    """A freshly initialised model: every matrix N(0, 0.02) (GPT-2/LLaMa practice), norms 1."""
+    torch.manual_seed(seed)
+    model = Llama(config)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+    return model
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 compute over fp32 weights (mixed precision). The weight-cast cache is off: with gradient
+    checkpointing it would keep a bf16 copy of every weight alive for the whole forward."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
+def accumulate_gradients(model: Llama, micro_batches: list[torch.Tensor], n_predicted: int,
+                         dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+    """Forward and backward of each (m, len) micro-batch with the loss NLL_sum / n_predicted * scale, so the
+    accumulated gradients are those of the mean NLL over all ``n_predicted`` tokens of the optimizer step
+    (``scale`` = the number of FSDP ranks, whose gradient average divides by it). Returns this process's NLL
+    sum (float64, detached). The loss is chunked (``model.nll``): no (len, vocab) logits tensor exists."""
+    total = torch.zeros((), dtype=torch.float64, device=micro_batches[0].device)
+    for ids in micro_batches:
+        with autocast(ids.device, dtype):
+            nll, _ = model.nll(ids)
+        (nll * (scale / n_predicted)).backward()
+        total += nll.detach().double()
+    return total
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (0 = do not clip) and return the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the peak of allocated tensor memory. CPU: the process's peak resident set (ru_maxrss, KiB on Linux),
+    which includes Python and torch themselves."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Llama:
+    """A Llama around existing tensors (no copy): what ``save_model`` needs to write a gathered state dict."""
+    with torch.device("meta"):
+        model = Llama(config)
+    if config.tie_word_embeddings:
+        state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def save_checkpoint(out: Path, model: Llama, trainer_state: dict, optimizer_state: dict,
+                    extra_config: dict | None = None) -> Path:
+    """Write ``out/checkpoint`` = the model (safetensors + config.json, loadable by ropelite and transformers)
+    + ``trainer_state.pt`` (step, data position, RNG, flags) + ``optimizer.pt``, atomically: everything goes to a
+    temporary folder that is then renamed into place; the previous checkpoint is removed only after that rename.
+    Then the weights and config are published in ``out`` itself (hard links, no copy)."""
+    tmp, final, old = out / _CHECKPOINT_TMP, out / CHECKPOINT, out / _CHECKPOINT_OLD
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, max_shard_bytes=MAX_SHARD_BYTES, extra_config=extra_config)
+    torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
+    torch.save(trainer_state, tmp / TRAINER_STATE)
+    summary = {k: v for k, v in trainer_state.items() if k in ("step", "sequences", "tokens", "args")}
+    (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)  # the commit point: from here on `final` is the new step
+    shutil.rmtree(old, ignore_errors=True)
+    publish(final, out)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """``out/checkpoint``, or the previous one when a save was cut between its two renames; None if neither."""
+    for candidate in (out / CHECKPOINT, out / _CHECKPOINT_OLD):
+        if all((candidate / name).is_file() for name in (TRAINER_STATE, OPTIMIZER_STATE, "config.json")):
+            return candidate
+    return None
+
+
+def load_trainer_state(checkpoint: Path, name: str = TRAINER_STATE) -> dict:
+    """``trainer_state.pt`` of a checkpoint, or with ``name=OPTIMIZER_STATE`` its optimizer state."""
+    try:
+        return torch.load(checkpoint / name, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise RopeliteError(f"cannot read {checkpoint / name}: {str(e).splitlines()[0]}") from None
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.name.startswith("model") and (p.suffix == ".safetensors" or p.name.endswith(".index.json")))
+
+
+def publish(checkpoint: Path, out: Path) -> None:
+    """Make ``out`` itself the checkpoint's model folder: each weight file, then config.json, is linked (copied
+    where links are not possible) under a temporary name and renamed over the old one; stale shards go last."""
+    new = _model_files(checkpoint)
+    for src in [*new, checkpoint / "config.json"]:
+        with atomic_path(out / src.name) as tmp:
+            tmp.unlink()
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copy2(src, tmp)
+    for stale in set(p.name for p in _model_files(out)) - set(p.name for p in new):
+        (out / stale).unlink()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a kill is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the rows up to ``last_step`` (a resumed run logs the later ones again), rewriting the file atomically."""
+    rows = [r for r in read_metrics(path) if isinstance(r, dict) and r.get("step", 0) <= last_step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,30 @@
+"""Shared pytest fixtures (keep small)."""
+
+import pytest
+
+
+@pytest.fixture
+def tiny_llama():
+    """make(rope=RopeConfig, seed=0, **config_overrides) -> a tiny random fp32 Llama in eval mode (2 layers,
+    hidden 64, 4 heads, 2 KV heads, head_dim 16, vocab 97, pretrained length 64). q/k weights are drawn large
+    (peaked attention, so RoPE mistakes change the logits visibly), the rest keeps torch's default init."""
+    import torch
+
+    from ropelite.model import Llama, LlamaConfig
+    from ropelite.rope import RopeConfig
+
+    def make(rope: RopeConfig | None = None, seed: int = 0, **overrides) -> Llama:
+        fields = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      rope=rope or RopeConfig(theta=1e4, original_max_position_embeddings=64))
+        torch.manual_seed(seed)
+        model = Llama(LlamaConfig(**{**fields, **overrides}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+                elif "q_proj" in name or "k_proj" in name:
+                    p.normal_(0, 0.3)
+        return model.eval()
+
+    return make

@@ -1,0 +1,301 @@
+"""eval_ppl.py and ropelite.ppl: chunked loss, closed forms (uniform logits -> PPL = V), the sliding windows by
+hand, per-document averaging by hand, RoPE switching without a reload, resume, one-line errors.
+
+Every expected value comes from an independent computation: full (T, V) logits from ``model(ids)`` and
+``log_softmax``, never from ``Llama.nll`` or ropelite.ppl themselves.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval_ppl  # noqa: E402
+from ropelite.cli import run  # noqa: E402
+from ropelite.errors import RopeliteError  # noqa: E402
+from ropelite.model import Llama, load_model, save_model  # noqa: E402
+from ropelite.ppl import choose_documents, document_nll, effective_base, perplexity, sliding_windows  # noqa: E402
+from ropelite.rope import RopeConfig  # noqa: E402
+
+V = 97
+REPO = Path(__file__).resolve().parents[1]
+
+
+def token_nll(model: Llama, ids: torch.Tensor) -> torch.Tensor:
+    """NLL of tokens 1..T-1 of ``ids`` (T,) from one full forward: (T-1,), float64."""
+    with torch.no_grad():
+        logp = model(ids[None])[0].double().log_softmax(-1)                        # (T, V)
+    return -logp[:-1].gather(1, ids[1:, None]).squeeze(1)
+
+
+def random_ids(n: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, V, n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss and the protocols
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_chunked_loss_equals_unchunked(tiny_llama):
+    model = tiny_llama()
+    ids = random_ids(50, 0)
+    expected = float(token_nll(model, ids).sum())
+    for chunk in (1, 7, 49, 1000):
+        with torch.no_grad():
+            total, count = model.nll(ids[None], chunk_size=chunk)
+        assert int(count) == 49
+        assert float(total) == pytest.approx(expected, rel=1e-5)
+    # and through the protocol: the document's mean NLL, whatever the chunking
+    for chunk in (3, 512):
+        assert perplexity(model, [ids.numpy()], 50, chunk_size=chunk)["nll"] == pytest.approx(expected / 49, rel=1e-5)
+
+
+@pytest.mark.parametrize("protocol", ["truncate", "sliding"])
+def test_uniform_logits_give_ppl_equal_to_vocab(tiny_llama, protocol):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: p = 1/V for every token, NLL = ln V
+    docs = [random_ids(40, s).numpy() for s in range(3)]
+    result = perplexity(model, docs, 33, protocol, window=8, stride=3)
+    assert result["ppl"] == pytest.approx(V, rel=1e-6)
+    assert result["tokens"] == 3 * 32 and result["docs"] == 3
+
+
+def test_sliding_windows_by_hand():
+    # 10 tokens, W=4, S=2: windows end at 4, 6, 8, 10, each W long, scoring 1..3, 4..5, 6..7, 8..9
+    assert sliding_windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    # the last window is cut at the end but keeps W tokens of context
+    assert sliding_windows(10, 4, 3) == [(0, 4, 1), (3, 7, 4), (6, 10, 7)]
+    # side by side (S = W): a window cannot predict its own first token, so each starts on the last one's end
+    assert sliding_windows(8, 4, 4) == [(0, 4, 1), (3, 7, 4), (4, 8, 7)]
+    assert sliding_windows(3, 4, 2) == [(0, 3, 1)]  # shorter than a window: one window, as truncate
+    with pytest.raises(RopeliteError, match="stride"):
+        sliding_windows(10, 4, 5)
+
+
+def test_sliding_nll_is_the_hand_sum_over_windows(tiny_llama):
+    """Each token scored once, with exactly the context of the window that first reaches it (W=4, S=2)."""
+    model = tiny_llama()
+    ids = random_ids(10, 1)
+    # by hand: (window tokens, positions in the window whose NLL counts)
+    expected = (token_nll(model, ids[0:4])[0:3].sum()     # predicts tokens 1, 2, 3
+                + token_nll(model, ids[2:6])[1:3].sum()   # tokens 4, 5 with context 2..
+                + token_nll(model, ids[4:8])[1:3].sum()   # tokens 6, 7
+                + token_nll(model, ids[6:10])[1:3].sum())  # tokens 8, 9
+    total, count = document_nll(model, ids, window=4, stride=2, chunk_size=1)
+    assert count == 9
+    assert total == pytest.approx(float(expected), rel=1e-5)
+    # and it differs from the full-context NLL, so the windows really cut the context
+    assert total != pytest.approx(float(token_nll(model, ids).sum()), rel=1e-3)
+
+
+@pytest.mark.parametrize("n,window,stride", [(37, 8, 3), (37, 8, 8), (37, 36, 1), (64, 16, 16), (5, 8, 2)])
+def test_sliding_scores_every_token_exactly_once(tiny_llama, n, window, stride):
+    model = tiny_llama()
+    ids = random_ids(n, 2)
+    _, count = document_nll(model, ids, window, stride)
+    assert count == n - 1
+    scored = [p for _, end, first in sliding_windows(n, window, stride) for p in range(first, end)]
+    assert scored == list(range(1, n))  # each position once, in order
+
+
+def test_sliding_with_one_window_equals_truncate(tiny_llama):
+    model = tiny_llama()
+    docs = [random_ids(24, s).numpy() for s in (3, 4)]
+    truncate = perplexity(model, docs, 24, "truncate")
+    assert perplexity(model, docs, 24, "sliding", window=24, stride=24) == pytest.approx(truncate)
+    assert perplexity(model, docs, 24, "sliding", window=100, stride=100) == pytest.approx(truncate)
+    hand = np.mean([float(token_nll(model, torch.from_numpy(d)).mean()) for d in docs])
+    assert truncate["nll"] == pytest.approx(hand, rel=1e-5)
+
+
+def steered(model: Llama, n: int, pick) -> torch.Tensor:
+    """n tokens, each the model's most (pick=argmax) or least (argmin) likely next token: low / high NLL."""
+    ids = torch.tensor([3])
+    with torch.no_grad():
+        while len(ids) < n:
+            ids = torch.cat([ids, pick(model(ids[None])[0, -1]).view(1)])
+    return ids
+
+
+def test_truncate_averages_each_document_then_exponentiates(tiny_llama):
+    model = tiny_llama()
+    likely, unlikely = steered(model, 30, torch.argmax), steered(model, 30, torch.argmin)
+    a, b = (float(token_nll(model, d[:20]).mean()) for d in (likely, unlikely))
+    assert b - a > 1.0
+    result = perplexity(model, [likely.numpy(), unlikely.numpy()], 20)
+    assert result["nll"] == pytest.approx((a + b) / 2, rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp((a + b) / 2), rel=1e-5)
+    assert result["ppl"] != pytest.approx((math.exp(a) + math.exp(b)) / 2, rel=1e-2)  # not a mean of PPLs
+    assert result["tokens"] == 2 * 19
+
+
+def test_perplexity_refuses_short_documents(tiny_llama):
+    with pytest.raises(RopeliteError, match="1 of 2 documents have fewer than 20 tokens"):
+        perplexity(tiny_llama(), [np.arange(20), np.arange(10)], 20)
+
+
+def test_choose_documents():
+    lengths = [5, 20, 12, 20, 3]
+    assert choose_documents(lengths, 10) == [1, 2, 3]
+    assert choose_documents(lengths, 10, max_docs=2) == [1, 3]          # the two longest, corpus order on ties
+    assert choose_documents(lengths, 15, max_docs=3) == [1, 3]          # of the 3 longest, those reaching 15
+    assert choose_documents(lengths, 4, max_docs=3) == [1, 2, 3]        # nested: same documents at every length
+    assert choose_documents(lengths, 21) == []
+
+
+def test_effective_base():
+    d, theta, L = 64, 1e5, 8192
+    assert effective_base(RopeConfig("ntk", theta, 4.0, L, base=1e6), d, 100) == pytest.approx(1e6)
+    assert effective_base(RopeConfig("ntk", theta, 4.0, L), d, 100) == pytest.approx(theta * 4 ** (64 / 62))
+    dyn = RopeConfig("dynamic", theta, 4.0, L)
+    assert effective_base(dyn, d, L) == pytest.approx(theta)
+    assert effective_base(dyn, d, 2 * L) == pytest.approx(theta * (4 * 2 - 3) ** (64 / 62))
+    assert effective_base(RopeConfig("yarn", theta, 4.0, L), d, 2 * L) == theta
+    assert effective_base(RopeConfig("rope", theta), d, 2 * L) == theta
+
+
+def test_switching_config_equals_loading_with_that_rope(tiny_llama, tmp_path):
+    """eval_ppl switches variants by replacing model.config: the same numbers as a fresh load."""
+    save_model(tiny_llama(), tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    ids = random_ids(150, 6)[None]  # past the pretrained 64, where the variants differ
+    for rope, kw in [("yarn", {}), ("dynamic", {}), ("ntk", {"base": 1e6}), ("pi", {})]:
+        fresh = load_model(tmp_path / "m", rope, 4.0, **kw)
+        model.config = model.config.with_rope(rope, 4.0, **kw)
+        with torch.no_grad():
+            assert torch.equal(model(ids), fresh(ids))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def setup(tiny_llama, tmp_path):
+    """A saved tiny model (no tokenizer) and a folder of four token documents of 80, 80, 80 and 40 tokens."""
+    save_model(tiny_llama(), tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, n in enumerate([80, 80, 80, 40]):
+        np.save(data / f"doc{i}.npy", np.random.default_rng(i).integers(0, V, n))
+    return tmp_path / "model", data, tmp_path / "out"
+
+
+def argv(setup, *extra):
+    model, data, out = setup
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu", *extra]
+
+
+def test_script_rows_match_the_library(setup):
+    model_dir, data, out = setup
+    eval_ppl.main(argv(setup, "--rope", "rope", "yarn", "ntk", "dynamic", "--factor", "2", "--base", "5e4",
+                       "--lengths", "16", "80", "--docs", "2"))
+    rows = json.loads((out / "ppl.json").read_text())
+    assert [(r["rope"], r["length"]) for r in rows] == [(rope, n) for rope in ("rope", "yarn", "ntk", "dynamic")
+                                                        for n in (16, 80)]
+    docs = [np.load(data / f"doc{i}.npy") for i in (0, 1)]  # the two longest, corpus order
+    for r in rows:
+        assert r["protocol"] == "truncate" and r["docs"] == 2 and r["tokens"] == 2 * (r["length"] - 1)
+        kw = {"base": 5e4} if r["rope"] == "ntk" else {}
+        fresh = load_model(model_dir, r["rope"], 2.0 if r["rope"] != "rope" else None, **kw)
+        assert r["ppl"] == pytest.approx(perplexity(fresh, docs, r["length"])["ppl"], rel=1e-6)
+    # dynamic is plain RoPE within the pretrained 64 tokens: that row is copied, not recomputed
+    assert rows[6]["same_as"] == "rope" and rows[6]["ppl"] == rows[0]["ppl"]
+    assert rows[7]["same_as"] is None and rows[7]["ppl"] != rows[1]["ppl"]
+    assert rows[4]["base"] == pytest.approx(5e4) and rows[2]["base"] == 1e4 and rows[2]["factor"] == 2.0
+    assert rows[7]["base"] == pytest.approx(1e4 * (2 * 80 / 64 - 1) ** (16 / 14))
+    assert {"model", "rope", "factor", "base", "length", "protocol", "docs", "tokens", "nll", "ppl",
+            "seconds"} <= set(rows[0])
+    assert (out / "ppl.csv").read_text().count("\n") == 9
+    assert (out / "ppl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_script_sliding_rows_say_so(setup):
+    eval_ppl.main(argv(setup, "--protocol", "sliding", "--window", "16", "--stride", "8", "--lengths", "64"))
+    (row,) = json.loads((setup[2] / "ppl.json").read_text())
+    assert (row["protocol"], row["window"], row["stride"], row["tokens"], row["docs"]) == ("sliding", 16, 8,
+                                                                                          3 * 63, 3)
+
+
+def test_resume_skips_finished_rows(setup, monkeypatch):
+    out = setup[2]
+    args = argv(setup, "--rope", "rope", "pi", "--factor", "2", "--lengths", "16", "32")
+    eval_ppl.main(args)
+    first = json.loads((out / "ppl.json").read_text())
+    assert len(first) == 4
+
+    calls = []
+    real = eval_ppl.perplexity
+    monkeypatch.setattr(eval_ppl, "perplexity", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    eval_ppl.main(args)  # everything done: nothing runs, nothing changes
+    assert calls == [] and json.loads((out / "ppl.json").read_text()) == first
+
+    (out / "ppl.json").write_text(json.dumps(first[:3]))  # as if killed before the last row
+    eval_ppl.main(args)
+    assert calls == [32]
+    rows = json.loads((out / "ppl.json").read_text())
+    assert [(r["rope"], r["length"]) for r in rows] == [(r["rope"], r["length"]) for r in first]
+
+    eval_ppl.main(argv(setup, "--rope", "pi", "--factor", "4", "--lengths", "16"))  # other settings: new row
+    assert calls == [32, 16] and len(json.loads((out / "ppl.json").read_text())) == 5
+
+
+def test_some_documents_too_short_warns_with_the_count(setup, capsys):
+    eval_ppl.main(argv(setup, "--lengths", "40", "64"))
+    err = capsys.readouterr().err
+    assert "only 3 of 4 documents have 64 tokens; length 64 uses 3 instead of 4" in err
+    rows = json.loads((setup[2] / "ppl.json").read_text())
+    assert [r["docs"] for r in rows] == [4, 3]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lengths", "16", "1000"], "error: no document has 1000 tokens (longest: 80); 0 of 4 qualify"),
+    (["--protocol", "sliding", "--window", "8", "--stride", "9"], "error: --stride 9 is longer than --window 8"),
+    (["--window", "8"], "error: --window and --stride belong to --protocol sliding"),
+    (["--base", "1e6"], "error: --base sets NTK's new base: add ntk to --rope"),
+    (["--lengths", "1"], "error: --lengths must be at least 2"),
+    (["--rope", "longrope", "--lengths", "16"], "error: rope 'longrope' needs short_factor and long_factor lists"),
+])
+def test_bad_input_is_one_line(setup, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        run(lambda: eval_ppl.main(argv(setup, *extra)))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+
+
+def test_no_documents_and_unknown_variant(setup, tmp_path, capsys):
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros(0, dtype=np.int64))
+    with pytest.raises(SystemExit) as e:
+        run(lambda: eval_ppl.main(["--model", str(setup[0]), "--data", str(empty), "--out", str(setup[2])]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no non-empty documents") and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        eval_ppl.main(argv(setup, "--rope", "rope", "bogus"))
+    assert e.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_script_run_as_a_program_fails_in_one_line(setup):
+    proc = subprocess.run([sys.executable, str(REPO / "eval_ppl.py"), *argv(setup, "--lengths", "500")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: no document has 500 tokens (longest: 80); 0 of 4 qualify: give " \
+                                  "shorter --lengths or longer --data"
+
+
+def test_out_holding_something_else_is_refused(setup, capsys):
+    setup[2].mkdir()
+    (setup[2] / "ppl.json").write_text('{"not": "rows"}')
+    with pytest.raises(SystemExit) as e:
+        run(lambda: eval_ppl.main(argv(setup, "--lengths", "16")))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("ppl.json is not a ppl results file; use another --out")

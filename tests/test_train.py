@@ -1,0 +1,222 @@
+"""train.py and ropelite.train_utils: token counts, packing, the schedule, gradients against an independent loss,
+bit-identical resume, the saved folder's RoPE record, learning, FSDP on 2 CPU processes, and one-line errors.
+
+Every run is a tiny random model (2 blocks, hidden 32) on 32-token sequences, a few steps.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from ropelite.errors import RopeliteError  # noqa: E402
+from ropelite.model import Llama, LlamaConfig, load_model, save_model  # noqa: E402
+from ropelite.rope import RopeConfig  # noqa: E402
+from ropelite.train_utils import (ByteTokenizer, PackedSequences, accumulate_gradients, latest_checkpoint,  # noqa: E402
+                                  learning_rate, load_trainer_state, pack_documents)
+
+TINY = ["--init", "random", "--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--len", "32",
+        "--batch-tokens", "128", "--micro-batch", "2", "--lr", "3e-3", "--warmup", "2", "--builtin", "prose",
+        "--device", "cpu", "--dtype", "fp32", "--quiet"]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+# ---------------------------------------------------------------- pieces
+
+def test_token_count():
+    assert train.token_count("262144") == 262144
+    assert train.token_count("100M") == 100_000_000
+    assert train.token_count("256Ki") == 262144
+    assert train.token_count("1e8") == 100_000_000
+    with pytest.raises(Exception):
+        train.token_count("lots")
+
+
+def test_packing_joins_documents_with_eos_and_wraps_around():
+    docs = [np.array([1, 2, 3]), np.array([4, 5]), np.array([6])]
+    stream, used = pack_documents(docs, None, eos_id=9, needed=100)
+    assert stream.tolist() == [1, 2, 3, 9, 4, 5, 9, 6, 9] and used == 3
+    short, used = pack_documents(docs, None, eos_id=9, needed=4)   # enough after the first document
+    assert short.tolist() == [1, 2, 3, 9] and used == 1
+    seqs = PackedSequences(stream, 4)
+    assert seqs.batch(0, 2).tolist() == [[1, 2, 3, 9], [4, 5, 9, 6]]
+    assert seqs.batch(2, 2).tolist() == [[9, 1, 2, 3], [9, 4, 5, 9]]   # the stream starts over
+    assert ByteTokenizer().encode("hé") == [104, 0xC3, 0xA9]
+
+
+def test_learning_rate_schedule():
+    assert [learning_rate(s, 1.0, 4, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(4, 1.0, 4, 10) == 1.0
+    assert learning_rate(7, 1.0, 4, 10, "linear") == pytest.approx(0.5)      # half way from step 4 to step 10
+    assert learning_rate(7, 1.0, 4, 10, "cosine") == pytest.approx(0.5)
+    assert learning_rate(9, 1.0, 4, 10, "constant") == 1.0
+
+
+def test_default_factor_is_len_over_original():
+    assert train.default_factor("yarn", 32768, 8192, None) == 4.0
+    assert train.default_factor("pi", 4096, 8192, None) == 1.0                # len <= L: no extension
+    assert train.default_factor("yarn", 32768, 8192, 8.0) == 8.0
+    assert train.default_factor("rope", 32768, 8192, None) is None            # plain RoPE has no factor
+
+
+def test_accumulated_gradients_equal_the_full_batch_mean_loss(tiny_llama):
+    """Micro-batches + chunked, checkpointed loss vs one full-batch cross-entropy on forward()'s logits."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (4, 24))
+    model, reference = tiny_llama(seed=3).train(), tiny_llama(seed=3).train()
+    model.gradient_checkpointing = True
+    nll = accumulate_gradients(model, [ids[:2], ids[2:]], n_predicted=4 * 23)
+    logits = reference(ids)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    loss.backward()
+    assert float(nll) / (4 * 23) == pytest.approx(loss.item(), rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------- runs
+
+def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
+    args = TINY + ["--rope", "yarn", "--orig-len", "16", "--tokens", "768", "--save-every", "2"]  # 6 steps, yarn x2
+    straight = train.main(args + ["--out", str(tmp_path / "straight")])
+    cut = tmp_path / "cut"
+    train.main(args + ["--out", str(cut), "--stop-after", "3"])
+    (cut / "metrics.jsonl").open("a").write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')  # killed mid-step 5
+    # ... and killed mid-save, between the save's two renames: the previous checkpoint is the one to use
+    (cut / "checkpoint").rename(cut / ".checkpoint.old")
+    (cut / ".checkpoint.tmp").mkdir()
+    (cut / ".checkpoint.tmp" / "model.safetensors").write_bytes(b"half a file")
+    train.main(args + ["--out", str(cut), "--resume", "--stop-after", "1"])
+    train.main(args + ["--out", str(cut), "--resume"])
+
+    a, b = weights(straight), weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = torch.load(straight / "checkpoint" / "optimizer.pt", weights_only=True)["state"]
+    opt_b = torch.load(cut / "checkpoint" / "optimizer.pt", weights_only=True)["state"]
+    assert all(torch.equal(opt_a[k]["exp_avg_sq"], opt_b[k]["exp_avg_sq"]) for k in opt_a)
+    assert [r["step"] for r in metrics(cut)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(straight)]
+    assert load_trainer_state(cut / "checkpoint")["sequences"] == 6 * 4
+
+    config = json.loads((cut / "config.json").read_text())
+    own = config["ropelite"]
+    assert (own["rope"], own["factor"], own["theta"], own["original_max_position_embeddings"],
+            own["max_position_embeddings"]) == ("yarn", 2.0, 10000.0, 16, 32)
+    assert own["trained"]["len"] == 32 and own["trained"]["tokens"] == 768
+    assert config["rope_scaling"]["rope_type"] == "yarn" and config["rope_scaling"]["factor"] == 2.0
+    assert config["max_position_embeddings"] == 32
+    model = load_model(cut)   # the out folder itself is the model
+    assert model.config.rope == RopeConfig(type="yarn", theta=1e4, factor=2.0, original_max_position_embeddings=16)
+    assert model.config.vocab_size == 257 and model.config.eos_token_id == 256     # bytes + EOS
+
+
+def test_loss_goes_down_on_learnable_text(tmp_path):
+    """Bytes of a repeated sentence: the loss must fall from ln 257 (N(0, 0.02) init) to well below the text's
+    unigram entropy, which no model without context can beat."""
+    text = "the quick brown fox jumps over the lazy dog. " * 200
+    (tmp_path / "fox.txt").write_text(text)
+    counts = np.unique(np.frombuffer(text.encode(), dtype=np.uint8), return_counts=True)[1] / len(text)
+    unigram = float(-(counts * np.log(counts)).sum())                                         # 3.05 nats
+    out = train.main(TINY + ["--data", str(tmp_path / "fox.txt"), "--tokens", "2560", "--lr", "1e-2",
+                             "--schedule", "constant", "--save-every", "0", "--out", str(tmp_path / "run")])
+    losses = [r["loss"] for r in metrics(out)]                                               # 20 steps
+    assert losses[0] == pytest.approx(np.log(257), abs=0.05)
+    assert max(losses[-3:]) < unigram / 2
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_matches_one_process(tmp_path):
+    """torchrun, 2 CPU processes (gloo), the same global batch: the same losses and weights as 1 process, also
+    across a stop and --resume. A tied-embedding 'pretrained' model with no tokenizer and token-id data."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                         eos_token_id=63, rope=RopeConfig(theta=1e4, original_max_position_embeddings=16))
+    save_model(Llama(config), tmp_path / "base")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 63, 2000))
+    args = ["--model", str(tmp_path / "base"), "--data", str(tmp_path / "tokens.npy"), "--rope", "pi",
+            "--len", "32", "--tokens", "512", "--batch-tokens", "128", "--lr", "1e-3", "--warmup", "1",
+            "--device", "cpu", "--dtype", "fp32", "--quiet", "--save-every", "0"]                 # 4 steps of 4
+    one = train.main(args + ["--out", str(tmp_path / "one")])
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(ROOT / "train.py"), *args, "--out", str(two)]
+    for extra in (["--stop-after", "2"], ["--resume"]):
+        done = subprocess.run(torchrun + extra, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((two / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    np.testing.assert_allclose([r["loss"] for r in metrics(two)], [r["loss"] for r in metrics(one)], atol=1e-5)
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys() and "lm_head.weight" not in a          # tied: saved once, as transformers does
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rope", "yarn", "--factor", "0.5"], "--factor must be >= 1"),
+    (["--tokens", "100"], "less than one optimizer step"),
+    (["--batch-tokens", "16"], "less than one sequence"),
+    (["--data", "/no/such/file.txt"], "data not found"),
+    (["--micro-batch", "3"], "do not split into micro-batches"),
+    (["--base", "1e6"], "needs --rope ntk"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, extra, message):
+    with pytest.raises(RopeliteError, match=message):
+        train.main(TINY + ["--tokens", "256", "--out", str(tmp_path / "run"), *extra])
+
+
+def test_unwritable_out_and_run_folder_checks(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RopeliteError, match="cannot write to --out"):
+        train.main(TINY + ["--tokens", "256", "--out", str(tmp_path / "file" / "run")])
+    with pytest.raises(RopeliteError, match="nothing to resume"):
+        train.main(TINY + ["--tokens", "256", "--out", str(tmp_path / "empty"), "--resume"])
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--tokens", "256", "--out", out])
+    with pytest.raises(RopeliteError, match="already holds a run"):
+        train.main(TINY + ["--tokens", "256", "--out", out])
+    with pytest.raises(RopeliteError, match="--lr is 0.1 but the run in --out was started with 0.003"):
+        train.main(TINY + ["--tokens", "256", "--out", out, "--resume", "--lr", "0.1"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        nll = accumulate_gradients(*args, **kwargs)
+        return nll * float("nan") if len(calls) == 3 else nll
+
+    monkeypatch.setattr(train, "accumulate_gradients", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(RopeliteError, match=r"loss nan .* at step 3: stopped .* checkpoint .* \(step 2\)"):
+        train.main(TINY + ["--tokens", "640", "--save-every", "1", "--out", str(out)])
+    assert load_trainer_state(latest_checkpoint(out))["step"] == 2
+    assert all(torch.isfinite(t).all() for t in weights(out).values())
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--rope", "pi", "--factor", "0.5",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: --factor must be >= 1 (an extension, not a compression), "
+                                                "got 0.5"]

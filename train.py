@@ -1,0 +1,441 @@
+"""Token-matched long-context finetuning of a LLaMa with a RoPE extension, on one GPU or sharded with FSDP2.
+
+    python train.py --rope yarn --len 32768                 # SmolLM2 (L = 8192), YaRN s = 32768/8192 = 4
+    python train.py --rope yarn --len 4096 --out runs/yarn-4k   # same token budget at 4K (the seed paper's ablation)
+    python train.py --rope ntk --base 1e6 --len 16384 --tokens 50M
+    python train.py --model path/to/llama-2-7b --rope pi --len 32768      # any Hugging Face LLaMa folder
+    torchrun --nproc_per_node 8 train.py --model path/to/llama-2-7b --rope yarn --len 32768
+    python train.py ... --resume                            # continue the run in --out exactly where it stopped
+    python train.py --init random --len 512 --tokens 2M --device cpu --out runs/scratch   # a small model from scratch
+
+What one optimizer step is: --batch-tokens tokens = batch_tokens / len sequences of --len tokens, run as
+micro-batches of --micro-batch sequences (gradient accumulation; with torchrun each rank takes its share of the
+micro-batches). The run lasts --tokens tokens whatever --len is, so a 4K run and a 32K run see the same text
+budget. Documents (--data, default the built-in corpus of ropelite.data) are tokenised, joined as
+doc EOS doc EOS ... in their given order, and cut into --len-token sequences without document masks, as YaRN
+trains; the stream starts over when the budget is larger than the corpus (the epoch count is printed).
+
+The RoPE: --rope picks the variant (default: the checkpoint's own) and --factor s defaults to len / L, L being
+the model's original context (config rope original_max_position_embeddings; s = 1 when len <= L).
+Training is full finetuning with AdamW, a linear warmup then --schedule, gradient clipping, the chunked loss
+(no len x vocab logits), scaled_dot_product_attention (flash on GPU), gradient checkpointing per block
+(--no-grad-ckpt to turn it off) and, with --dtype bf16 (the default on CUDA), bf16 autocast compute over fp32
+master weights and AdamW states; RoPE angles are fp32 in every case.
+
+--out holds the trained model as a folder that ropelite and transformers both load unchanged (config.json, whose
+rope_scaling and "ropelite" record say which RoPE, factor, theta, original and new length it was trained with;
+model.safetensors in fp32; the tokenizer files), metrics.jsonl (one row per step: loss in nats/token, lr,
+grad norm, tokens, tokens/s, peak memory) and checkpoint/ (the same model + optimizer, data position and RNG,
+written atomically every --save-every steps). A killed run continues with --resume and ends with the same
+weights, bit for bit, as one never interrupted. A NaN/inf loss stops the run before it touches the weights and
+leaves the last good checkpoint in place.
+
+--init random trains a new model from scratch (smoke tests, coursework): its shape comes from --layers
+--hidden --heads --kv-heads --ffn --theta --orig-len, its tokens are UTF-8 bytes (vocabulary 257, EOS = 256) for
+text data, or the ids of pre-tokenised data (.npy/.bin; vocabulary = largest id + 2, EOS = largest id + 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ropelite.cli import DTYPES, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.data import KINDS, load_documents
+from ropelite.errors import RopeliteError
+from ropelite.model import Llama, LlamaConfig, load_model, read_config
+from ropelite.rope import RopeConfig
+from ropelite.train_utils import (OPTIMIZER_STATE, SCHEDULES, ByteTokenizer, PackedSequences, accumulate_gradients,
+                                  clip_gradients, latest_checkpoint, learning_rate, load_trainer_state,
+                                  model_from_state, pack_documents, peak_memory_mb, random_model, rng_state,
+                                  save_checkpoint, set_rng_state, truncate_metrics)
+
+# A resumed run must be the same run: these flags may change between invocations, every other must not.
+RESUMABLE_CHANGES = {"resume", "save_every", "stop_after", "device", "micro_batch", "out", "quiet"}
+
+
+def token_count(text: str) -> int:
+    """'262144', '100M', '1e8', '256Ki' -> an int (k/M/G decimal, Ki/Mi/Gi binary)."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    match = re.fullmatch(r"([0-9.]+(?:e[0-9]+)?)(|k|m|g|ki|mi|gi)", text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 262144, 100M, 1e8, 256Ki)")
+    return int(float(match[1]) * units[match[2]])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, overrides={
+        "--factor": dict(help="scale factor s >= 1 of the RoPE extension (default: len / L, L = the model's "
+                              "original context; 1 when len <= L)"),
+        "--dtype": dict(default=None, help="compute dtype: bf16 = bf16 autocast over fp32 master weights and "
+                                           "AdamW states; fp32 = fp32 throughout; fp16 is refused (it needs loss "
+                                           "scaling) (default: bf16 on CUDA, fp32 on CPU)")})
+    g = p.add_argument_group("budget")
+    g.add_argument("--len", type=int, default=32768, help="training sequence length in tokens (default 32768)")
+    g.add_argument("--tokens", type=token_count, default=400 * 262144,
+                   help="total training tokens, the same at any --len (default 104857600 = 400 steps of the "
+                        "default --batch-tokens, YaRN's step count)")
+    g.add_argument("--batch-tokens", type=token_count, default=262144,
+                   help="tokens per optimizer step; batch_tokens // len sequences per step (default 262144 = "
+                        "YaRN's 64 sequences at 4K, 8 at 32K)")
+    g.add_argument("--micro-batch", type=int, default=1,
+                   help="sequences per forward/backward; the step accumulates gradients over "
+                        "sequences_per_step / (micro_batch * ranks) of them (default 1)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5, YaRN's)")
+    g.add_argument("--warmup", type=int, default=20, help="linear warmup steps (default 20, YaRN's)")
+    g.add_argument("--schedule", default="linear", choices=SCHEDULES,
+                   help="after warmup: linear to 0 (YaRN's), cosine to 0, or constant (default linear)")
+    g.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay, on every weight (default 0.01)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                   help="AdamW betas (default 0.9 0.999)")
+    g.add_argument("--clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off "
+                                                           "(default 1.0)")
+    g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing per block: keep each block's input, recompute the rest in "
+                        "backward (default on; --no-grad-ckpt trades memory for ~25%% less compute)")
+    g.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text/.jsonl/.npy/.bin files or folders (see ropelite.data); default: built-in text")
+    g.add_argument("--builtin", default="mixed", choices=KINDS,
+                   help="which built-in text when --data is not given (default mixed: Python's manual and its "
+                        "standard library, the largest)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="run folder (default runs/train/MODEL-ROPE-LEN)")
+    g.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint every N steps, and always at the end; 0 = only at the end (default 50)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with the flags it was started with")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="end this invocation after N more steps, with a checkpoint (to fit a job's time limit); "
+                        "continue with --resume")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("--init random (a new model; --model is not read)")
+    g.add_argument("--init", default="pretrained", choices=("pretrained", "random"),
+                   help="pretrained: finetune --model (default); random: train a new model from scratch")
+    g.add_argument("--layers", type=int, default=4, help="blocks (default 4)")
+    g.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
+    g.add_argument("--heads", type=int, default=4, help="attention heads; head dim = hidden / heads (default 4)")
+    g.add_argument("--kv-heads", type=int, default=2, help="key/value heads, dividing --heads (default 2)")
+    g.add_argument("--ffn", type=int, default=None, help="SwiGLU inner size (default 4 * hidden)")
+    g.add_argument("--theta", type=float, default=10000.0, help="RoPE base (default 10000)")
+    g.add_argument("--orig-len", type=int, default=None,
+                   help="the model's 'original' context L, the reference of --factor (default: --len)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """Where this process stands: rank among world processes; mesh is None without torchrun."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.mesh is not None:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device: str) -> Dist:
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per CPU process with gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device)
+    if world == 1:
+        return Dist(device=device)
+    from torch.distributed.device_mesh import init_device_mesh
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device, init_device_mesh(device.type, (world,)))
+
+
+def check_flags(args) -> None:
+    check(args.len >= 2, f"--len must be at least 2 tokens, got {args.len}")
+    check(args.factor is None or args.factor >= 1,
+          f"--factor must be >= 1 (an extension, not a compression), got {args.factor}")
+    check(args.base is None or args.rope == "ntk", "--base is the new base of --rope ntk; it needs --rope ntk")
+    check(args.dtype != "fp16", "--dtype fp16 needs loss scaling, which train.py does not do: use bf16")
+    check(args.micro_batch >= 1, f"--micro-batch must be >= 1, got {args.micro_batch}")
+    check(args.lr > 0 and args.warmup >= 0 and args.clip >= 0, "--lr must be > 0, --warmup and --clip >= 0")
+    check(args.save_every >= 0, f"--save-every must be >= 0, got {args.save_every}")
+    check(args.stop_after is None or args.stop_after >= 1, "--stop-after must be >= 1")
+    check(args.batch_tokens >= args.len,
+          f"--batch-tokens {args.batch_tokens} is less than one sequence of --len {args.len}")
+
+
+def prepare_out(out: Path, resume: bool) -> Path | None:
+    """Check --out can be written, and that it holds a run exactly when --resume says so. Returns the checkpoint."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise RopeliteError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    checkpoint = latest_checkpoint(out)
+    if resume:
+        check(checkpoint is not None, f"nothing to resume: {out} holds no checkpoint")
+    else:
+        check(checkpoint is None, f"{out} already holds a run; pass --resume to continue it, or another --out")
+        check(not (out / "config.json").exists(), f"{out} already holds a model (config.json); choose another --out")
+    return checkpoint
+
+
+def check_same_run(saved: dict, args) -> None:
+    for key, value in vars(args).items():
+        if key in RESUMABLE_CHANGES or key not in saved:
+            continue
+        was = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+        now = tuple(value) if isinstance(value, list) else value
+        check(was == now, f"--{key.replace('_', '-')} is {now!r} but the run in --out was started with {was!r}; "
+                          f"resume with the same flags")
+
+
+def default_factor(rope: str, length: int, original: int, given: float | None) -> float | None:
+    """--factor, else len / L for the variants that take one (1 when len <= L); None leaves the config's."""
+    if given is not None:
+        return given
+    if rope in ("rope", "longrope"):  # plain RoPE has no factor; longrope's comes with its searched lists
+        return None
+    return max(1.0, length / original)
+
+
+def random_config(args, vocab: int, eos: int) -> LlamaConfig:
+    check(args.hidden % args.heads == 0, f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
+    check(args.heads % args.kv_heads == 0, f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    original = args.orig_len or args.len
+    return LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.ffn or 4 * args.hidden,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                       num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                       max_position_embeddings=original, eos_token_id=eos,
+                       rope=RopeConfig(theta=args.theta, original_max_position_embeddings=original))
+
+
+def random_vocabulary(docs: list) -> tuple[object, int, int]:
+    """(tokenizer, vocab size, EOS id) of a new model: bytes for text, else one past the data's largest id."""
+    arrays = [d for d in docs if isinstance(d, np.ndarray)]
+    if len(arrays) < len(docs):
+        return ByteTokenizer(), ByteTokenizer.vocab_size, ByteTokenizer.eos_id
+    largest = max(int(a.max()) for a in arrays if a.size)
+    check(min(int(a.min()) for a in arrays if a.size) >= 0, "pre-tokenised data holds a negative token id")
+    return None, largest + 2, largest + 1
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> None:
+    """Everything of the source model folder but its weights and config: the tokenizer, generation config."""
+    for f in sorted(source.iterdir()):
+        if f.is_file() and f.name != "config.json" and not f.name.startswith("model") and not (out / f.name).exists():
+            shutil.copy2(f, out / f.name)
+
+
+def shard(model: Llama, mesh) -> None:
+    """FSDP2: one all-gather/reduce-scatter group per block, then the root (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "nll")  # the loss is model.nll, not forward: unshard the root for it
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+
+def train(args, dist: Dist) -> Path:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if dist.main else (lambda *a: None)
+    device = dist.device
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    check_flags(args)
+    out = Path(args.out or f"runs/train/{Path(args.model).name if args.init == 'pretrained' else 'random'}"
+                           f"-{args.rope or 'own'}-{args.len}")
+    checkpoint = prepare_out(out, args.resume)
+    state = load_trainer_state(checkpoint) if checkpoint else None
+    if state is not None:
+        check_same_run(state["args"], args)
+
+    # The model's config (with the RoPE it trains with), its tokenizer, and where its weights come from.
+    docs = load_documents(args.data, kind=args.builtin)
+    if args.init == "pretrained":
+        from ropelite.hub import resolve_model
+        from ropelite.tokenizer import load_tokenizer
+        source = resolve_model(args.model)
+        base = read_config(source)
+        tokenizer = load_tokenizer(source)
+        eos = tokenizer.eos_id if tokenizer is not None else base.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        check(eos is not None, f"{args.model} names no EOS token, which separates packed documents")
+        if tokenizer is not None and dist.main and not args.resume:
+            copy_tokenizer_files(source, out)
+    else:
+        tokenizer, vocab, eos = random_vocabulary(docs)
+        base = random_config(args, vocab, eos)
+    rope = args.rope or base.rope.type
+    original = base.rope.original_max_position_embeddings
+    overrides = rope_overrides(args.rope, default_factor(rope, args.len, original, args.factor), args.base)
+    config = read_config(checkpoint) if checkpoint else base.with_rope(**overrides)
+
+    # The budget: steps of S sequences; each rank runs S / world of them as micro-batches.
+    per_step = args.batch_tokens // args.len
+    steps = args.tokens // (per_step * args.len)
+    check(steps >= 1, f"--tokens {args.tokens} is less than one optimizer step ({per_step} sequences of "
+                      f"{args.len} = {per_step * args.len} tokens); raise --tokens or lower --batch-tokens")
+    check(per_step % (args.micro_batch * dist.world) == 0,
+          f"{per_step} sequences per step do not split into micro-batches of {args.micro_batch} on "
+          f"{dist.world} process(es); choose --micro-batch / --batch-tokens so that they do")
+    per_rank = per_step // dist.world
+    n_predicted = per_step * (args.len - 1)  # next-token targets in one step (the last token predicts nothing)
+    stream, used = pack_documents(docs, tokenizer, eos, steps * per_step * args.len)
+    sequences = PackedSequences(stream, args.len)
+    say(f"train: {config.rope.describe()} (theta {config.rope.theta:g}, L {original} -> len {args.len}), "
+        f"{steps} steps x {per_step} sequences x {args.len} tokens = {steps * per_step * args.len:,} tokens "
+        f"(of --tokens {args.tokens:,}); {per_step // (args.micro_batch * dist.world)} micro-batch(es) of "
+        f"{args.micro_batch} x {dist.world} process(es); {args.dtype}, grad-ckpt {'on' if args.grad_ckpt else 'off'}")
+    say(f"data: {stream.size:,} tokens from {used} of {len(docs)} documents; the run reads it "
+        f"{steps * per_step * args.len / stream.size:.2f} times")
+
+    # Weights: the checkpoint's, the pretrained ones, or new ones; fp32 masters on the device (or sharded).
+    torch.manual_seed(args.seed)
+
+    def source_model(where) -> Llama:
+        if checkpoint:
+            return load_model(checkpoint, dtype=torch.float32, device=where)
+        if args.init == "pretrained":
+            return load_model(source, dtype=torch.float32, device=where, **overrides)
+        return random_model(config, args.seed).to(where)
+
+    if dist.mesh is None:
+        model = source_model(device)
+    else:
+        full = source_model("cpu").state_dict() if dist.main else {}
+        with torch.device("meta"):
+            model = Llama(config)
+        shard(model, dist.mesh)
+        model.to_empty(device=device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+    model.gradient_checkpointing = args.grad_ckpt
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.wd)
+
+    start = 0
+    if state is not None:
+        options = (StateDictOptions() if dist.mesh is None else
+                   StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        optim_state = load_trainer_state(checkpoint, OPTIMIZER_STATE) if dist.main else {}
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+        del optim_state
+        set_rng_state(state["rng"], device)
+        start = state["step"]
+        check(state["sequences"] == start * per_step, "the checkpoint's data position does not match its step")
+        say(f"resuming {checkpoint} at step {start} of {steps}")
+    metrics = out / "metrics.jsonl"
+    if dist.main:
+        truncate_metrics(metrics, start)
+    del state
+
+    def save(step: int) -> None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=options)  # collectives: every rank calls them
+        optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+        if dist.main:
+            record = {**config.to_hf()["ropelite"],
+                      "trained": {"len": args.len, "step": step, "steps": steps, "tokens": step * per_step * args.len,
+                                  "batch_tokens": per_step * args.len, "init": args.init,
+                                  "model": args.model if args.init == "pretrained" else None}}
+            save_checkpoint(out, model_from_state(config, model_state),
+                            {"step": step, "sequences": step * per_step, "tokens": step * per_step * args.len,
+                             "rng": rng_state(device), "args": vars(args)},
+                            optim_state, extra_config={"ropelite": record})
+        dist.barrier()
+
+    bar = token_bar(steps * per_step * args.len, f"train {config.rope.describe()} @{args.len}") \
+        if dist.main and not args.quiet else None
+    if bar is not None:
+        bar.initial = bar.n = start * per_step * args.len  # the rate counts this invocation's tokens only
+        bar.refresh()
+    began, done = time.perf_counter(), start
+    for step in range(start, steps):
+        tick = time.perf_counter()
+        lr = learning_rate(step, args.lr, args.warmup, steps, args.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        first = step * per_step + dist.rank * per_rank  # this rank's sequences of the global step
+        batches = [sequences.batch(first + i, args.micro_batch).to(device)
+                   for i in range(0, per_rank, args.micro_batch)]
+        nll = accumulate_gradients(model, batches, n_predicted, DTYPES[args.dtype], scale=dist.world)
+        if dist.mesh is not None:
+            torch.distributed.all_reduce(nll)
+        loss = nll.item() / n_predicted
+        norm = clip_gradients(model, args.clip)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            last = latest_checkpoint(out)
+            kept = (f"the last good checkpoint is {last} (step {load_trainer_state(last)['step']})" if last
+                    else "no checkpoint was saved yet")
+            raise RopeliteError(f"loss {loss} (gradient norm {norm}) at step {step + 1}: stopped before updating "
+                                f"the weights; {kept}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - tick
+        if dist.main:
+            row = {"step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": done * per_step * args.len,
+                   "tokens_per_s": per_step * args.len / seconds, "peak_mem_mb": peak_memory_mb(device),
+                   "mem": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
+                   "elapsed_s": time.perf_counter() - began}
+            with open(metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(per_step * args.len)
+        stop = args.stop_after is not None and done - start >= args.stop_after
+        if done == steps or stop or (args.save_every and done % args.save_every == 0):
+            save(done)
+        if stop:
+            break
+    if bar is not None:
+        bar.close()
+    say(f"train: {out} holds step {done} of {steps}" + ("" if done == steps else "; continue with --resume"))
+    return out
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    dist = setup_distributed(args.device)
+    try:
+        return train(args, dist)
+    finally:
+        if dist.mesh is not None:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main)
