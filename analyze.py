@@ -203,7 +203,8 @@ def pick_samples(docs: list, tokenizers: list, vocab_sizes: list[int], lengths: 
         per_tokenizer = [tokenize_documents([doc], tok)[0] for tok in tokenizers]
         for x, vocab in zip(per_tokenizer, vocab_sizes):
             bad = x[(x < 0) | (x >= vocab)]
-            check(not bad.size, f"token id {int(bad[0])} outside the model's vocabulary ({vocab} ids)")
+            if bad.size:
+                raise RopeliteError(f"token id {int(bad[0])} outside the model's vocabulary ({vocab} ids)")
         tokenized.append(per_tokenizer)
         if sum(min(map(len, t)) >= max(lengths) for t in tokenized) >= count:
             break

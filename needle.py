@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import re
 import sys
@@ -45,7 +44,7 @@ import ropelite
 from ropelite.cli import DTYPES, add_model_args, check, rope_overrides, run, token_bar
 from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, write_json, write_results
+from ropelite.io import atomic_path, read_rows, settings_id, write_json, write_results
 from ropelite.model import generate
 from ropelite.stats import entropy
 
@@ -239,22 +238,6 @@ def answer_with_entropy(model, ids: list[int], max_new_tokens: int, eos_id=None)
 # Results: resume, heatmap
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_rows(out: Path) -> list[dict]:
-    path = out / f"{RESULTS}.json"
-    if not path.exists():
-        return []
-    try:
-        rows = json.loads(path.read_text())
-        check(isinstance(rows, list) and all({"settings", "length", "depth"} <= set(r) for r in rows), "")
-    except (json.JSONDecodeError, RopeliteError):
-        raise RopeliteError(f"{path} is not a needle.py results file; use another --out") from None
-    return rows
-
-
-def settings_id(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
 def draw_heatmap(rows: list[dict], lengths: list[int], depths: list, train_len: int, path: Path,
                  title: str) -> None:
     """Figure 4 of the seed paper: pass (green) / fail (red) per (length, depth), mean entropy written in."""
@@ -363,7 +346,7 @@ def main(argv=None) -> None:
                 "max_new_tokens": args.max_new_tokens, "template": TEMPLATE}
     sid = settings_id(settings)
     out = Path(args.out)
-    rows = read_rows(out)
+    rows = read_rows(out, RESULTS, keys=("settings", "length", "depth"))
     known_path = out / f"{RESULTS}_settings.json"
     try:
         known = json.loads(known_path.read_text()) if known_path.exists() else {}

@@ -87,10 +87,13 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, limit: in
 
 
 def result_tables(folder: Path) -> list[tuple[str, list[dict]]]:
-    """Every JSON file in ``folder`` that holds a list of rows (settings files hold a dict and are skipped)."""
+    """Every JSON file in ``folder`` that holds rows: a list of dicts, or a dict with such a list under "rows"
+    (settings files hold a plain dict and are skipped)."""
     tables = []
     for f in sorted(folder.glob("*.json")):
         data = json.loads(f.read_text())
+        if isinstance(data, dict):
+            data = data.get("rows")
         if isinstance(data, list) and data and isinstance(data[0], dict):
             tables.append((f.name, data))
     return tables

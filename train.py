@@ -106,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                            "(default 1.0)")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing per block: keep each block's input, recompute the rest in "
-                        "backward (default on; --no-grad-ckpt trades memory for ~25%% less compute)")
+                        "backward (default on; --no-grad-ckpt skips the recompute: ~1/3 less compute, L times the "
+                        "activation memory; see benchmarks/memory_estimate.py)")
     g.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, metavar="PATH",

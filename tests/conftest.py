@@ -1,6 +1,17 @@
 """Shared pytest fixtures (keep small)."""
 
-import pytest
+import os
+
+# Tiny models on a shared 2-core box: extra threads only spin against the other jobs and against each other
+# (torch's OpenMP pool and numpy's OpenBLAS pool). Measured under load: the three core test files take
+# 40-100 s with the default 2 threads, 10 s with one. Set before torch/numpy start their pools.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # in case torch was imported before this file
 
 
 @pytest.fixture

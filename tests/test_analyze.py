@@ -317,3 +317,14 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, argv, message):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line(setup, tmp_path, capsys):
+    path, _, _ = setup
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.array([1, 2, 200, 3] * 10))
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: analyze.main(["attention", "--model", str(path), "--data", str(bad), "--lengths", "8",
+                                  "--samples", "1", "--out", str(tmp_path / "o")]))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: token id 200 outside the model's vocabulary (97 ids)"
