@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 import ropelite
-from ropelite.cli import DTYPES, add_model_args, check, rope_overrides, run, token_bar
-from ropelite.data import KINDS, load_documents, tokenize_documents
+from ropelite.cli import DTYPES, add_data_args, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.data import load_documents, tokenize_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import atomic_path, read_rows, settings_id, write_json, write_results
 from ropelite.ppl import PROTOCOLS, choose_documents, effective_base, perplexity, sliding_windows
@@ -61,12 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--stride", type=int, default=None, help="sliding only: stride S <= W (default W/2)")
     e.add_argument("--chunk-size", type=int, default=512,
                    help="positions whose logits exist at once: memory chunk x vocab x 4 bytes (default 512)")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="text (one document each) / .jsonl / .npy / .bin files or folders (default: built-in text)")
-    d.add_argument("--builtin", default="prose", choices=KINDS,
-                   help="built-in text when --data is absent: Python's reference manual (prose), standard "
-                        "library sources (code), or both alternating (mixed) (default prose)")
+    add_data_args(p, "prose")
+    d = p.add_argument_group("selection")
     d.add_argument("--docs", type=int, default=None,
                    help="at most this many documents, the longest ones (default: every long enough document)")
     p.add_argument("--out", default="runs/ppl",

@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ropelite.cli import DTYPES, add_model_args, check, rope_overrides, run, token_bar
-from ropelite.data import KINDS, load_documents
+from ropelite.cli import DTYPES, add_data_args, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
 from ropelite.model import Llama, LlamaConfig, load_model, read_config
 from ropelite.rope import RopeConfig
@@ -109,12 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "backward (default on; --no-grad-ckpt skips the recompute: ~1/3 less compute, L times the "
                         "activation memory; see benchmarks/memory_estimate.py)")
     g.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="text/.jsonl/.npy/.bin files or folders (see ropelite.data); default: built-in text")
-    g.add_argument("--builtin", default="mixed", choices=KINDS,
-                   help="which built-in text when --data is not given (default mixed: Python's manual and its "
-                        "standard library, the largest)")
+    add_data_args(p, "mixed")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/train/MODEL-ROPE-LEN)")
     g.add_argument("--save-every", type=int, default=50,

@@ -17,10 +17,10 @@ fp32, producing the last position's logits (the body of the model, which is what
 
 Each (implementation, length) runs in a fresh subprocess, so its peak RSS is its own: the kernel's high-water mark
 (VmHWM, restarted after the model is built; getrusage's ru_maxrss where that is impossible -- tracemalloc does not
-see torch's allocations). forward_extra_mb = peak during the forward - RSS before it. Before timing, one small forward checks that the implementations
-agree on the same weights. Results: bench_forward.json / .csv in --out, rewritten after every configuration;
-tokens/s and memory are also given as ratios to the reference of the same run. The CPU may be shared: compare
-ratios within one run, not absolute numbers across runs.
+see torch's allocations). forward_extra_mb = peak during the forward - RSS before it. Before timing, one small
+forward checks that the implementations agree on the same weights (agreement.json). Results: bench_forward.json
+and .csv in --out, rewritten after every round; tokens/s and memory are also given as ratios to the reference of
+the same run. The CPU may be shared: compare ratios within one run (use --repeats), not numbers across runs.
 """
 
 from __future__ import annotations
@@ -56,11 +56,8 @@ def smollm2_config() -> LlamaConfig:
 
 
 def has_transformers() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+    return importlib.util.find_spec("transformers") is not None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -72,3 +72,15 @@ def token_bar(total: int, desc: str) -> tqdm:
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise RopeliteError(message)
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_kind: str) -> None:
+    """--data and --builtin: the user's documents, or which built-in text (ropelite.data) to use without them."""
+    from .data import KINDS
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text files (one document each), folders of them, .jsonl (a 'text' field per line), "
+                        ".npy / .bin token arrays (default: built-in text)")
+    g.add_argument("--builtin", default=default_kind, choices=KINDS,
+                   help="built-in text when --data is absent: Python's reference manual (prose), standard library "
+                        f"sources (code), or both alternating (mixed) (default {default_kind})")

@@ -113,8 +113,12 @@ def test_attention_factor_scales_logits_by_its_square():
     q, k = torch.randn(2, 20, 32, generator=g), torch.randn(2, 20, 32, generator=g)
     inv_freq, a = RopeConfig(type="yarn", factor=16.0, original_max_position_embeddings=64).frequencies(32, 20)
     pos = torch.arange(20)
-    plain = apply_rope(q, *rope_cos_sin(inv_freq, pos)) @ apply_rope(k, *rope_cos_sin(inv_freq, pos)).transpose(1, 2)
-    scaled = apply_rope(q, *rope_cos_sin(inv_freq, pos, a)) @ apply_rope(k, *rope_cos_sin(inv_freq, pos, a)).transpose(1, 2)
+
+    def logits(factor):
+        cos, sin = rope_cos_sin(inv_freq, pos, factor)
+        return apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).transpose(1, 2)
+
+    plain, scaled = logits(1.0), logits(a)
     assert a > 1.2
     torch.testing.assert_close(scaled, plain * a * a, rtol=1e-5, atol=1e-5)
 
@@ -254,8 +258,8 @@ def test_adjacent_and_halves_give_the_same_scores():
     H, Hkv, d, C, T = 4, 2, 16, 24, 12
     wq, wk = torch.randn(H * d, C, generator=g), torch.randn(Hkv * d, C, generator=g)
     x = torch.randn(T, C, generator=g)
-    cos, sin = rope_cos_sin(RopeConfig(type="yarn", factor=4.0, original_max_position_embeddings=8).frequencies(d, T)[0],
-                            torch.arange(T) * 100)
+    yarn = RopeConfig(type="yarn", factor=4.0, original_max_position_embeddings=8)
+    cos, sin = rope_cos_sin(yarn.frequencies(d, T)[0], torch.arange(T) * 100)
 
     def scores(wq, wk, rotate):
         q = rotate((x @ wq.T).view(T, H, d).transpose(0, 1), cos, sin)      # (H, T, d)
@@ -339,3 +343,11 @@ def test_min_base_for_context(length):
         assert (men_B(m, d, lower) < 0).any(), lower       # ... and nothing just below does
     assert context_of_base(d, b, 4 * length) >= length
     assert PAPER[length] / 1.5 <= b <= PAPER[length] * 1.5
+
+
+@pytest.mark.parametrize("length", [64, 256, 1024])
+def test_min_base_scan_from_the_length_loses_nothing(length):
+    """min_base_for_context starts its scan at b = L; starting far lower (b = 2) finds the same base, up to the
+    grid (the two scans' grid points differ; the refined step is about ratio/refine = 2e-5 relative)."""
+    for d in (64, 128):
+        assert min_base_for_context(d, length) == pytest.approx(min_base_for_context(d, length, start=2.0), rel=1e-4)
