@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ropelite.cli import DTYPES, add_model_args, check, rope_overrides, run, token_bar
-from ropelite.data import KINDS, load_documents, tokenize_documents
+from ropelite.cli import DTYPES, add_data_args, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.data import load_documents, tokenize_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import atomic_path, write_csv, write_json
 from ropelite.model import LlamaConfig, read_config
@@ -642,16 +642,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lengths", nargs="+", default=["2048"], metavar="N",
                    help="sequence lengths L (default 2048; the paper: 2048 8192); START:STOP = powers of two")
     g.add_argument("--samples", type=int, default=10, help="documents per length (default 10, the paper's)")
-    g.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="text / .jsonl / .npy / .bin files or folders (default: built-in text, see --builtin)")
-    g.add_argument("--builtin", default="mixed", choices=KINDS,
-                   help="built-in text when --data is not given (default mixed: Python's manual and stdlib)")
     g.add_argument("--reference-model", default=None, metavar="MODEL",
                    help="compare against this model (its own RoPE and tokenizer), e.g. a long-context one; "
                         "default: plain RoPE on --model")
     g.add_argument("--max-curves", type=int, default=300,
                    help="per-head curves drawn per panel, an evenly spaced subset of the (layer, head) pairs "
                         "(default 300; the mean is over all)")
+    add_data_args(a, "mixed")
     a.add_argument("--out", default="runs/analyze", help=out_help)
 
     b = sub.add_parser("bound", help="Men et al.'s lower bound of the base per context length",

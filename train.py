@@ -25,7 +25,8 @@ master weights and AdamW states; RoPE angles are fp32 in every case.
 --out holds the trained model as a folder that ropelite and transformers both load unchanged (config.json, whose
 rope_scaling and "ropelite" record say which RoPE, factor, theta, original and new length it was trained with;
 model.safetensors in fp32; the tokenizer files), metrics.jsonl (one row per step: loss in nats/token, lr,
-grad norm, tokens, tokens/s, peak memory) and checkpoint/ (the same model + optimizer, data position and RNG,
+grad norm, tokens, tokens/s, peak memory), eval.jsonl (the held-out loss and perplexity before the first step,
+every --eval-every steps and at the end) and checkpoint/ (the same model + optimizer, data position and RNG,
 written atomically every --save-every steps). A killed run continues with --resume and ends with the same
 weights, bit for bit, as one never interrupted. A NaN/inf loss stops the run before it touches the weights and
 leaves the last good checkpoint in place.
@@ -58,12 +59,12 @@ from ropelite.errors import RopeliteError
 from ropelite.model import Llama, LlamaConfig, load_model, read_config
 from ropelite.rope import RopeConfig
 from ropelite.train_utils import (OPTIMIZER_STATE, SCHEDULES, ByteTokenizer, PackedSequences, accumulate_gradients,
-                                  clip_gradients, latest_checkpoint, learning_rate, load_trainer_state,
+                                  clip_gradients, evaluate_nll, latest_checkpoint, learning_rate, load_trainer_state,
                                   model_from_state, pack_documents, peak_memory_mb, random_model, rng_state,
                                   save_checkpoint, set_rng_state, truncate_metrics)
 
 # A resumed run must be the same run: these flags may change between invocations, every other must not.
-RESUMABLE_CHANGES = {"resume", "save_every", "stop_after", "device", "micro_batch", "out", "quiet"}
+RESUMABLE_CHANGES = {"resume", "save_every", "stop_after", "device", "micro_batch", "out", "quiet", "eval_every"}
 
 
 def token_count(text: str) -> int:
@@ -120,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="end this invocation after N more steps, with a checkpoint (to fit a job's time limit); "
                         "continue with --resume")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("held-out evaluation")
+    g.add_argument("--eval-tokens", type=token_count, default=None,
+                   help="tokens of held-out text (documents after those the run trains on), in --len sequences, "
+                        "scored before the first step, every --eval-every steps and at the end; 0 = no evaluation "
+                        "(default: --batch-tokens, one step's worth)")
+    g.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (default 50)")
     g = p.add_argument_group("--init random (a new model; --model is not read)")
     g.add_argument("--init", default="pretrained", choices=("pretrained", "random"),
                    help="pretrained: finetune --model (default); random: train a new model from scratch")
@@ -316,6 +323,23 @@ def train(args, dist: Dist) -> Path:
     say(f"data: {stream.size:,} tokens from {used} of {len(docs)} documents; the run reads it "
         f"{steps * per_step * args.len / stream.size:.2f} times")
 
+    # Held-out text: the documents after those the training stream holds, so never trained on. Every rank scores
+    # the same number of sequences, because an FSDP forward is a collective that all ranks must join.
+    eval_tokens = per_step * args.len if args.eval_tokens is None else args.eval_tokens
+    eval_per_rank = math.ceil(math.ceil(eval_tokens / args.len) / dist.world)
+    held_out = None
+    if eval_per_rank:
+        if used < len(docs):
+            held_stream, held_docs = pack_documents(docs[used:], tokenizer, eos, eval_per_rank * dist.world * args.len)
+        if used == len(docs) or held_stream.size < args.len:
+            say("eval: the training stream takes every document, none is left to hold out: no evaluation "
+                "(give more --data or a smaller --tokens, or --eval-tokens 0 to silence this)")
+        else:
+            held_out = PackedSequences(held_stream, args.len)
+            say(f"eval: {eval_per_rank * dist.world} held-out sequences of {args.len} tokens from {held_docs} "
+                f"documents ({held_stream.size:,} distinct tokens) before step 1, every {args.eval_every} steps "
+                f"and at the end")
+
     # Weights: the checkpoint's, the pretrained ones, or new ones; fp32 masters on the device (or sharded).
     torch.manual_seed(args.seed)
 
@@ -351,9 +375,10 @@ def train(args, dist: Dist) -> Path:
         start = state["step"]
         check(state["sequences"] == start * per_step, "the checkpoint's data position does not match its step")
         say(f"resuming {checkpoint} at step {start} of {steps}")
-    metrics = out / "metrics.jsonl"
+    metrics, eval_log = out / "metrics.jsonl", out / "eval.jsonl"
     if dist.main:
         truncate_metrics(metrics, start)
+        truncate_metrics(eval_log, start)
     del state
 
     def save(step: int) -> None:
@@ -371,6 +396,22 @@ def train(args, dist: Dist) -> Path:
                             optim_state, extra_config={"ropelite": record})
         dist.barrier()
 
+    def evaluate(step: int) -> None:
+        """Mean next-token NLL of the held-out sequences with the current weights, appended to eval.jsonl."""
+        batches = [held_out.batch(dist.rank * eval_per_rank + i, 1).to(device) for i in range(eval_per_rank)]
+        nll = evaluate_nll(model, batches, DTYPES[args.dtype])
+        if dist.mesh is not None:
+            torch.distributed.all_reduce(nll)
+        loss = nll.item() / (eval_per_rank * dist.world * (args.len - 1))
+        if dist.main:
+            with open(eval_log, "a") as f:
+                f.write(json.dumps({"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss),
+                                    "eval_tokens": eval_per_rank * dist.world * args.len,
+                                    "tokens": step * per_step * args.len}) + "\n")
+        say(f"eval at step {step}: held-out loss {loss:.4f} (ppl {math.exp(loss):.3f})")
+
+    if held_out is not None and start == 0:
+        evaluate(0)
     bar = token_bar(steps * per_step * args.len, f"train {config.rope.describe()} @{args.len}") \
         if dist.main and not args.quiet else None
     if bar is not None:
@@ -413,6 +454,8 @@ def train(args, dist: Dist) -> Path:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(per_step * args.len)
         stop = args.stop_after is not None and done - start >= args.stop_after
+        if held_out is not None and (done == steps or (args.eval_every and done % args.eval_every == 0)):
+            evaluate(done)
         if done == steps or stop or (args.save_every and done % args.save_every == 0):
             save(done)
         if stop:

@@ -136,6 +136,19 @@ def accumulate_gradients(model: Llama, micro_batches: list[torch.Tensor], n_pred
     return total
 
 
+@torch.no_grad()
+def evaluate_nll(model: Llama, batches: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Summed next-token NLL (float64) of (m, len) batches in eval mode, the training mode restored after."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=batches[0].device)
+    for ids in batches:
+        with autocast(ids.device, dtype):
+            total += model.nll(ids)[0].double()
+    model.train(was_training)
+    return total
+
+
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
     """Clip the global gradient norm to ``max_norm`` (0 = do not clip) and return the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))

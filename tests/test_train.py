@@ -29,8 +29,8 @@ TINY = ["--init", "random", "--layers", "2", "--hidden", "32", "--heads", "4", "
         "--device", "cpu", "--dtype", "fp32", "--quiet"]
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def metrics(out: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -93,7 +93,8 @@ def test_accumulated_gradients_equal_the_full_batch_mean_loss(tiny_llama):
 # ---------------------------------------------------------------- runs
 
 def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
-    args = TINY + ["--rope", "yarn", "--orig-len", "16", "--tokens", "768", "--save-every", "2"]  # 6 steps, yarn x2
+    args = TINY + ["--rope", "yarn", "--orig-len", "16", "--tokens", "768", "--save-every", "2",  # 6 steps, yarn x2
+                   "--eval-every", "2"]
     straight = train.main(args + ["--out", str(tmp_path / "straight")])
     cut = tmp_path / "cut"
     train.main(args + ["--out", str(cut), "--stop-after", "3"])
@@ -112,6 +113,8 @@ def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
     assert all(torch.equal(opt_a[k]["exp_avg_sq"], opt_b[k]["exp_avg_sq"]) for k in opt_a)
     assert [r["step"] for r in metrics(cut)] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(straight)]
+    assert [r["step"] for r in metrics(cut, "eval.jsonl")] == [0, 2, 4, 6]
+    assert metrics(cut, "eval.jsonl") == metrics(straight, "eval.jsonl")
     assert load_trainer_state(cut / "checkpoint")["sequences"] == 6 * 4
 
     config = json.loads((cut / "config.json").read_text())
@@ -128,16 +131,23 @@ def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
 
 def test_loss_goes_down_on_learnable_text(tmp_path):
     """Bytes of a repeated sentence: the loss must fall from ln 257 (N(0, 0.02) init) to well below the text's
-    unigram entropy, which no model without context can beat."""
+    unigram entropy, which no model without context can beat; so must the loss on a second, held-out file
+    (the training stream needs only the first)."""
     text = "the quick brown fox jumps over the lazy dog. " * 200
-    (tmp_path / "fox.txt").write_text(text)
+    (tmp_path / "a_fox.txt").write_text(text)
+    (tmp_path / "b_held_out.txt").write_text("a lazy dog sleeps, then the brown fox jumps over it. " * 50)
     counts = np.unique(np.frombuffer(text.encode(), dtype=np.uint8), return_counts=True)[1] / len(text)
     unigram = float(-(counts * np.log(counts)).sum())                                         # 3.05 nats
-    out = train.main(TINY + ["--data", str(tmp_path / "fox.txt"), "--tokens", "2560", "--lr", "1e-2",
-                             "--schedule", "constant", "--save-every", "0", "--out", str(tmp_path / "run")])
+    out = train.main(TINY + ["--data", str(tmp_path / "a_fox.txt"), str(tmp_path / "b_held_out.txt"),
+                             "--tokens", "2560", "--lr", "1e-2", "--schedule", "constant", "--save-every", "0",
+                             "--eval-every", "10", "--out", str(tmp_path / "run")])
     losses = [r["loss"] for r in metrics(out)]                                               # 20 steps
     assert losses[0] == pytest.approx(np.log(257), abs=0.05)
     assert max(losses[-3:]) < unigram / 2
+    held_out = metrics(out, "eval.jsonl")
+    assert [r["step"] for r in held_out] == [0, 10, 20] and held_out[0]["eval_tokens"] == 128
+    assert held_out[0]["eval_loss"] == pytest.approx(np.log(257), abs=0.05)
+    assert held_out[-1]["eval_loss"] < held_out[0]["eval_loss"] - 1.0
 
 
 @pytest.mark.slow
@@ -150,7 +160,9 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path):
                          eos_token_id=63, rope=RopeConfig(theta=1e4, original_max_position_embeddings=16))
     save_model(Llama(config), tmp_path / "base")
     np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 63, 2000))
-    args = ["--model", str(tmp_path / "base"), "--data", str(tmp_path / "tokens.npy"), "--rope", "pi",
+    np.save(tmp_path / "tokens_held_out.npy", np.random.default_rng(1).integers(0, 63, 500))
+    args = ["--model", str(tmp_path / "base"), "--data", str(tmp_path / "tokens.npy"),
+            str(tmp_path / "tokens_held_out.npy"), "--eval-every", "2", "--rope", "pi",
             "--len", "32", "--tokens", "512", "--batch-tokens", "128", "--lr", "1e-3", "--warmup", "1",
             "--device", "cpu", "--dtype", "fp32", "--quiet", "--save-every", "0"]                 # 4 steps of 4
     one = train.main(args + ["--out", str(tmp_path / "one")])
@@ -162,6 +174,9 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((two / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
     np.testing.assert_allclose([r["loss"] for r in metrics(two)], [r["loss"] for r in metrics(one)], atol=1e-5)
+    evals = [metrics(run, "eval.jsonl") for run in (one, two)]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [0, 2, 4]
+    np.testing.assert_allclose([r["eval_loss"] for r in evals[1]], [r["eval_loss"] for r in evals[0]], atol=1e-5)
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys() and "lm_head.weight" not in a          # tied: saved once, as transformers does
     for k in a:
