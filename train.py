@@ -39,7 +39,6 @@ text data, or the ids of pre-tokenised data (.npy/.bin; vocabulary = largest id 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -56,11 +55,11 @@ import torch
 from ropelite.cli import DTYPES, add_data_args, add_model_args, check, rope_overrides, run, token_bar
 from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
-from ropelite.model import Llama, LlamaConfig, load_model, read_config
+from ropelite.model import Llama, LlamaConfig, load_model, model_from_state, read_config
 from ropelite.rope import RopeConfig
 from ropelite.train_utils import (OPTIMIZER_STATE, SCHEDULES, ByteTokenizer, PackedSequences, accumulate_gradients,
-                                  clip_gradients, evaluate_nll, latest_checkpoint, learning_rate, load_trainer_state,
-                                  model_from_state, pack_documents, peak_memory_mb, random_model, rng_state,
+                                  append_jsonl, clip_gradients, evaluate_nll, latest_checkpoint, learning_rate,
+                                  load_trainer_state, pack_documents, peak_memory_mb, random_model, rng_state,
                                   save_checkpoint, set_rng_state, truncate_metrics)
 
 # A resumed run must be the same run: these flags may change between invocations, every other must not.
@@ -287,12 +286,11 @@ def train(args, dist: Dist) -> Path:
     docs = load_documents(args.data, kind=args.builtin)
     if args.init == "pretrained":
         from ropelite.hub import resolve_model
-        from ropelite.tokenizer import load_tokenizer
+        from ropelite.tokenizer import first_id, load_tokenizer
         source = resolve_model(args.model)
         base = read_config(source)
         tokenizer = load_tokenizer(source)
-        eos = tokenizer.eos_id if tokenizer is not None else base.eos_token_id
-        eos = eos[0] if isinstance(eos, list) else eos
+        eos = tokenizer.eos_id if tokenizer is not None else first_id(base.eos_token_id)
         check(eos is not None, f"{args.model} names no EOS token, which separates packed documents")
         if tokenizer is not None and dist.main and not args.resume:
             copy_tokenizer_files(source, out)
@@ -327,15 +325,18 @@ def train(args, dist: Dist) -> Path:
     # the same number of sequences, because an FSDP forward is a collective that all ranks must join.
     eval_tokens = per_step * args.len if args.eval_tokens is None else args.eval_tokens
     eval_per_rank = math.ceil(math.ceil(eval_tokens / args.len) / dist.world)
-    held_out = None
-    if eval_per_rank:
-        if used < len(docs):
-            held_stream, held_docs = pack_documents(docs[used:], tokenizer, eos, eval_per_rank * dist.world * args.len)
-        if used == len(docs) or held_stream.size < args.len:
-            say("eval: the training stream takes every document, none is left to hold out: no evaluation "
-                "(give more --data or a smaller --tokens, or --eval-tokens 0 to silence this)")
+    held_out = []  # this rank's (1, len) held-out sequences
+    if eval_per_rank and used == len(docs):
+        say("eval: the training stream takes every document, none is left to hold out: no evaluation "
+            "(give more --data or a smaller --tokens, or --eval-tokens 0 to silence this)")
+    elif eval_per_rank:
+        held_stream, held_docs = pack_documents(docs[used:], tokenizer, eos, eval_per_rank * dist.world * args.len)
+        if held_stream.size < args.len:
+            say(f"eval: the {held_docs} documents left after the training stream hold {held_stream.size} tokens, "
+                f"less than one sequence of {args.len}: no evaluation (give more --data, or --eval-tokens 0)")
         else:
-            held_out = PackedSequences(held_stream, args.len)
+            held = PackedSequences(held_stream, args.len)
+            held_out = [held.batch(dist.rank * eval_per_rank + i, 1).to(device) for i in range(eval_per_rank)]
             say(f"eval: {eval_per_rank * dist.world} held-out sequences of {args.len} tokens from {held_docs} "
                 f"documents ({held_stream.size:,} distinct tokens) before step 1, every {args.eval_every} steps "
                 f"and at the end")
@@ -378,7 +379,9 @@ def train(args, dist: Dist) -> Path:
     metrics, eval_log = out / "metrics.jsonl", out / "eval.jsonl"
     if dist.main:
         truncate_metrics(metrics, start)
-        truncate_metrics(eval_log, start)
+        # A resumed run keeps its checkpoint step's held-out row (written before that save); a new run, perhaps
+        # in the folder of one killed before its first checkpoint, scores step 0 afresh.
+        truncate_metrics(eval_log, start if start else -1)
     del state
 
     def save(step: int) -> None:
@@ -398,19 +401,17 @@ def train(args, dist: Dist) -> Path:
 
     def evaluate(step: int) -> None:
         """Mean next-token NLL of the held-out sequences with the current weights, appended to eval.jsonl."""
-        batches = [held_out.batch(dist.rank * eval_per_rank + i, 1).to(device) for i in range(eval_per_rank)]
-        nll = evaluate_nll(model, batches, DTYPES[args.dtype])
+        nll = evaluate_nll(model, held_out, DTYPES[args.dtype])
         if dist.mesh is not None:
             torch.distributed.all_reduce(nll)
         loss = nll.item() / (eval_per_rank * dist.world * (args.len - 1))
         if dist.main:
-            with open(eval_log, "a") as f:
-                f.write(json.dumps({"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss),
+            append_jsonl(eval_log, {"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss),
                                     "eval_tokens": eval_per_rank * dist.world * args.len,
-                                    "tokens": step * per_step * args.len}) + "\n")
+                                    "tokens": step * per_step * args.len})
         say(f"eval at step {step}: held-out loss {loss:.4f} (ppl {math.exp(loss):.3f})")
 
-    if held_out is not None and start == 0:
+    if held_out and start == 0:
         evaluate(0)
     bar = token_bar(steps * per_step * args.len, f"train {config.rope.describe()} @{args.len}") \
         if dist.main and not args.quiet else None
@@ -448,13 +449,12 @@ def train(args, dist: Dist) -> Path:
                    "tokens_per_s": per_step * args.len / seconds, "peak_mem_mb": peak_memory_mb(device),
                    "mem": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
                    "elapsed_s": time.perf_counter() - began}
-            with open(metrics, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(metrics, row)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(per_step * args.len)
         stop = args.stop_after is not None and done - start >= args.stop_after
-        if held_out is not None and (done == steps or (args.eval_every and done % args.eval_every == 0)):
+        if held_out and (done == steps or (args.eval_every and done % args.eval_every == 0)):
             evaluate(done)
         if done == steps or stop or (args.save_every and done % args.save_every == 0):
             save(done)

@@ -380,13 +380,14 @@ class Llama(nn.Module):
         """Next-token negative log-likelihood: (sum over predicted tokens, number of them). Labels default to
         the inputs; -100 is ignored. Logits are made ``chunk_size`` positions at a time and, when training,
         recomputed in backward, so the (T, V) logits never exist at once."""
+        masked = labels is not None  # only given labels can hold -100: the inputs' own never do
         labels = input_ids if labels is None else labels
         h = self.hidden_states(input_ids)[:, :-1]                                    # (B, T-1, C)
         targets = labels[:, 1:]                                                       # (B, T-1)
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.shape[1], chunk_size):
             hc, tc = h[:, start:start + chunk_size], targets[:, start:start + chunk_size]
-            if bool((tc == -100).all()):
+            if masked and bool((tc == -100).all()):  # a host sync on GPUs: not in training, which has no labels
                 continue  # context only (a sliding window's already-scored tokens): no logits needed
             if torch.is_grad_enabled():
                 total = total + checkpoint(_chunk_nll, hc, tc, self.lm_head.weight, use_reentrant=False)
@@ -485,13 +486,20 @@ def load_model(path, rope: str | None = None, factor: float | None = None, dtype
             raise RopeliteError(f"missing tensor '{key}' in {path}")
         if tensors[key].shape != shape:
             raise RopeliteError(f"tensor '{key}' has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
-    state = {k.removeprefix("model."): tensors[k] for k in expected}
+    return model_from_state(config, {k.removeprefix("model."): tensors[k] for k in expected}).eval()
+
+
+def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Llama:
+    """A Llama around existing tensors, assigned rather than copied, keyed by our module names (a tied
+    ``lm_head.weight`` may be absent): for loading, and for saving a gathered training state dict."""
+    with torch.device("meta"):
+        model = Llama(config)
     if config.tie_word_embeddings:  # the meta model lists the shared weight under both names
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+        state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()
+    return model
 
 
 def save_model(model: Llama, out_dir, max_shard_bytes: int | None = None, extra_config: dict | None = None) -> Path:

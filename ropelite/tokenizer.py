@@ -103,7 +103,7 @@ def load_tokenizer(model_dir) -> Tokenizer | None:
             add_bos = cfg["add_bos_token"]
         else:
             # Llama-3's files carry no add_bos_token: its tokenizer.json post-processor prepends BOS instead
-            bos_id = bos_id if bos_id is not None else _first(model_cfg.get("bos_token_id"))
+            bos_id = bos_id if bos_id is not None else first_id(model_cfg.get("bos_token_id"))
             add_bos = bos_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
     elif (model_dir / "tokenizer.model").is_file():
         try:
@@ -119,9 +119,9 @@ def load_tokenizer(model_dir) -> Tokenizer | None:
         return None
 
     if bos_id is None:
-        bos_id = _first(model_cfg.get("bos_token_id"))
+        bos_id = first_id(model_cfg.get("bos_token_id"))
     if eos_id is None:
-        eos_id = _first(model_cfg.get("eos_token_id"))
+        eos_id = first_id(model_cfg.get("eos_token_id"))
     chat_template = cfg.get("chat_template")
     if isinstance(chat_template, list):  # several named templates: the "default" one is the chat one
         chat_template = next((t["template"] for t in chat_template if t.get("name") == "default"), None)
@@ -131,7 +131,7 @@ def load_tokenizer(model_dir) -> Tokenizer | None:
                      bos_token=bos_token, eos_token=eos_token)
 
 
-def _first(value):
+def first_id(value):
     """config.json may list several EOS ids (Llama-3.1); the first is the canonical one."""
     if isinstance(value, list):
         return value[0] if value else None

@@ -25,7 +25,7 @@ from torch import nn
 
 from .data import tokenize_documents
 from .errors import RopeliteError
-from .io import atomic_path
+from .io import atomic_path, write_json
 from .model import Llama, LlamaConfig, save_model
 
 CHECKPOINT = "checkpoint"          # out/checkpoint: the last complete step
@@ -182,18 +182,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
 
-def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Llama:
-    """A Llama around existing tensors (no copy): what ``save_model`` needs to write a gathered state dict."""
-    with torch.device("meta"):
-        model = Llama(config)
-    if config.tie_word_embeddings:
-        state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model
-
-
 def save_checkpoint(out: Path, model: Llama, trainer_state: dict, optimizer_state: dict,
                     extra_config: dict | None = None) -> Path:
     """Write ``out/checkpoint`` = the model (safetensors + config.json, loadable by ropelite and transformers)
@@ -206,7 +194,7 @@ def save_checkpoint(out: Path, model: Llama, trainer_state: dict, optimizer_stat
     torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     summary = {k: v for k, v in trainer_state.items() if k in ("step", "sequences", "tokens", "args")}
-    (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(tmp / "trainer_state.json", summary)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
@@ -260,6 +248,12 @@ def read_metrics(path: Path) -> list[dict]:
             with contextlib.suppress(json.JSONDecodeError):
                 rows.append(json.loads(line))
     return rows
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One JSON line more; a kill mid-write leaves a cut line that read_metrics skips."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

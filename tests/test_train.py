@@ -97,6 +97,8 @@ def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
                    "--eval-every", "2"]
     straight = train.main(args + ["--out", str(tmp_path / "straight")])
     cut = tmp_path / "cut"
+    cut.mkdir()   # where a run was killed before its first checkpoint: a new run scores step 0 afresh
+    (cut / "eval.jsonl").write_text('{"step": 0, "eval_loss": 9.9}\n')
     train.main(args + ["--out", str(cut), "--stop-after", "3"])
     (cut / "metrics.jsonl").open("a").write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')  # killed mid-step 5
     # ... and killed mid-save, between the save's two renames: the previous checkpoint is the one to use
