@@ -34,9 +34,9 @@ from tqdm import tqdm
 from ropelite.cli import DTYPES, add_data_args, add_model_args, check, rope_overrides, run, token_bar
 from ropelite.data import load_documents, tokenize_documents
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, write_csv, write_json
+from ropelite.io import atomic_path, pyplot, save_figure, write_csv, write_json
 from ropelite.model import LlamaConfig, read_config
-from ropelite.rope import (RopeConfig, base_reaches, context_of_base, first_negative_B, men_B,
+from ropelite.rope import (RopeConfig, context_of_base, first_negative_B, men_B,
                            min_base_for_context, rope_inv_freq)
 from ropelite.stats import NATS_PER_BIT, entropy, js_divergence
 
@@ -127,13 +127,14 @@ class Reduction:
         self.js_sum = torch.zeros(layers, dtype=torch.float64)                       # sum_{s,h} JS(p, ref)
         self.samples = 0
 
-    def add(self, rows: torch.Tensor, reference: torch.Tensor) -> None:
-        """rows, reference: (layers, heads, L) distributions of the same sample."""
+    def add(self, rows: torch.Tensor, reference: torch.Tensor | None) -> None:
+        """rows, reference: (layers, heads, L) distributions of the same sample; reference None for the reference
+        itself, whose JS against itself is 0."""
         self.per_head_sum += rows
         self.entropy_sum += entropy(rows).sum(1)
-        if reference.shape == rows.shape:
+        if reference is not None and reference.shape == rows.shape:
             self.js_sum += js_divergence(rows, reference).sum(1)
-        else:  # another architecture: there is no (layer, head) to pair with
+        elif reference is not None:  # another architecture: there is no (layer, head) to pair with
             self.js_sum.fill_(float("nan"))
         self.samples += 1
 
@@ -161,7 +162,7 @@ def summarize(r: Reduction, reference: Reduction) -> dict:
     """The Table 1 numbers of one variant against the reference (see DEFINITIONS)."""
     mean, ref_mean = r.mean(), reference.mean()
     heads = r.per_head_sum.shape[1]
-    js = float(js_divergence(mean, ref_mean)) if len(mean) == len(ref_mean) else float("nan")
+    js = float(js_divergence(mean, ref_mean))
     per_dist = float(r.js_sum.sum() / (r.samples * r.js_sum.numel() * heads))
     per_layer = (r.entropy_sum / (r.samples * heads)).tolist()
     return {"js_mean_nats": js, "js_mean_bits": js / NATS_PER_BIT,
@@ -198,7 +199,7 @@ def pick_samples(docs: list, tokenizers: list, vocab_sizes: list[int], lengths: 
                  count: int) -> dict[int, list[list[np.ndarray]]]:
     """length -> the first ``count`` documents with >= length tokens under every tokenizer, cut to their first
     ``length`` tokens: [sample][tokenizer] -> ids. Documents are tokenised only until enough are long enough."""
-    tokenized = []
+    tokenized, long_enough = [], 0
     for doc in docs:
         per_tokenizer = [tokenize_documents([doc], tok)[0] for tok in tokenizers]
         for x, vocab in zip(per_tokenizer, vocab_sizes):
@@ -206,7 +207,8 @@ def pick_samples(docs: list, tokenizers: list, vocab_sizes: list[int], lengths: 
             if bad.size:
                 raise RopeliteError(f"token id {int(bad[0])} outside the model's vocabulary ({vocab} ids)")
         tokenized.append(per_tokenizer)
-        if sum(min(map(len, t)) >= max(lengths) for t in tokenized) >= count:
+        long_enough += min(map(len, per_tokenizer)) >= max(lengths)
+        if long_enough >= count:
             break
     picks = {}
     for L in lengths:
@@ -221,10 +223,9 @@ def draw_distributions(panels: list[tuple[str, np.ndarray]], length: int, path: 
                        title: str) -> None:
     """Figure 2: per panel, the per-head curves (thin, coloured by layer; an evenly spaced subset of at most
     ``max_curves``) and their mean over heads and layers (red), log y, x = key position."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
     x = np.arange(length)
@@ -251,16 +252,11 @@ def draw_distributions(panels: list[tuple[str, np.ndarray]], length: int, path: 
     axes[0][0].set_ylabel("attention of the last query")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def draw_entropy(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in rows:
         ax.plot(r["entropy_per_layer"], marker=".", label=f"{r['rope']} L={r['length']}")
@@ -271,9 +267,7 @@ def draw_entropy(rows: list[dict], path: Path) -> None:
     ax.set_title("attention entropy per layer (dotted: ln L, uniform)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
@@ -281,7 +275,6 @@ def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
     import ropelite
 
     model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    model.eval()
     base = model.config
     variants = []
     for rope in dict.fromkeys(args.rope):
@@ -289,12 +282,11 @@ def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
         variants.append(Variant(config.rope.describe(), model, config, 0))
     tokenizers, vocab = [tokenizer], [base.vocab_size]
     if args.reference_model is None:
-        config = base.with_rope(**rope_overrides("rope", args.factor, args.base))
+        config = base.with_rope(rope="rope", factor=args.factor)
         found = [v for v in variants if v.config == config]
         reference = found[0] if found else Variant("rope (reference)", model, config, 0)
     else:
         ref_model, ref_tok = ropelite.load(args.reference_model, dtype=DTYPES[args.dtype], device=args.device)
-        ref_model.eval()
         name = Path(args.reference_model).name or args.reference_model
         reference = Variant(f"{name} {ref_model.config.rope.describe()} (reference)", ref_model, ref_model.config, 1)
         tokenizers.append(ref_tok)
@@ -308,7 +300,7 @@ def measure(entries: list[Variant], reference: Variant, samples: list, state_pat
     a prefix of this run; rewritten there after every sample."""
     L, count = len(samples[0][0]), len(samples)
     red = load_state(state_path, meta)
-    if red is None or red[reference.label].samples > count:
+    if red is None:
         red = {v.label: Reduction(v.config.num_hidden_layers, v.config.num_attention_heads, L) for v in entries}
     done = red[reference.label].samples
     if done:
@@ -321,7 +313,7 @@ def measure(entries: list[Variant], reference: Variant, samples: list, state_pat
             if v is not reference:
                 red[v.label].add(last_rows(v, samples[s][v.tokens]), ref_rows)
                 bar.update(L)
-        red[reference.label].add(ref_rows, ref_rows)
+        red[reference.label].add(ref_rows, None)
         save_state(state_path, {**meta, "sample_hashes": meta["sample_hashes"][:s + 1]}, red)
         bar.set_postfix_str(f"L={L} sample {s + 1}/{count}")
     return red
@@ -407,9 +399,10 @@ KNOWN_MODELS = [("SmolLM2-135M", 64, 1e5, 8192), ("LLaMa-2-7B", 128, 1e4, 4096)]
 
 def model_context_rows(args) -> list[dict]:
     """How far the base of each model reaches, next to the length it was trained at."""
+    from ropelite.hub import resolve_model
+
     found = []
     for name in args.model or []:
-        from ropelite.hub import resolve_model
         c = read_config(resolve_model(name))
         found.append((name, c.head_dim, c.rope.theta, c.rope.original_max_position_embeddings))
     found += [(f"theta={t:g}", args.dim, t, None) for t in args.theta or []]
@@ -426,17 +419,14 @@ def bound_row(dim: int, length: int, ratio: float, refine: int) -> dict:
     row = {"length": length, "dim": dim, "ratio": ratio, "refine": refine, "min_base": found,
            "min_base_context": context_of_base(dim, found, 2 * length)}
     paper = PAPER_BASES_D128.get(length) if dim == 128 else None
-    row.update(paper_base=paper, paper_base_reaches=None if paper is None else base_reaches(dim, paper, length),
-               paper_base_context=None if paper is None else context_of_base(dim, paper, 2 * length),
-               min_base_over_paper=None if paper is None else found / paper)
+    reached = None if paper is None else context_of_base(dim, paper, 2 * length)
+    row.update(paper_base=paper, paper_base_reaches=None if paper is None else reached >= length,
+               paper_base_context=reached, min_base_over_paper=None if paper is None else found / paper)
     return row
 
 
 def draw_B(dim: int, bases: list[float], max_m: int, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     # every integer m up to 20000 (B oscillates fast there), then log-spaced: a log-x plot of a long range
     m = np.unique(np.concatenate([np.arange(1, min(max_m, 20000) + 1),
                                   np.geomspace(1, max_m, 20000).round()])).astype(np.int64)
@@ -453,9 +443,7 @@ def draw_B(dim: int, bases: list[float], max_m: int, path: Path) -> None:
     ax.set_title(f"Men et al.: B_m at d={dim} (dotted: first m with B_m < 0)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def bound_main(args) -> None:
@@ -564,10 +552,7 @@ def freqs_main(args) -> None:
 
 
 def draw_freqs(rows: list[dict], dim: int, theta: float, L: int, length: int, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for label in dict.fromkeys(r["rope"] for r in rows):
         mine = [r for r in rows if r["rope"] == label]
@@ -589,9 +574,7 @@ def draw_freqs(rows: list[dict], dim: int, theta: float, L: int, length: int, pa
         ax.legend(fontsize=7)
     fig.suptitle(f"RoPE frequencies: d={dim}, base {theta:g}, L={L}", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,8 +37,7 @@ from pathlib import Path
 import ropelite
 from ropelite.cli import DTYPES, add_data_args, add_model_args, check, rope_overrides, run, token_bar
 from ropelite.data import load_documents, tokenize_documents
-from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, read_rows, settings_id, write_json, write_results
+from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
 from ropelite.ppl import PROTOCOLS, choose_documents, effective_base, perplexity, sliding_windows
 
 RESULTS = "ppl"
@@ -102,11 +100,7 @@ def select(doc_lengths: list[int], lengths: list[int], max_docs: int | None) -> 
 
 def draw(rows: list[dict], labels: dict[str, str], train_len: int, path: Path, title: str) -> None:
     """PPL vs length, one line per settings id (in ``labels``), log x, dashed at the training length."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     lengths = sorted({r["length"] for r in rows if r["settings"] in labels})
     for sid, label in labels.items():
         mine = sorted((r for r in rows if r["settings"] == sid and r["ppl"] is not None), key=lambda r: r["length"])
@@ -123,9 +117,7 @@ def draw(rows: list[dict], labels: dict[str, str], train_len: int, path: Path, t
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(rows: list[dict], labels: dict[str, str], lengths: list[int]) -> str:
@@ -158,15 +150,10 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     rows = read_rows(out, RESULTS, ("settings", "length"))
-    known_path = out / f"{RESULTS}_settings.json"
-    try:
-        known = json.loads(known_path.read_text()) if known_path.exists() else {}
-    except json.JSONDecodeError:
-        raise RopeliteError(f"{known_path} is not valid JSON; use another --out") from None
     data = ", ".join(args.data) if args.data else f"builtin:{args.builtin}"
     protocol = {"protocol": args.protocol, **({"window": window, "stride": stride} if args.protocol == "sliding"
                                                else {})}
-    labels, todo = {}, []
+    labels, todo, known = {}, [], {}
     for config in variants:
         settings = {"model": args.model, "rope": dataclasses.asdict(config.rope), "dtype": args.dtype,
                     "data": data, "max_docs": args.docs, **protocol}
@@ -175,7 +162,7 @@ def main(argv=None) -> None:
         labels[sid] = config.rope.describe()
         done = {r["length"] for r in rows if r["settings"] == sid}
         todo += [(sid, config, n) for n in args.lengths if n not in done]
-    write_json(known_path, known)
+    record_settings(out, RESULTS, known)
     skipped = len(variants) * len(args.lengths) - len(todo)
     if skipped:
         print(f"eval_ppl: {skipped} rows already in {out}, {len(todo)} to run", file=sys.stderr)

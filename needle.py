@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
 import time
@@ -44,7 +43,7 @@ import ropelite
 from ropelite.cli import DTYPES, add_model_args, check, rope_overrides, run, token_bar
 from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, read_rows, settings_id, write_json, write_results
+from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
 from ropelite.model import generate
 from ropelite.stats import entropy
 
@@ -241,13 +240,10 @@ def answer_with_entropy(model, ids: list[int], max_new_tokens: int, eos_id=None)
 def draw_heatmap(rows: list[dict], lengths: list[int], depths: list, train_len: int, path: Path,
                  title: str) -> None:
     """Figure 4 of the seed paper: pass (green) / fail (red) per (length, depth), mean entropy written in."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
     state = np.full((len(depths), len(lengths)), -1.0)           # -1 not run, 0 fail, 1 pass
-    fig, ax = plt.subplots(figsize=(max(4.0, 2 + 0.55 * len(lengths)), 2 + 0.4 * len(depths)))
+    fig, ax = pyplot().subplots(figsize=(max(4.0, 2 + 0.55 * len(lengths)), 2 + 0.4 * len(depths)))
     small = len(lengths) > 12
     for r in rows:
         if r["length"] in lengths and r["depth"] in depths:
@@ -269,9 +265,7 @@ def draw_heatmap(rows: list[dict], lengths: list[int], depths: list, train_len: 
     passed = int((state == 1).sum())
     ax.set_title(f"{title}\n{passed}/{int((state >= 0).sum())} pass, dashed: train length {train_len}", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def text_grid(rows: list[dict], lengths: list[int], depths: list) -> str:
@@ -347,12 +341,7 @@ def main(argv=None) -> None:
     sid = settings_id(settings)
     out = Path(args.out)
     rows = read_rows(out, RESULTS, keys=("settings", "length", "depth"))
-    known_path = out / f"{RESULTS}_settings.json"
-    try:
-        known = json.loads(known_path.read_text()) if known_path.exists() else {}
-    except json.JSONDecodeError:
-        raise RopeliteError(f"{known_path} is not valid JSON; use another --out") from None
-    write_json(known_path, {**known, sid: settings})
+    record_settings(out, RESULTS, {sid: settings})
     label = rope.describe()
     figure = out / f"{RESULTS}_{re.sub(r'[^0-9A-Za-z.]+', '-', label)}_{sid}.png"
     title = f"{Path(args.model).name} {label}"

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .data import KINDS
 from .errors import RopeliteError
 from .rope import ROPE_TYPES
 
@@ -76,7 +77,6 @@ def check(condition: bool, message: str) -> None:
 
 def add_data_args(parser: argparse.ArgumentParser, default_kind: str) -> None:
     """--data and --builtin: the user's documents, or which built-in text (ropelite.data) to use without them."""
-    from .data import KINDS
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text files (one document each), folders of them, .jsonl (a 'text' field per line), "

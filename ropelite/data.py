@@ -42,12 +42,13 @@ def builtin_documents(kind: str = "prose", min_chars: int = 0) -> list[str]:
         raise RopeliteError(f"unknown built-in data kind {kind!r} (choose from {', '.join(KINDS)})")
     if min_chars <= 0:
         return docs
-    grouped, group = [], []
+    grouped, group, chars = [], [], 0
     for doc in docs:
+        chars += len(doc) + 2 * bool(group)  # the blank line that will join it to the group
         group.append(doc)
-        if sum(len(d) for d in group) + 2 * (len(group) - 1) >= min_chars:
+        if chars >= min_chars:
             grouped.append("\n\n".join(group))
-            group = []
+            group, chars = [], 0
     if not grouped:
         raise RopeliteError(f"built-in {kind} text is shorter than min_chars={min_chars}")
     return grouped

@@ -86,3 +86,29 @@ def read_rows(out_dir, name: str, keys: tuple = ("settings",)) -> list[dict]:
     if not (isinstance(rows, list) and all(isinstance(r, dict) and set(keys) <= set(r) for r in rows)):
         raise RopeliteError(f"{path} is not a {name} results file; use another --out")
     return rows
+
+
+def record_settings(out_dir, name: str, settings_by_id: dict[str, dict]) -> None:
+    """Add ``settings_by_id`` ({settings_id: settings}) to ``name_settings.json`` in ``out_dir``, the file that
+    says what each id carried by the rows of ``name.json`` means; ids already there are kept."""
+    path = Path(out_dir) / f"{name}_settings.json"
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        raise RopeliteError(f"{path} is not valid JSON; use another --out") from None
+    write_json(path, {**known, **settings_by_id})
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported only by what draws."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """Write ``fig`` to ``path`` as a PNG, atomically, and free it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    pyplot().close(fig)

@@ -264,10 +264,15 @@ def halves_to_adjacent(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 # Men et al. 2024, "Base of RoPE Bounds Context Length"
 # --------------------------------------------------------------------------------------------------------------
 
+def _men_theta(dim: int, base: float) -> np.ndarray:
+    """theta_i = b^(-2i/d), i < d/2, in float64 (B is too sensitive for float32)."""
+    return base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+
+
 def men_B(m, dim: int, base: float) -> np.ndarray:
     """B_{m,theta} = sum_{i=0}^{d/2-1} cos(m theta_i) (Men et al. 2024, Theorem 1): the long-term decay of the
     ability to attend more to similar tokens than to random ones. Vectorised over m; float64."""
-    theta = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    theta = _men_theta(dim, base)
     return np.cos(np.asarray(m, dtype=np.float64)[..., None] * theta).sum(-1)
 
 
@@ -284,7 +289,7 @@ def _B_range(theta: np.ndarray, start: int, count: int) -> np.ndarray:
 def first_negative_B(dim: int, base: float, max_len: int) -> int | None:
     """The smallest m in [0, max_len] with B_m < 0, or None. Scans in doubling chunks so a base that fails
     early costs little."""
-    theta = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    theta = _men_theta(dim, base)
     start, chunk = 0, 1024
     while start <= max_len:
         count = min(chunk, max_len + 1 - start)
