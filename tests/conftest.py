@@ -39,3 +39,28 @@ def tiny_llama():
         return model.eval()
 
     return make
+
+
+class CallLog(list):
+    """One entry per call of a wrapped function; the call numbered ``kill_at`` (from 1; 0 = none) raises
+    KeyboardInterrupt instead of running, as Ctrl-C at that moment would."""
+    kill_at = 0
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """count_calls(owner, name) -> CallLog: replaces owner.name, for this test, with a wrapper that logs each call
+    and can kill the run at a chosen one (resume tests)."""
+    def wrap(owner, name: str) -> CallLog:
+        calls, real = CallLog(), getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == calls.kill_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+
+    return wrap

@@ -163,30 +163,20 @@ def test_reference_model(setup, tmp_path, tiny_llama):
             assert rows["rope"]["js_per_distribution_nats"] is None
 
 
-def test_resume_after_a_kill(setup, tmp_path, monkeypatch):
+def test_resume_after_a_kill(setup, tmp_path, count_calls):
     path, data, _ = setup
     argv = ["attention", "--model", str(path), "--rope", "rope", "pi", "--lengths", "24", "40", "--samples", "2",
             "--data", str(data)]
-    calls = []
-    real = analyze.last_rows
-
-    def counting(*a, **k):
-        calls.append(1)
-        if len(calls) == killed_at:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(analyze, "last_rows", counting)
-    killed_at = 0
+    calls = count_calls(analyze, "last_rows")
     analyze.main(argv + ["--out", str(tmp_path / "full")])
     assert len(calls) == 8                              # 2 lengths x 2 samples x (rope, pi): rope is the reference
     full = json.loads((tmp_path / "full" / "attention.json").read_text())["rows"]
     calls.clear()
-    killed_at = 8                                       # dies in the second sample of length 40 (its pi run)
+    calls.kill_at = 8                                   # dies in the second sample of length 40 (its pi run)
     with pytest.raises(KeyboardInterrupt):
         analyze.main(argv + ["--out", str(tmp_path / "killed")])
     calls.clear()
-    killed_at = 0
+    calls.kill_at = 0
     analyze.main(argv + ["--out", str(tmp_path / "killed")])
     assert len(calls) == 2                              # only that sample ran again
     resumed = json.loads((tmp_path / "killed" / "attention.json").read_text())["rows"]

@@ -206,20 +206,11 @@ def test_cell_entropy_is_the_hand_value(model_dir, tmp_path):
     assert row["rope"] == "yarn x4" and row["tokens"] + 5 <= 500
 
 
-def test_resume_skips_done_cells_and_survives_a_kill(model_dir, tmp_path, monkeypatch):
+def test_resume_skips_done_cells_and_survives_a_kill(model_dir, tmp_path, count_calls):
     path = str(model_dir())
     argv = ["--model", path, "--lengths", "450", "600", "--depths", "0", "100", "--max-new-tokens", "3"]
-    calls = []
-    real = needle.answer_with_entropy
-
-    def counting(*a, **k):
-        calls.append(1)
-        if len(calls) == killed_at:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(needle, "answer_with_entropy", counting)
-    killed_at, out = 0, tmp_path / "full"
+    calls = count_calls(needle, "answer_with_entropy")
+    out = tmp_path / "full"
     needle.main(argv + ["--out", str(out)])
     full = read(out)
     assert len(calls) == 4 and len(full) == 4
@@ -235,13 +226,13 @@ def test_resume_skips_done_cells_and_survives_a_kill(model_dir, tmp_path, monkey
     assert calls == [] and read(out) == full
 
     calls.clear()
-    killed_at, out = 3, tmp_path / "killed"
+    calls.kill_at, out = 3, tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         needle.main(argv + ["--out", str(out)])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(read(out)) == strip(full[:2])  # the two finished cells survived
     calls.clear()
-    killed_at = 0
+    calls.kill_at = 0
     needle.main(argv + ["--out", str(out)])
     assert len(calls) == 2
     assert strip(read(out)) == strip(full)
