@@ -28,9 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,25 +36,20 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import has_transformers, peak_rss_mb, reset_peak_rss, rss_mb, run_worker  # noqa: E402
+from memory_estimate import PRESETS  # noqa: E402
 
 from ropelite.cli import check, run  # noqa: E402
+from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.io import write_json, write_results  # noqa: E402
-from ropelite.model import Llama, LlamaConfig  # noqa: E402
-from ropelite.rope import RopeConfig  # noqa: E402
+from ropelite.model import Llama, LlamaConfig, hf_name  # noqa: E402
 
 IMPLS = ("fast", "eager", "reference", "transformers")
 
 
 def smollm2_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
-                       max_position_embeddings=8192, tie_word_embeddings=True,
-                       rope=RopeConfig(theta=1e5, original_max_position_embeddings=8192))
-
-
-def has_transformers() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("transformers") is not None
+    return LlamaConfig.from_hf(PRESETS["SmolLM2-135M"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -106,8 +98,7 @@ def transformers_model(config: LlamaConfig, weights_from: Llama | None = None):
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "ropelite"})
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     if weights_from is not None:
-        hf.load_state_dict({("" if k.startswith("lm_head") else "model.") + k: v
-                            for k, v in weights_from.state_dict().items()})
+        hf.load_state_dict({hf_name(k): v for k, v in weights_from.state_dict().items()})
     return hf
 
 
@@ -128,58 +119,37 @@ def build(impl: str):
     return transformers_model(config) if impl == "transformers" else Llama(config).eval()
 
 
+def random_ids(length: int) -> torch.Tensor:
+    """(1, length) token ids, the same in every process."""
+    return torch.randint(0, smollm2_config().vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # One configuration, in its own process
 # --------------------------------------------------------------------------------------------------------------
-
-def _status_mb(field: str) -> float | None:
-    try:
-        match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(match.group(1)) / 1024 if match else None
-
-
-def reset_peak_rss() -> bool:
-    """Restart the RSS high-water mark (Linux >= 4.0), so building the model (whose random init peaks above
-    the forward) does not hide the forward's own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """VmHWM, or getrusage's ru_maxrss (never reset) where /proc is missing."""
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
-
 
 def measure_one(impl: str, length: int, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     model = build(impl)
     forward = runner(impl, model)
-    ids = torch.randint(0, 49152, (1, length), generator=torch.Generator().manual_seed(1))
+    ids = random_ids(length)
     with torch.inference_mode():
         forward(ids[:, :128])                                    # warm-up: one-time allocations, kernels
         reset = reset_peak_rss()
-        before = _status_mb("VmRSS") if reset else peak_rss_mb()
+        before = rss_mb() if reset else peak_rss_mb()
         start = time.perf_counter()
         forward(ids)
         seconds = time.perf_counter() - start
+    peak = peak_rss_mb()
     return {"impl": impl, "length": length, "threads": torch.get_num_threads(), "seconds": round(seconds, 3),
-            "rss_before_mb": round(before),
-            "peak_rss_mb": round(peak_rss_mb()), "forward_extra_mb": round(peak_rss_mb() - before),
+            "rss_before_mb": round(before), "peak_rss_mb": round(peak), "forward_extra_mb": round(peak - before),
             "peak_reset": reset}
 
 
 def agreement(length: int = 256) -> dict:
     """Max |difference| of each implementation's last logits from ropelite's fast path, same weights."""
-    torch.manual_seed(0)
-    model = Llama(smollm2_config()).eval()
-    ids = torch.randint(0, 49152, (1, length), generator=torch.Generator().manual_seed(1))
+    model, ids = build("fast"), random_ids(length)
     with torch.inference_mode():
         fast = runner("fast", model)(ids)
         out = {"length": length, "logit_scale": float(fast.abs().max())}
@@ -192,12 +162,12 @@ def agreement(length: int = 256) -> dict:
 
 
 def measure_in_subprocess(impl: str, length: int, threads: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--one", impl, str(length)] + (["--threads", str(threads)] if threads else [])
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"impl": impl, "length": length, "error": f"exit {done.returncode}: {tail}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """measure_one in a fresh process, so its peak memory is its own; a failure becomes an error row."""
+    argv = [__file__, "--one", impl, str(length)] + (["--threads", str(threads)] if threads else [])
+    try:
+        return run_worker(argv, f"{impl} at {length}")
+    except RopeliteError as e:
+        return {"impl": impl, "length": length, "error": str(e)}
 
 
 def summarize(runs: dict[str, list[dict]], length: int) -> list[dict]:

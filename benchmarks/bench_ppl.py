@@ -20,11 +20,8 @@ Outputs in --out (default runs/bench_ppl): bench_ppl.json and bench_ppl.csv, rew
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,22 +29,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import has_transformers, peak_rss_mb, rss_mb, run_worker  # noqa: E402
 from ropelite.cli import DTYPES, check, run  # noqa: E402
 from ropelite.io import write_results  # noqa: E402
 
 METHODS = ("ropelite", "transformers")
-
-
-def rss_mb() -> float:
-    """Resident memory now (VmRSS), MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
 def measure(method: str, model_name: str, tokens: Path, chunk_size: int, dtype: str) -> dict:
@@ -58,9 +45,9 @@ def measure(method: str, model_name: str, tokens: Path, chunk_size: int, dtype: 
     torch.set_grad_enabled(False)
     ids = np.load(tokens)
     if method == "ropelite":
-        import ropelite
+        from ropelite.model import load_model
         from ropelite.ppl import perplexity
-        model, _ = ropelite.load(model_name, dtype=DTYPES[dtype])
+        model = load_model(resolve_model(model_name), dtype=DTYPES[dtype])  # weights only, as transformers
         loaded, load_peak = rss_mb(), peak_rss_mb()
         start = time.perf_counter()
         nll = perplexity(model, [ids], len(ids), chunk_size=chunk_size)["nll"]
@@ -78,12 +65,9 @@ def measure(method: str, model_name: str, tokens: Path, chunk_size: int, dtype: 
             "tokens_per_s": round(len(ids) / seconds, 1), "nll": nll, "threads": torch.get_num_threads()}
 
 
-def benchmark_tokens(model_name: str, length: int, folder: Path) -> Path:
+def benchmark_tokens(tokenizer, length: int, folder: Path) -> Path:
+    """The first ``length`` tokens of the longest built-in prose document, saved for the workers."""
     from ropelite.data import load_documents, tokenize_documents
-    from ropelite.hub import resolve_model
-    from ropelite.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(resolve_model(model_name))
-    check(tokenizer is not None, f"{model_name} has no tokenizer")
     docs = tokenize_documents(load_documents(None, "prose", min_chars=5 * length), tokenizer)
     longest = max(docs, key=len)
     check(len(longest) >= length, f"the longest built-in document has {len(longest)} tokens, fewer than {length}")
@@ -119,24 +103,26 @@ def main(argv=None) -> None:
     check(min(args.lengths) >= 2 and args.chunk_size >= 1 and args.repeats >= 1,
           "--lengths must be >= 2, --chunk-size and --repeats >= 1")
     methods = list(dict.fromkeys(args.methods))
-    if "transformers" in methods and importlib.util.find_spec("transformers") is None:
+    if "transformers" in methods and not has_transformers():
         print("bench_ppl: transformers is not installed; measuring ropelite only", file=sys.stderr)
         methods.remove("transformers")
+    from ropelite.hub import resolve_model
+    from ropelite.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(resolve_model(args.model))
+    check(tokenizer is not None, f"{args.model} has no tokenizer")
     out, rows = Path(args.out), []
     for length in sorted(set(args.lengths)):
-        tokens = benchmark_tokens(args.model, length, out)
+        tokens = benchmark_tokens(tokenizer, length, out)
         for repeat in range(args.repeats):
             # alternate the order, so that a drift in the machine's load does not favour one method
             for method in methods if repeat % 2 == 0 else methods[::-1]:
                 print(f"bench_ppl: {method} at {length} tokens, repeat {repeat + 1} "
                       f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
-                cmd = [sys.executable, __file__, "--model", args.model, "--chunk-size", str(args.chunk_size),
-                       "--dtype", args.dtype, "--worker", method, str(tokens)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                check(proc.returncode == 0, f"{method} at {length} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                argv = [__file__, "--model", args.model, "--chunk-size", str(args.chunk_size),
+                        "--dtype", args.dtype, "--worker", method, str(tokens)]
                 row = {"method": method, "length": length, "repeat": repeat + 1, "dtype": args.dtype,
                        "chunk_size": args.chunk_size if method == "ropelite" else None,
-                       **json.loads(proc.stdout.strip().splitlines()[-1])}
+                       **run_worker(argv, f"{method} at {length}")}
                 rows.append(row)
                 add_ratios(rows, length)
                 write_results(out, "bench_ppl", rows)

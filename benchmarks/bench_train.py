@@ -5,7 +5,7 @@ against the measured memory.
     python benchmarks/bench_train.py --len 512 2048 --steps 3 --out runs/bench_train
 
 Each (len, checkpointing) configuration runs in a fresh Python subprocess, so that its peak resident memory
-(resource ru_maxrss) is its own. The subprocess builds a random model and AdamW exactly as train.py does
+(VmHWM, see measure.py) is its own. The subprocess builds a random model and AdamW exactly as train.py does
 (ropelite.train_utils), notes its resident memory, then runs --steps optimizer steps of one sequence of --len
 tokens (fp32, the CPU recipe), then one more step under torch's MemTracker. Reported:
 - tokens/s of the fastest step after the first (warm-up; the CPU is shared, the minimum is the least disturbed),
@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import peak_rss_mb, rss_mb, run_worker  # noqa: E402
 from memory_estimate import estimate, param_count  # noqa: E402
 from ropelite.cli import run  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
@@ -49,34 +48,30 @@ def small_config(args) -> LlamaConfig:
                        rope=RopeConfig(theta=1e4, original_max_position_embeddings=max(args.len)))
 
 
-def rss_mb() -> float:
-    """The current resident set, from /proc (ru_maxrss only knows the peak)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
 def child(spec: dict) -> dict:
     """One configuration, in this (fresh) process."""
     import torch
 
     from ropelite.train_utils import accumulate_gradients, clip_gradients, random_model
-    torch.manual_seed(0)
     config = LlamaConfig(**{**spec["config"], "rope": RopeConfig(**spec["config"]["rope"])})
     model = random_model(config, seed=0).train()
     model.gradient_checkpointing = spec["grad_ckpt"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (spec["steps"], 1, spec["len"]))
     before = rss_mb()
-    times, cpu_times = [], []
-    for step in range(spec["steps"]):
-        tick, cpu_tick = time.perf_counter(), time.process_time()
-        accumulate_gradients(model, [ids[step]], n_predicted=spec["len"] - 1)
+    def optimizer_step(x: torch.Tensor) -> None:
+        accumulate_gradients(model, [x], n_predicted=spec["len"] - 1)
         clip_gradients(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    times, cpu_times = [], []
+    for step in range(spec["steps"]):
+        tick, cpu_tick = time.perf_counter(), time.process_time()
+        optimizer_step(ids[step])
         times.append(time.perf_counter() - tick)
         cpu_times.append(time.process_time() - cpu_tick)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     fastest, least_cpu = min(times[1:] or times), min(cpu_times[1:] or cpu_times)
     tensor_peak = None
     try:  # a private torch tool: leave the column empty where it is missing
@@ -84,10 +79,7 @@ def child(spec: dict) -> dict:
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
         with tracker:
-            accumulate_gradients(model, [ids[0]], n_predicted=spec["len"] - 1)
-            clip_gradients(model, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(ids[0])
         tensor_peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / MIB
     except (ImportError, NotImplementedError, KeyError):
         pass
@@ -108,6 +100,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_train", help="folder for bench_train.json/.csv")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.len = list(dict.fromkeys(args.len))  # each length once: the summary pairs its two rows
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
@@ -120,12 +113,8 @@ def main() -> None:
         for grad_ckpt in (False, True):
             spec = {"config": spec_config, "len": length, "grad_ckpt": grad_ckpt, "steps": args.steps}
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                  text=True, env=env)
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise RopeliteError(f"len {length} grad_ckpt {grad_ckpt} failed: {last}")
-            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            measured = run_worker([__file__, "--child", json.dumps(spec)], f"len {length} grad_ckpt {grad_ckpt}",
+                                  env=env)
             est = estimate(config, length, 1, "fp32", grad_ckpt, 1)["total"] / MIB
             added = est - 4 * param_count(config) / MIB   # the weights exist before the first step
             tensor_peak = measured["tensor_peak_mb"]
