@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ropelite.cli import DTYPES, add_data_args, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.cli import (DTYPES, ArgumentParser, add_data_args, add_model_args, check, rope_overrides, run,
+                          token_bar)
 from ropelite.data import load_documents, tokenize_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import atomic_path, pyplot, save_figure, write_csv, write_json
@@ -581,13 +582,6 @@ def draw_freqs(rows: list[dict], dim: int, theta: float, L: int, length: int, pa
 # Script
 # ----------------------------------------------------------------------------------------------------------------
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors become RopeliteError, so `run` answers them in one line with exit 2."""
-
-    def error(self, message):
-        raise RopeliteError(f"{self.prog}: {message}")
-
-
 def parse_ints(specs: list[str], name: str) -> list[int]:
     """Sorted distinct integers from '1024 2048' and/or 'START:STOP' (the powers of two from START to STOP)."""
     values = []
@@ -608,7 +602,7 @@ def parse_ints(specs: list[str], name: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(prog="analyze.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = ArgumentParser(prog="analyze.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{attention,bound,freqs}")
     raw = argparse.RawDescriptionHelpFormatter

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 import ropelite
-from ropelite.cli import DTYPES, add_data_args, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.cli import (DTYPES, ArgumentParser, add_data_args, add_model_args, check, rope_overrides, run,
+                          token_bar)
 from ropelite.data import load_documents, tokenize_documents
 from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
 from ropelite.ppl import PROTOCOLS, choose_documents, effective_base, perplexity, sliding_windows
@@ -45,7 +46,7 @@ CHARS_PER_TOKEN = 5  # built-in text: generous (SmolLM2 reads ~4 characters per 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = ArgumentParser(prog="eval_ppl.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, several_ropes=True)
     e = p.add_argument_group("evaluation")

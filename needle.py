@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import ropelite
-from ropelite.cli import DTYPES, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.cli import DTYPES, ArgumentParser, add_model_args, check, rope_overrides, run, token_bar
 from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
@@ -282,7 +282,7 @@ def text_grid(rows: list[dict], lengths: list[int], depths: list) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = ArgumentParser(prog="needle.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("grid")

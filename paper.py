@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from ropelite.cli import run
+from ropelite.cli import ArgumentParser, run
 from ropelite.errors import RopeliteError
 from ropelite.io import atomic_path
 from ropelite.train_utils import latest_checkpoint, read_metrics
@@ -136,7 +136,7 @@ def write_report(out: Path, steps: list[dict], status: dict) -> Path:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+    p = ArgumentParser(prog="paper.py", description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (default), a Hugging Face LLaMa folder, or a .gguf file")

@@ -52,7 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ropelite.cli import DTYPES, add_data_args, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.cli import (DTYPES, ArgumentParser, add_data_args, add_model_args, check, rope_overrides, run,
+                          token_bar)
 from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
 from ropelite.model import Llama, LlamaConfig, load_model, model_from_state, read_config
@@ -76,7 +77,7 @@ def token_count(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, overrides={
         "--factor": dict(help="scale factor s >= 1 of the RoPE extension (default: len / L, L = the model's "
                               "original context; 1 when len <= L)"),

@@ -45,6 +45,14 @@ def add_model_args(parser: argparse.ArgumentParser, several_ropes: bool = False,
         help="torch device (default: cuda when available, else cpu)")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors become RopeliteError, so ``run`` answers them in one line with exit 2
+    (argparse's own would print the whole usage block first). Every script builds its parser from this."""
+
+    def error(self, message):
+        raise RopeliteError(f"{self.prog}: {message}")
+
+
 def rope_overrides(rope: str | None, factor: float | None, base: float | None) -> dict:
     """Keyword arguments for ``with_rope``/``load_model``: ``base`` only reaches ntk, where it belongs."""
     kwargs = {"rope": rope, "factor": factor}

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import analyze  # noqa: E402
 from ropelite.cli import run  # noqa: E402
 from ropelite.model import load_model, save_model  # noqa: E402

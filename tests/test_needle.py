@@ -17,7 +17,6 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import needle  # noqa: E402
 from ropelite.cli import run  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402

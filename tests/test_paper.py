@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import paper  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.model import save_model  # noqa: E402

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.model import Llama, LlamaConfig, load_model, save_model  # noqa: E402
