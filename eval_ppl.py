@@ -39,7 +39,7 @@ from ropelite.cli import (DTYPES, ArgumentParser, add_data_args, add_model_args,
                           token_bar)
 from ropelite.data import load_documents, tokenize_documents
 from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
-from ropelite.ppl import PROTOCOLS, choose_documents, effective_base, perplexity, sliding_windows
+from ropelite.ppl import PROTOCOLS, check_window, choose_documents, effective_base, perplexity, sliding_windows
 
 RESULTS = "ppl"
 CHARS_PER_TOKEN = 5  # built-in text: generous (SmolLM2 reads ~4 characters per token), so documents are long
@@ -76,12 +76,7 @@ def validate(args: argparse.Namespace) -> None:
     check(args.base is None or "ntk" in args.rope, "--base sets NTK's new base: add ntk to --rope")
     if args.protocol == "truncate":
         check(args.window is None and args.stride is None, "--window and --stride belong to --protocol sliding")
-    else:
-        check(args.window is None or args.window >= 2, "--window must be at least 2 tokens")
-        check(args.stride is None or args.stride >= 1, "--stride must be at least 1")
-        check(args.window is None or args.stride is None or args.stride <= args.window,
-              f"--stride {args.stride} is longer than --window {args.window}: tokens between windows would "
-              f"never be scored")
+    # window >= 2 and 1 <= stride <= window: ropelite.ppl.sliding_windows owns that rule
 
 
 def select(doc_lengths: list[int], lengths: list[int], max_docs: int | None) -> dict[int, list[int]]:
@@ -130,6 +125,84 @@ def table(rows: list[dict], labels: dict[str, str], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class Job:
+    """One (variant, length) row to compute."""
+    sid: str
+    config: object  # LlamaConfig with the variant's RoPE
+    length: int
+
+
+class Plan:
+    """What a run measures: the settings id and label of each variant, the rows still to compute, and how
+    long each forward pass is (the RoPE tables depend on that length alone)."""
+
+    def __init__(self, args, variants: list, rows: list[dict], data: str, window: int, stride: int):
+        self.args, self.window, self.stride = args, window, stride
+        protocol = {"protocol": args.protocol, **({"window": window, "stride": stride}
+                                                  if args.protocol == "sliding" else {})}
+        self.labels, self.known, self.todo = {}, {}, []
+        for config in variants:
+            settings = {"model": args.model, "rope": dataclasses.asdict(config.rope), "dtype": args.dtype,
+                        "data": data, "max_docs": args.docs, **protocol}
+            sid = settings_id(settings)
+            self.known[sid], self.labels[sid] = settings, config.rope.describe()
+            done = {r["length"] for r in rows if r["settings"] == sid}
+            self.todo += [Job(sid, config, n) for n in args.lengths if n not in done]
+        # Variants whose tables coincide at a length (dynamic is plain RoPE up to the training length) give the
+        # same numbers: such a row is copied from the first one, marked same_as, and costs no forward.
+        self.first_of = {}
+        for job in self.todo:
+            self.first_of.setdefault(self.rope_key(job), job)
+
+    def seq_len(self, n: int) -> int:
+        return n if self.args.protocol == "truncate" else min(self.window, n)
+
+    def rope_key(self, job: Job) -> tuple:
+        inv_freq, attention_factor = job.config.rope.frequencies(job.config.head_dim, self.seq_len(job.length))
+        return job.length, tuple(inv_freq.tolist()), attention_factor
+
+    def forward_tokens(self, chosen: dict[int, list[int]]) -> int:
+        """Tokens read by the forwards still to run (the progress bar's total)."""
+        total = 0
+        for job in self.todo:
+            if self.first_of[self.rope_key(job)] is job:
+                w = self.seq_len(job.length)
+                windows = sliding_windows(job.length, w, min(self.stride, w))
+                total += len(chosen[job.length]) * sum(e - b for b, e, _ in windows)
+        return total
+
+
+def measure(model, ids: list, chosen: dict[int, list[int]], plan: Plan, rows: list[dict], out: Path,
+            train_len: int, title: str) -> None:
+    """Compute every row of the plan, writing results and figure after each."""
+    args, results = plan.args, {}
+    bar = token_bar(plan.forward_tokens(chosen), "eval_ppl")
+    for job in plan.todo:
+        model.config, rope, n = job.config, job.config.rope, job.length  # the RoPE is read from the config
+        bar.set_description(f"{rope.describe()} @ {n}")
+        start = time.perf_counter()
+        key = plan.rope_key(job)
+        first = plan.first_of[key]
+        if key not in results:
+            results[key] = perplexity(model, [ids[i] for i in chosen[n]], n, args.protocol, plan.window,
+                                      plan.stride, args.chunk_size, on_tokens=bar.update)
+        result, sliding = results[key], args.protocol == "sliding"
+        rows.append({"settings": job.sid, "model": args.model, "rope": rope.type, "label": rope.describe(),
+                     "factor": rope.factor if rope.type != "rope" else None,
+                     "base": effective_base(rope, job.config.head_dim, plan.seq_len(n)), "length": n,
+                     "protocol": args.protocol, "window": plan.seq_len(n) if sliding else None,
+                     "stride": plan.stride if sliding else None, "dtype": args.dtype,
+                     "docs": result["docs"], "doc_ids": chosen[n], "tokens": result["tokens"],
+                     "nll": result["nll"], "ppl": result["ppl"],
+                     "same_as": first.config.rope.describe() if first is not job else None,
+                     "seconds": round(time.perf_counter() - start, 2)})
+        write_results(out, RESULTS, rows)
+        draw(rows, plan.labels, train_len, out / f"{RESULTS}.png", title)
+        bar.set_postfix_str(f"ppl {result['ppl']:.3f}")
+    bar.close()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.lengths = sorted(set(args.lengths))
@@ -143,7 +216,8 @@ def main(argv=None) -> None:
     train_len = pretrained.rope.original_max_position_embeddings
     window = args.window or train_len
     stride = args.stride or max(1, window // 2)
-    check(stride <= window, f"--stride {stride} is longer than the window {window}")
+    if args.protocol == "sliding":
+        check_window(window, stride)
 
     ids = [d for d in tokenize_documents(docs, tokenizer) if d.size]
     check(bool(ids), "no documents: every document is empty")
@@ -152,70 +226,20 @@ def main(argv=None) -> None:
     out = Path(args.out)
     rows = read_rows(out, RESULTS, ("settings", "length"))
     data = ", ".join(args.data) if args.data else f"builtin:{args.builtin}"
-    protocol = {"protocol": args.protocol, **({"window": window, "stride": stride} if args.protocol == "sliding"
-                                               else {})}
-    labels, todo, known = {}, [], {}
-    for config in variants:
-        settings = {"model": args.model, "rope": dataclasses.asdict(config.rope), "dtype": args.dtype,
-                    "data": data, "max_docs": args.docs, **protocol}
-        sid = settings_id(settings)
-        known[sid] = settings
-        labels[sid] = config.rope.describe()
-        done = {r["length"] for r in rows if r["settings"] == sid}
-        todo += [(sid, config, n) for n in args.lengths if n not in done]
-    record_settings(out, RESULTS, known)
-    skipped = len(variants) * len(args.lengths) - len(todo)
+    plan = Plan(args, variants, rows, data, window, stride)
+    record_settings(out, RESULTS, plan.known)
+    skipped = len(variants) * len(args.lengths) - len(plan.todo)
     if skipped:
-        print(f"eval_ppl: {skipped} rows already in {out}, {len(todo)} to run", file=sys.stderr)
-
-    def seq_len(n: int) -> int:
-        """The length of each forward pass at length n: the RoPE tables depend on it alone."""
-        return n if args.protocol == "truncate" else min(window, n)
-
-    def forward_tokens(n: int) -> int:
-        w = seq_len(n)
-        return len(chosen[n]) * sum(e - b for b, e, _ in sliding_windows(n, w, min(stride, w)))
-
-    def rope_key(config, n: int) -> tuple:
-        inv_freq, attention_factor = config.rope.frequencies(config.head_dim, seq_len(n))
-        return n, tuple(inv_freq.tolist()), attention_factor
-
-    # Variants whose tables coincide at a length (dynamic is plain RoPE up to the training length) give the same
-    # numbers: such a row is copied from the first one, marked same_as, and costs no forward.
-    first_of = {}
-    for sid, config, n in todo:
-        first_of.setdefault(rope_key(config, n), (sid, config))
-    results = {}
+        print(f"eval_ppl: {skipped} rows already in {out}, {len(plan.todo)} to run", file=sys.stderr)
     title = f"{Path(args.model).name}: {args.protocol} perplexity on {data}"
-    bar = token_bar(sum(forward_tokens(n) for sid, c, n in todo if first_of[rope_key(c, n)][0] == sid), "eval_ppl")
-    for sid, config, n in todo:
-        model.config = config  # the RoPE is read from the config on every forward: no reload
-        rope = config.rope
-        bar.set_description(f"{rope.describe()} @ {n}")
-        start = time.perf_counter()
-        key = rope_key(config, n)
-        same_as = first_of[key][1].rope.describe() if first_of[key][0] != sid else None
-        if key not in results:
-            results[key] = perplexity(model, [ids[i] for i in chosen[n]], n, args.protocol, window, stride,
-                                      args.chunk_size, on_tokens=bar.update)
-        result = results[key]
-        rows.append({"settings": sid, "model": args.model, "rope": rope.type, "label": rope.describe(),
-                     "factor": rope.factor if rope.type != "rope" else None,
-                     "base": effective_base(rope, config.head_dim, seq_len(n)), "length": n,
-                     "protocol": args.protocol, "window": seq_len(n) if args.protocol == "sliding" else None,
-                     "stride": stride if args.protocol == "sliding" else None, "dtype": args.dtype,
-                     "docs": result["docs"], "doc_ids": chosen[n], "tokens": result["tokens"],
-                     "nll": result["nll"], "ppl": result["ppl"], "same_as": same_as,
-                     "seconds": round(time.perf_counter() - start, 2)})
-        write_results(out, RESULTS, rows)
-        draw(rows, labels, train_len, out / f"{RESULTS}.png", title)
-        bar.set_postfix_str(f"ppl {result['ppl']:.3f}")
-    bar.close()
-    model.config = pretrained
-    if not todo and rows:
-        draw(rows, labels, train_len, out / f"{RESULTS}.png", title)
+    try:
+        measure(model, ids, chosen, plan, rows, out, train_len, title)
+    finally:
+        model.config = pretrained
+    if not plan.todo and rows:
+        draw(rows, plan.labels, train_len, out / f"{RESULTS}.png", title)
     print(f"{args.protocol} perplexity ({Path(args.model).name}, {data}); results in {out}")
-    print(table(rows, labels, args.lengths))
+    print(table(rows, plan.labels, args.lengths))
 
 
 if __name__ == "__main__":

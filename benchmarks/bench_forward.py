@@ -28,28 +28,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import has_transformers, peak_rss_mb, reset_peak_rss, rss_mb, run_worker  # noqa: E402
-from memory_estimate import PRESETS  # noqa: E402
+from measure import has_transformers, peak_rss_mb, reset_peak_rss, rss_mb, run_worker
 
-from ropelite.cli import check, run  # noqa: E402
-from ropelite.errors import RopeliteError  # noqa: E402
-from ropelite.io import write_json, write_results  # noqa: E402
-from ropelite.model import Llama, LlamaConfig, hf_name  # noqa: E402
+from ropelite.cli import ArgumentParser, check, run
+from ropelite.errors import RopeliteError
+from ropelite.io import write_json, write_results
+from ropelite.model import Llama, LlamaConfig, hf_name
+from ropelite.presets import preset
 
 IMPLS = ("fast", "eager", "reference", "transformers")
 
 
 def smollm2_config() -> LlamaConfig:
-    return LlamaConfig.from_hf(PRESETS["SmolLM2-135M"])
+    return preset("SmolLM2-135M")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -199,7 +196,7 @@ def summarize(runs: dict[str, list[dict]], length: int) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="bench_forward.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192],
                    help="sequence lengths in tokens (default: 2048 8192; at 8192 the reference needs ~8 GB)")
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=None,

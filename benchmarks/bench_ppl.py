@@ -28,11 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import has_transformers, peak_rss_mb, rss_mb, run_worker  # noqa: E402
-from ropelite.cli import DTYPES, check, run  # noqa: E402
-from ropelite.io import write_results  # noqa: E402
+from measure import has_transformers, peak_rss_mb, rss_mb, run_worker
+from ropelite.cli import ArgumentParser, DTYPES, check, run
+from ropelite.io import write_results
 
 METHODS = ("ropelite", "transformers")
 
@@ -78,7 +76,7 @@ def benchmark_tokens(tokenizer, length: int, folder: Path) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = ArgumentParser(prog="bench_ppl.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (default), a model folder or a .gguf file")
     p.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384], metavar="L",

@@ -27,27 +27,16 @@ benchmarks/bench_train.py checks this against CPU-measured peak memory on small 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ropelite.cli import run  # noqa: E402
-from ropelite.errors import RopeliteError  # noqa: E402
-from ropelite.io import write_results  # noqa: E402
-from ropelite.model import LlamaConfig, read_config  # noqa: E402
+from ropelite.cli import ArgumentParser, run
+from ropelite.errors import RopeliteError
+from ropelite.io import write_results
+from ropelite.model import LlamaConfig, read_config
+from ropelite.presets import PRESETS, preset
 
 GIB = 2**30
 LOSS_CHUNK = 1024  # model.nll's chunk_size
-
-# Hugging Face config.json contents, so the table needs no download.
-PRESETS = {
-    "SmolLM2-135M": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-                     "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
-    "LLaMa-2-7B": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                   "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False},
-}
 
 
 def block_params(c: LlamaConfig) -> int:
@@ -116,7 +105,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="memory_estimate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=list(PRESETS),
                    help=f"presets ({', '.join(PRESETS)}) or model folders with a config.json (default: both presets)")
     p.add_argument("--len", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="sequence lengths")
@@ -128,7 +117,7 @@ def main() -> None:
     models = {}
     for name in args.model:
         if name in PRESETS:
-            models[name] = LlamaConfig.from_hf(PRESETS[name])
+            models[name] = preset(name)
         elif Path(name).is_dir():
             models[Path(name).name] = read_config(Path(name))
         else:

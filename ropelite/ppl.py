@@ -25,6 +25,13 @@ from .rope import RopeConfig
 PROTOCOLS = ("truncate", "sliding")
 
 
+def check_window(window: int, stride: int) -> None:
+    """The sliding protocol's one rule: a window of at least 2 tokens, moved by 1 <= S <= W."""
+    if not 1 <= stride <= window or window < 2:
+        raise RopeliteError(f"the stride ({stride}) must be between 1 and the window ({window}, at least 2), "
+                            "or some tokens would never be scored")
+
+
 def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over tokens 0..n_tokens-1.
 
@@ -34,9 +41,7 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     context. A window cannot predict its own first token, so S = W (windows side by side) advances by W - 1:
     each window starts on the last token of the one before. A document of at most W tokens is one window: the
     truncate protocol."""
-    if not 1 <= stride <= window or window < 2:
-        raise RopeliteError(f"the stride ({stride}) must be between 1 and the window ({window}, at least 2), "
-                            "or some tokens would never be scored")
+    check_window(window, stride)
     if n_tokens <= window:
         return [(0, n_tokens, 1)]
     step = min(stride, window - 1)
