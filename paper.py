@@ -22,6 +22,7 @@ again with the same --out. The report is rewritten after every piece.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import subprocess
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from ropelite.cli import ArgumentParser, run
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path
+from ropelite.io import atomic_path, write_json
 from ropelite.train_utils import latest_checkpoint, read_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -60,10 +61,13 @@ def plan(args) -> list[dict]:
         dict(name="attention", title="Attention distributions and JS divergence (seed paper Figure 2, Table 1)",
              argv=["analyze.py", "attention", *m, "--rope", "rope", "pi", "ntk", "yarn", "--factor", "4",
                    "--lengths", "2048", "8192", "--samples", "10" if paper else "2", "--out", str(out / "attention")]),
-        *[dict(name="needle", title=f"Needle in a haystack with attention entropy: {label} (seed paper Figure 4)",
+        *[dict(name="needle", key=f"needle-{folder}",
+               title=f"Needle in a haystack with attention entropy: {label} (seed paper Figure 4)",
                argv=["needle.py", *m, *rope, "--lengths", *needle_lengths,
-                     "--depths", *(["0:100:10"] if paper else ["10", "50", "90"]), "--out", str(out / "needle")])
-          for label, rope in (("RoPE", ["--rope", "rope"]), ("YaRN x4", ["--rope", "yarn", "--factor", "4"]))],
+                     "--depths", *(["0:100:10"] if paper else ["10", "50", "90"]),
+                     "--out", str(out / f"needle-{folder}")])
+          for label, folder, rope in (("RoPE", "rope", ["--rope", "rope"]),
+                                      ("YaRN x4", "yarn", ["--rope", "yarn", "--factor", "4"]))],
         dict(name="train", title="A short YaRN finetune: training loss and held-out loss",
              argv=["train.py", *m, "--rope", "yarn", "--factor", "4", "--len", "32768" if paper else "512",
                    *([] if paper else ["--tokens", "8192", "--batch-tokens", "1024", "--lr", "5e-5", "--warmup", "2",
@@ -71,6 +75,8 @@ def plan(args) -> list[dict]:
                    "--out", str(out / "train"),
                    *(["--resume"] if latest_checkpoint(out / "train") else [])]),  # train.py resumes on request only
     ]
+    for step in steps:
+        step.setdefault("key", step["name"])
     return [s for s in steps if s["name"] in args.only]
 
 
@@ -83,12 +89,17 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, limit: in
     if not rows:
         return "(no rows)\n"
     columns = columns or [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
-    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v))
+    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else escape_cell(str(v)))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows[:limit]]
     if len(rows) > limit:
         lines.append(f"\n({len(rows) - limit} more rows in the JSON)")
     return "\n".join(lines) + "\n"
+
+
+def escape_cell(text: str) -> str:
+    """A Markdown table cell: a newline or a pipe would end the cell or the row (generated answers hold both)."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
 
 
 def pivot(rows: list[dict], index: str, column: str, value: str) -> list[dict]:
@@ -112,23 +123,92 @@ def result_tables(folder: Path) -> list[tuple[str, list[dict]]]:
     return tables
 
 
-def write_report(out: Path, steps: list[dict], status: dict) -> Path:
+PIECES_FILE = "pieces.json"   # per piece: exit status, seconds, and a fingerprint of the results it left
+PRINTED = "printed.txt"        # what the piece printed on stdout: the compact tables the script itself shows
+
+
+def out_folder(step: dict) -> Path:
+    return Path(step["argv"][step["argv"].index("--out") + 1])
+
+
+def fingerprint(folder: Path) -> str | None:
+    """A hash of a piece's results (JSON, JSONL, CSV), to tell a rerun that added nothing from one that did."""
+    files = sorted(f for pattern in ("*.json", "*.jsonl", "*.csv") for f in folder.glob(pattern))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def run_piece(step: dict) -> tuple[int, float]:
+    """Run one piece as its own process, echoing its stdout and keeping it in the piece's folder."""
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, str(HERE / step["argv"][0]), *step["argv"][1:]],
+                            stdout=subprocess.PIPE, text=True)
+    printed = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        printed.append(line)
+    code = proc.wait()
+    folder = out_folder(step)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / PRINTED) as tmp:
+        tmp.write_text("".join(printed))
+    return code, time.time() - start
+
+
+def record(pieces: dict, step: dict, code: int, seconds: float) -> None:
+    """Keep the time of the run that produced the results: a rerun that only found them done keeps the old one."""
+    before = pieces.get(step["key"], {})
+    now = fingerprint(out_folder(step))
+    if code == 0 and before.get("code") == 0 and before.get("fingerprint") == now:
+        pieces[step["key"]] = {**before, "rerun_seconds": round(seconds, 1)}
+    else:
+        pieces[step["key"]] = {"code": code, "seconds": round(seconds, 1), "fingerprint": now}
+
+
+def status_line(piece: dict | None) -> str:
+    if piece is None:
+        return "Not run yet."
+    if piece["code"]:
+        return f"**Failed** with exit status {piece['code']} after {piece['seconds']:.0f} s; see the console output."
+    line = f"Finished in {piece['seconds']:.0f} s."
+    if "rerun_seconds" in piece:
+        line += f" (A later rerun found everything done in {piece['rerun_seconds']:.0f} s.)"
+    return line
+
+
+def piece_section(out: Path, step: dict, piece: dict | None) -> str:
+    """One piece: its command, status, the table it printed, pivots, figures and links to the full results."""
+    folder = out_folder(step)
+    parts = [f"## {step['title']}\n\n```\n{command_line(step['argv'])}\n```\n\n{status_line(piece)}\n"]
+    if not folder.is_dir():
+        return "\n".join(parts)
+    if (folder / PRINTED).is_file() and (folder / PRINTED).read_text().strip():
+        parts.append("What it printed:\n\n```\n" + (folder / PRINTED).read_text().rstrip() + "\n```\n")
+    if "pivot" in step:
+        index, column, value = step["pivot"]
+        for name, rows in result_tables(folder):
+            parts.append(f"`{name}`, {value} by {index} and {column}:\n\n"
+                         + markdown_table(pivot(rows, index, column, value)))
+    for png in sorted(folder.glob("*.png")):
+        parts.append(f"![{png.name}]({png.relative_to(out).as_posix()})\n")
+    for log in sorted(folder.glob("eval.jsonl")):  # train.py's held-out loss: a few rows
+        parts.append(f"`{log.name}`:\n\n" + markdown_table(read_metrics(log)))
+    links = [f"[{f.name}]({f.relative_to(out).as_posix()})" for pattern in ("*.csv", "*.jsonl")
+             for f in sorted(folder.glob(pattern))]
+    if links:
+        parts.append("Every row: " + ", ".join(links) + ".\n")
+    return "\n".join(parts)
+
+
+def write_report(out: Path, steps: list[dict], pieces: dict) -> Path:
     parts = ["# ropelite: the seed paper in miniature\n",
              "Made by `" + command_line(["paper.py", *sys.argv[1:]]) + "`. Each section gives the exact command "
              "that produced it; run it alone to redo that piece.\n"]
-    for step in steps:
-        folder = Path(step["argv"][step["argv"].index("--out") + 1])
-        parts.append(f"## {step['title']}\n\n```\n{command_line(step['argv'])}\n```\n\n{status.get(id(step), 'not run')}\n")
-        if folder.is_dir():
-            for name, rows in result_tables(folder):
-                if "pivot" in step:
-                    index, column, value = step["pivot"]
-                    name, rows = f"{name}, {value} by {index} and {column}", pivot(rows, index, column, value)
-                parts.append(f"`{name}`:\n\n" + markdown_table(rows))
-            for png in sorted(folder.glob("*.png")):
-                parts.append(f"![{png.name}]({png.relative_to(out).as_posix()})\n")
-            for log in sorted(folder.glob("*.jsonl")):  # train.py's metrics.jsonl and eval.jsonl
-                parts.append(f"`{log.name}`:\n\n" + markdown_table(read_metrics(log)))
+    parts += [piece_section(out, step, pieces.get(step["key"])) for step in steps]
     report = out / "report.md"
     with atomic_path(report) as tmp:
         tmp.write_text("\n".join(parts))
@@ -137,7 +217,7 @@ def write_report(out: Path, steps: list[dict], status: dict) -> Path:
 
 def main(argv=None) -> None:
     p = ArgumentParser(prog="paper.py", description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (default), a Hugging Face LLaMa folder, or a .gguf file")
     p.add_argument("--device", default="cpu", help="torch device for every piece (default cpu)")
@@ -150,19 +230,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps, status = plan(args), {}
-    failed, report = [], write_report(out, steps, status)
+    steps = plan(args)
+    pieces = json.loads((out / PIECES_FILE).read_text()) if (out / PIECES_FILE).is_file() else {}
+    report = write_report(out, steps, pieces)
     for step in steps:
         print(f"\n=== {step['title']}\n{command_line(step['argv'])}", flush=True)
-        start = time.time()
-        code = subprocess.call([sys.executable, str(HERE / step["argv"][0]), *step["argv"][1:]])
-        seconds = time.time() - start
-        status[id(step)] = (f"Finished in {seconds:.0f} s." if code == 0 else
-                            f"**Failed** with exit status {code} after {seconds:.0f} s; see the console output.")
-        if code:
-            failed.append(step["name"])
-        report = write_report(out, steps, status)
+        record(pieces, step, *run_piece(step))
+        write_json(out / PIECES_FILE, pieces)
+        report = write_report(out, steps, pieces)
     print(f"\nreport: {report}")
+    failed = [s["key"] for s in steps if pieces[s["key"]]["code"]]
     if failed:
         raise RopeliteError(f"pieces that failed: {', '.join(failed)} (the report says which; rerun to resume)")
 

@@ -36,3 +36,44 @@ def test_report_of_a_piece_and_of_a_failed_one(tmp_path, tiny_llama):
     with pytest.raises(RopeliteError, match="pieces that failed: freqs"):
         paper.main(["--model", str(tmp_path / "missing"), "--only", "freqs", "--out", str(tmp_path / "bad")])
     assert "**Failed** with exit status 2" in (tmp_path / "bad" / "report.md").read_text()
+
+
+def test_cells_with_newlines_and_pipes_stay_in_their_row():
+    table = paper.markdown_table([{"answer": "The key is 4|2.\nBye", "pass": True}])
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[2] == "| The key is 4\\|2.<br>Bye | True |"
+
+
+def test_each_needle_piece_writes_its_own_folder(tmp_path):
+    args = paper.argparse.Namespace(model="smollm2", device="cpu", scale="mini", only=["needle"], out=str(tmp_path))
+    folders = [paper.out_folder(step) for step in paper.plan(args)]
+    assert folders == [tmp_path / "needle-rope", tmp_path / "needle-yarn"]
+
+
+def test_a_rerun_that_finds_everything_done_keeps_the_real_time(tmp_path, tiny_llama, monkeypatch):
+    save_model(tiny_llama(), tmp_path / "tiny")
+    out = tmp_path / "run"
+    run_args = ["--model", str(tmp_path / "tiny"), "--only", "freqs", "--out", str(out)]
+    paper.main(run_args)
+    first = paper.json.loads((out / paper.PIECES_FILE).read_text())["freqs"]
+    monkeypatch.setattr(paper.time, "time", lambda: 1e9)  # the rerun "takes" 0 s: easy to tell apart
+    paper.main(run_args)
+    again = paper.json.loads((out / paper.PIECES_FILE).read_text())["freqs"]
+    assert again["seconds"] == first["seconds"] and again["rerun_seconds"] == 0
+    report = (out / "report.md").read_text()
+    assert f"Finished in {first['seconds']:.0f} s. (A later rerun found everything done in 0 s.)" in report
+    assert "What it printed:" in report and "[freqs.csv](freqs/freqs.csv)" in report
+
+
+def test_new_results_or_a_failure_take_the_new_time(tmp_path):
+    step = {"key": "ppl", "argv": ["eval_ppl.py", "--out", str(tmp_path)]}
+    (tmp_path / "ppl.json").write_text("[1]")
+    pieces = {}
+    paper.record(pieces, step, 0, 100.0)
+    paper.record(pieces, step, 0, 2.0)                      # nothing new: the 100 s stay
+    assert pieces["ppl"]["seconds"] == 100.0
+    (tmp_path / "ppl.json").write_text("[1, 2]")            # a row more: this run's time
+    paper.record(pieces, step, 0, 50.0)
+    assert pieces["ppl"] == {"code": 0, "seconds": 50.0, "fingerprint": paper.fingerprint(tmp_path)}
+    paper.record(pieces, step, 3, 1.0)                       # a failure always shows
+    assert pieces["ppl"]["code"] == 3 and pieces["ppl"]["seconds"] == 1.0
