@@ -189,12 +189,13 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("extra, message", [
-    (["--rope", "yarn", "--factor", "0.5"], "--factor must be >= 1"),
+    (["--rope", "yarn", "--factor", "0.5"], r"^rope factor must be >= 1 \(extension, not compression\), got 0.5$"),
     (["--tokens", "100"], "less than one optimizer step"),
     (["--batch-tokens", "16"], "less than one sequence"),
     (["--data", "/no/such/file.txt"], "data not found"),
     (["--micro-batch", "3"], "do not split into micro-batches"),
-    (["--base", "1e6"], "needs --rope ntk"),
+    (["--base", "1e6"], "^a new base is an NTK setting; rope 'rope' does not take one$"),   # the model's own rope
+    (["--rope", "pi", "--base", "1e6"], "^a new base is an NTK setting; rope 'pi' does not take one$"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, extra, message):
     with pytest.raises(RopeliteError, match=message):
@@ -251,5 +252,5 @@ def test_command_line_error_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--rope", "pi", "--factor", "0.5",
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: --factor must be >= 1 (an extension, not a compression), "
-                                                "got 0.5"]
+    assert done.stderr.strip().splitlines() == ["error: rope factor must be >= 1 (extension, not compression), "
+                                                "got 0.5"]   # RopeConfig's rule and message
