@@ -52,19 +52,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ropelite.cli import (DTYPES, ArgumentParser, add_data_args, add_model_args, check, rope_overrides, run,
-                          token_bar)
-from ropelite.data import load_documents
+from ropelite.cli import DTYPES, ArgumentParser, add_data_args, add_model_args, check, run, token_bar
+from ropelite.data import PackedSequences, load_documents, pack_documents
 from ropelite.errors import RopeliteError
+from ropelite.io import append_jsonl, truncate_jsonl
 from ropelite.model import Llama, LlamaConfig, load_model, model_from_state, read_config
 from ropelite.rope import RopeConfig
-from ropelite.train_utils import (OPTIMIZER_STATE, SCHEDULES, ByteTokenizer, PackedSequences, accumulate_gradients,
-                                  append_jsonl, clip_gradients, evaluate_nll, latest_checkpoint, learning_rate,
-                                  load_trainer_state, pack_documents, peak_memory_mb, random_model, rng_state,
-                                  save_checkpoint, set_rng_state, truncate_metrics)
+from ropelite.tokenizer import ByteTokenizer, first_id, load_tokenizer
+from ropelite.training import (OPTIMIZER_STATE, SCHEDULES, accumulate_gradients, clip_gradients, evaluate_nll,
+                               latest_checkpoint, learning_rate, load_trainer_state, peak_memory_mb, random_model,
+                               rng_state, save_checkpoint, set_rng_state)
 
 # A resumed run must be the same run: these flags may change between invocations, every other must not.
 RESUMABLE_CHANGES = {"resume", "save_every", "stop_after", "device", "micro_batch", "out", "quiet", "eval_every"}
+METRICS, EVAL_LOG = "metrics.jsonl", "eval.jsonl"  # in --out: one row per step; one per held-out evaluation
 
 
 def token_count(text: str) -> int:
@@ -161,6 +162,11 @@ class Dist:
         if self.mesh is not None:
             torch.distributed.barrier()
 
+    def say(self, *parts) -> None:
+        """Progress and notices on stderr, from the main process only."""
+        if self.main:
+            print(*parts, file=sys.stderr, flush=True)
+
 
 def setup_distributed(device: str) -> Dist:
     """Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per CPU process with gloo."""
@@ -178,10 +184,8 @@ def setup_distributed(device: str) -> Dist:
 
 
 def check_flags(args) -> None:
+    """The flags' own rules; the RoPE's (factor >= 1, --base only for ntk) are RopeConfig's, checked as it is built."""
     check(args.len >= 2, f"--len must be at least 2 tokens, got {args.len}")
-    check(args.factor is None or args.factor >= 1,
-          f"--factor must be >= 1 (an extension, not a compression), got {args.factor}")
-    check(args.base is None or args.rope == "ntk", "--base is the new base of --rope ntk; it needs --rope ntk")
     check(args.dtype != "fp16", "--dtype fp16 needs loss scaling, which train.py does not do: use bf16")
     check(args.micro_batch >= 1, f"--micro-batch must be >= 1, got {args.micro_batch}")
     check(args.lr > 0 and args.warmup >= 0 and args.clip >= 0, "--lr must be > 0, --warmup and --clip >= 0")
@@ -243,8 +247,7 @@ def random_vocabulary(docs: list) -> tuple[object, int, int]:
     arrays = [d for d in docs if isinstance(d, np.ndarray)]
     if len(arrays) < len(docs):
         return ByteTokenizer(), ByteTokenizer.vocab_size, ByteTokenizer.eos_id
-    largest = max(int(a.max()) for a in arrays if a.size)
-    check(min(int(a.min()) for a in arrays if a.size) >= 0, "pre-tokenised data holds a negative token id")
+    largest = max(int(a.max()) for a in arrays if a.size)  # a negative id is tokenize_checked's error, in packing
     return None, largest + 2, largest + 1
 
 
@@ -265,16 +268,88 @@ def shard(model: Llama, mesh) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Training
+# Preparing the run: everything that bad input can fail, before any weight is loaded
 # --------------------------------------------------------------------------------------------------------------
 
-def train(args, dist: Dist) -> Path:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if dist.main else (lambda *a: None)
-    device = dist.device
-    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+@dataclass
+class Run:
+    """One run, as decided before its first weight exists."""
+    args: argparse.Namespace
+    out: Path
+    checkpoint: Path | None       # the checkpoint to resume from, None for a new run
+    state: dict | None            # its trainer state: step, data position, RNG, flags
+    config: LlamaConfig           # the model, with the RoPE it trains with
+    source: Path | None           # the pretrained model's folder; None for --init random
+    overrides: dict               # the RoPE flags, as load_model takes them
+    steps: int                    # optimizer steps of the whole run
+    per_step: int                 # sequences per optimizer step, over all ranks
+    sequences: PackedSequences    # the training stream: sequence i is a pure function of i
+    held_out: list                # this rank's (1, len) held-out sequences; [] = no evaluation
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens of one optimizer step, over all ranks: the unit of --tokens and of every log's "tokens"."""
+        return self.per_step * self.args.len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.args.dtype]
+
+
+def choose_model(args, docs: list) -> tuple[LlamaConfig, Path | None, object, int]:
+    """(the model's own config, its folder (None for --init random), its tokenizer or None, the EOS id)."""
+    if args.init == "random":
+        tokenizer, vocab, eos = random_vocabulary(docs)
+        return random_config(args, vocab, eos), None, tokenizer, eos
+    from ropelite.hub import resolve_model
+    source = resolve_model(args.model)
+    base = read_config(source)
+    tokenizer = load_tokenizer(source)
+    eos = tokenizer.eos_id if tokenizer is not None else first_id(base.eos_token_id)
+    check(eos is not None, f"{args.model} names no EOS token, which separates packed documents")
+    return base, source, tokenizer, eos
+
+
+def budget(args, world: int) -> tuple[int, int]:
+    """(steps, sequences per step): --tokens in steps of --batch-tokens, each split evenly over the ranks."""
+    per_step = args.batch_tokens // args.len
+    step_tokens = per_step * args.len
+    steps = args.tokens // step_tokens
+    check(steps >= 1, f"--tokens {args.tokens} is less than one optimizer step ({per_step} sequences of "
+                      f"{args.len} = {step_tokens} tokens); raise --tokens or lower --batch-tokens")
+    check(per_step % (args.micro_batch * world) == 0,
+          f"{per_step} sequences per step do not split into micro-batches of {args.micro_batch} on "
+          f"{world} process(es); choose --micro-batch / --batch-tokens so that they do")
+    return steps, per_step
+
+
+def held_out_set(args, rest: list, tokenizer, eos: int, vocab: int, step_tokens: int, dist: Dist) -> list:
+    """This rank's (1, len) held-out sequences from ``rest``, the documents after those the training stream
+    holds (so never trained on); [] when there is none. Every rank scores the same number of sequences, because an
+    FSDP forward is a collective that all ranks must join."""
+    eval_tokens = step_tokens if args.eval_tokens is None else args.eval_tokens
+    per_rank = math.ceil(math.ceil(eval_tokens / args.len) / dist.world)
+    if not per_rank:
+        return []
+    if not rest:
+        dist.say("eval: the training stream takes every document, none is left to hold out: no evaluation "
+                 "(give more --data or a smaller --tokens, or --eval-tokens 0 to silence this)")
+        return []
+    stream, used = pack_documents(rest, tokenizer, eos, per_rank * dist.world * args.len, vocab)
+    if stream.size < args.len:
+        dist.say(f"eval: the {used} documents left after the training stream hold {stream.size} tokens, less "
+                 f"than one sequence of {args.len}: no evaluation (give more --data, or --eval-tokens 0)")
+        return []
+    held = PackedSequences(stream, args.len)
+    dist.say(f"eval: {per_rank * dist.world} held-out sequences of {args.len} tokens from {used} documents "
+             f"({stream.size:,} distinct tokens) before step 1, every {args.eval_every} steps and at the end")
+    return [held.batch(dist.rank * per_rank + i, 1).to(dist.device) for i in range(per_rank)]
+
+
+def prepare(args, dist: Dist) -> Run:
+    """Check the flags and --out; choose the model and its RoPE (RopeConfig checks the RoPE flags); size the
+    budget; pack the training stream and the held-out set; copy the tokenizer files to a new run's --out."""
+    args.dtype = args.dtype or ("bf16" if dist.device.type == "cuda" else "fp32")
     check_flags(args)
     out = Path(args.out or f"runs/train/{Path(args.model).name if args.init == 'pretrained' else 'random'}"
                            f"-{args.rope or 'own'}-{args.len}")
@@ -282,189 +357,201 @@ def train(args, dist: Dist) -> Path:
     state = load_trainer_state(checkpoint) if checkpoint else None
     if state is not None:
         check_same_run(state["args"], args)
-
-    # The model's config (with the RoPE it trains with), its tokenizer, and where its weights come from.
     docs = load_documents(args.data, kind=args.builtin)
-    if args.init == "pretrained":
-        from ropelite.hub import resolve_model
-        from ropelite.tokenizer import first_id, load_tokenizer
-        source = resolve_model(args.model)
-        base = read_config(source)
-        tokenizer = load_tokenizer(source)
-        eos = tokenizer.eos_id if tokenizer is not None else first_id(base.eos_token_id)
-        check(eos is not None, f"{args.model} names no EOS token, which separates packed documents")
-        if tokenizer is not None and dist.main and not args.resume:
-            copy_tokenizer_files(source, out)
-    else:
-        tokenizer, vocab, eos = random_vocabulary(docs)
-        base = random_config(args, vocab, eos)
-    rope = args.rope or base.rope.type
+    base, source, tokenizer, eos = choose_model(args, docs)
     original = base.rope.original_max_position_embeddings
-    overrides = rope_overrides(args.rope, default_factor(rope, args.len, original, args.factor), args.base)
+    factor = default_factor(args.rope or base.rope.type, args.len, original, args.factor)
+    # --base goes to RopeConfig whatever --rope is, so that it, not train.py, refuses it on another variant
+    overrides = {"rope": args.rope, "factor": factor, **({} if args.base is None else {"base": args.base})}
     config = read_config(checkpoint) if checkpoint else base.with_rope(**overrides)
 
-    # The budget: steps of S sequences; each rank runs S / world of them as micro-batches.
-    per_step = args.batch_tokens // args.len
-    steps = args.tokens // (per_step * args.len)
-    check(steps >= 1, f"--tokens {args.tokens} is less than one optimizer step ({per_step} sequences of "
-                      f"{args.len} = {per_step * args.len} tokens); raise --tokens or lower --batch-tokens")
-    check(per_step % (args.micro_batch * dist.world) == 0,
-          f"{per_step} sequences per step do not split into micro-batches of {args.micro_batch} on "
-          f"{dist.world} process(es); choose --micro-batch / --batch-tokens so that they do")
-    per_rank = per_step // dist.world
-    n_predicted = per_step * (args.len - 1)  # next-token targets in one step (the last token predicts nothing)
-    stream, used = pack_documents(docs, tokenizer, eos, steps * per_step * args.len)
-    sequences = PackedSequences(stream, args.len)
-    say(f"train: {config.rope.describe()} (theta {config.rope.theta:g}, L {original} -> len {args.len}), "
-        f"{steps} steps x {per_step} sequences x {args.len} tokens = {steps * per_step * args.len:,} tokens "
-        f"(of --tokens {args.tokens:,}); {per_step // (args.micro_batch * dist.world)} micro-batch(es) of "
-        f"{args.micro_batch} x {dist.world} process(es); {args.dtype}, grad-ckpt {'on' if args.grad_ckpt else 'off'}")
-    say(f"data: {stream.size:,} tokens from {used} of {len(docs)} documents; the run reads it "
-        f"{steps * per_step * args.len / stream.size:.2f} times")
+    steps, per_step = budget(args, dist.world)
+    step_tokens = per_step * args.len
+    stream, used = pack_documents(docs, tokenizer, eos, steps * step_tokens, config.vocab_size)
+    micro = per_step // (args.micro_batch * dist.world)
+    dist.say(f"train: {config.rope.describe()} (theta {config.rope.theta:g}, L {original} -> len {args.len}), "
+             f"{steps} steps x {per_step} sequences x {args.len} tokens = {steps * step_tokens:,} tokens (of "
+             f"--tokens {args.tokens:,}); {micro} micro-batch(es) of {args.micro_batch} x {dist.world} "
+             f"process(es); {args.dtype}, grad-ckpt {'on' if args.grad_ckpt else 'off'}")
+    dist.say(f"data: {stream.size:,} tokens from {used} of {len(docs)} documents; the run reads it "
+             f"{steps * step_tokens / stream.size:.2f} times")
+    held_out = held_out_set(args, docs[used:], tokenizer, eos, config.vocab_size, step_tokens, dist)
+    if source is not None and tokenizer is not None and dist.main and not args.resume:
+        copy_tokenizer_files(source, out)
+    return Run(args, out, checkpoint, state, config, source, overrides, steps, per_step,
+               PackedSequences(stream, args.len), held_out)
 
-    # Held-out text: the documents after those the training stream holds, so never trained on. Every rank scores
-    # the same number of sequences, because an FSDP forward is a collective that all ranks must join.
-    eval_tokens = per_step * args.len if args.eval_tokens is None else args.eval_tokens
-    eval_per_rank = math.ceil(math.ceil(eval_tokens / args.len) / dist.world)
-    held_out = []  # this rank's (1, len) held-out sequences
-    if eval_per_rank and used == len(docs):
-        say("eval: the training stream takes every document, none is left to hold out: no evaluation "
-            "(give more --data or a smaller --tokens, or --eval-tokens 0 to silence this)")
-    elif eval_per_rank:
-        held_stream, held_docs = pack_documents(docs[used:], tokenizer, eos, eval_per_rank * dist.world * args.len)
-        if held_stream.size < args.len:
-            say(f"eval: the {held_docs} documents left after the training stream hold {held_stream.size} tokens, "
-                f"less than one sequence of {args.len}: no evaluation (give more --data, or --eval-tokens 0)")
-        else:
-            held = PackedSequences(held_stream, args.len)
-            held_out = [held.batch(dist.rank * eval_per_rank + i, 1).to(device) for i in range(eval_per_rank)]
-            say(f"eval: {eval_per_rank * dist.world} held-out sequences of {args.len} tokens from {held_docs} "
-                f"documents ({held_stream.size:,} distinct tokens) before step 1, every {args.eval_every} steps "
-                f"and at the end")
 
-    # Weights: the checkpoint's, the pretrained ones, or new ones; fp32 masters on the device (or sharded).
-    torch.manual_seed(args.seed)
+# --------------------------------------------------------------------------------------------------------------
+# The model, its checkpoints and its held-out loss
+# --------------------------------------------------------------------------------------------------------------
 
-    def source_model(where) -> Llama:
-        if checkpoint:
-            return load_model(checkpoint, dtype=torch.float32, device=where)
-        if args.init == "pretrained":
-            return load_model(source, dtype=torch.float32, device=where, **overrides)
-        return random_model(config, args.seed).to(where)
+def source_model(run: Run, where) -> Llama:
+    """The weights to start from, fp32 on ``where``: the checkpoint's, the pretrained ones, or new ones."""
+    if run.checkpoint:
+        return load_model(run.checkpoint, dtype=torch.float32, device=where)
+    if run.source is not None:
+        return load_model(run.source, dtype=torch.float32, device=where, **run.overrides)
+    return random_model(run.config, run.args.seed).to(where)
 
+
+def build_model(run: Run, dist: Dist) -> Llama:
+    """fp32 master weights on the device, or sharded over the ranks (rank 0 reads them, then broadcasts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    torch.manual_seed(run.args.seed)
     if dist.mesh is None:
-        model = source_model(device)
+        model = source_model(run, dist.device)
     else:
-        full = source_model("cpu").state_dict() if dist.main else {}
+        full = source_model(run, "cpu").state_dict() if dist.main else {}
         with torch.device("meta"):
-            model = Llama(config)
+            model = Llama(run.config)
         shard(model, dist.mesh)
-        model.to_empty(device=device)
+        model.to_empty(device=dist.device)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
-    model.gradient_checkpointing = args.grad_ckpt
+    model.gradient_checkpointing = run.args.grad_ckpt
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.wd)
+    return model
 
-    start = 0
-    if state is not None:
-        options = (StateDictOptions() if dist.mesh is None else
-                   StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        optim_state = load_trainer_state(checkpoint, OPTIMIZER_STATE) if dist.main else {}
-        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
-        del optim_state
-        set_rng_state(state["rng"], device)
-        start = state["step"]
-        check(state["sequences"] == start * per_step, "the checkpoint's data position does not match its step")
-        say(f"resuming {checkpoint} at step {start} of {steps}")
-    metrics, eval_log = out / "metrics.jsonl", out / "eval.jsonl"
+
+def restore(run: Run, model: Llama, optimizer, dist: Dist) -> int:
+    """The step to start from: 0 for a new run, else the checkpoint's, its optimizer state and RNG put back."""
+    if run.state is None:
+        return 0
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    options = (StateDictOptions() if dist.mesh is None else
+               StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    optim_state = load_trainer_state(run.checkpoint, OPTIMIZER_STATE) if dist.main else {}
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    del optim_state
+    set_rng_state(run.state["rng"], dist.device)
+    start = run.state["step"]
+    check(run.state["sequences"] == start * run.per_step, "the checkpoint's data position does not match its step")
+    dist.say(f"resuming {run.checkpoint} at step {start} of {run.steps}")
+    return start
+
+
+def save(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> None:
+    """out/checkpoint at ``step`` (model, optimizer, data position, RNG), and the model published in out."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)  # collectives: every rank calls them
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     if dist.main:
-        truncate_metrics(metrics, start)
-        # A resumed run keeps its checkpoint step's held-out row (written before that save); a new run, perhaps
-        # in the folder of one killed before its first checkpoint, scores step 0 afresh.
-        truncate_metrics(eval_log, start if start else -1)
-    del state
+        args = run.args
+        record = {**run.config.to_hf()["ropelite"],
+                  "trained": {"len": args.len, "step": step, "steps": run.steps, "tokens": step * run.step_tokens,
+                              "batch_tokens": run.step_tokens, "init": args.init,
+                              "model": args.model if args.init == "pretrained" else None}}
+        save_checkpoint(run.out, model_from_state(run.config, model_state),
+                        {"step": step, "sequences": step * run.per_step, "tokens": step * run.step_tokens,
+                         "rng": rng_state(dist.device), "args": vars(args)},
+                        optim_state, extra_config={"ropelite": record})
+    dist.barrier()
 
-    def save(step: int) -> None:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(model, options=options)  # collectives: every rank calls them
-        optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-        if dist.main:
-            record = {**config.to_hf()["ropelite"],
-                      "trained": {"len": args.len, "step": step, "steps": steps, "tokens": step * per_step * args.len,
-                                  "batch_tokens": per_step * args.len, "init": args.init,
-                                  "model": args.model if args.init == "pretrained" else None}}
-            save_checkpoint(out, model_from_state(config, model_state),
-                            {"step": step, "sequences": step * per_step, "tokens": step * per_step * args.len,
-                             "rng": rng_state(device), "args": vars(args)},
-                            optim_state, extra_config={"ropelite": record})
-        dist.barrier()
 
-    def evaluate(step: int) -> None:
-        """Mean next-token NLL of the held-out sequences with the current weights, appended to eval.jsonl."""
-        nll = evaluate_nll(model, held_out, DTYPES[args.dtype])
-        if dist.mesh is not None:
-            torch.distributed.all_reduce(nll)
-        loss = nll.item() / (eval_per_rank * dist.world * (args.len - 1))
-        if dist.main:
-            append_jsonl(eval_log, {"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss),
-                                    "eval_tokens": eval_per_rank * dist.world * args.len,
-                                    "tokens": step * per_step * args.len})
-        say(f"eval at step {step}: held-out loss {loss:.4f} (ppl {math.exp(loss):.3f})")
+def evaluate(run: Run, model: Llama, step: int, dist: Dist) -> None:
+    """Mean next-token NLL of the held-out sequences with the current weights, appended to eval.jsonl."""
+    nll = evaluate_nll(model, run.held_out, run.dtype)
+    if dist.mesh is not None:
+        torch.distributed.all_reduce(nll)
+    sequences = len(run.held_out) * dist.world
+    loss = nll.item() / (sequences * (run.args.len - 1))
+    if dist.main:
+        append_jsonl(run.out / EVAL_LOG, {"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss),
+                                          "eval_tokens": sequences * run.args.len, "tokens": step * run.step_tokens})
+    dist.say(f"eval at step {step}: held-out loss {loss:.4f} (ppl {math.exp(loss):.3f})")
 
-    if held_out and start == 0:
-        evaluate(0)
-    bar = token_bar(steps * per_step * args.len, f"train {config.rope.describe()} @{args.len}") \
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+
+def optimizer_step(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> tuple[float, float, float]:
+    """Optimizer step ``step`` (0-based) on this rank's share of its sequences: (mean loss over all ranks in
+    nats/token, gradient norm before clipping, learning rate). A non-finite loss or norm stops the run here,
+    before the weights change."""
+    args = run.args
+    lr = learning_rate(step, args.lr, args.warmup, run.steps, args.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    per_rank = run.per_step // dist.world
+    first = step * run.per_step + dist.rank * per_rank  # this rank's sequences of the global step
+    batches = [run.sequences.batch(first + i, args.micro_batch).to(dist.device)
+               for i in range(0, per_rank, args.micro_batch)]
+    n_predicted = run.per_step * (args.len - 1)  # next-token targets in one step (the last token predicts nothing)
+    nll = accumulate_gradients(model, batches, n_predicted, run.dtype, scale=dist.world)
+    if dist.mesh is not None:
+        torch.distributed.all_reduce(nll)
+    loss = nll.item() / n_predicted
+    norm = clip_gradients(model, args.clip)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        last = latest_checkpoint(run.out)
+        kept = (f"the last good checkpoint is {last} (step {load_trainer_state(last)['step']})" if last
+                else "no checkpoint was saved yet")
+        raise RopeliteError(f"loss {loss} (gradient norm {norm}) at step {step + 1}: stopped before updating "
+                            f"the weights; {kept}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm, lr
+
+
+def fit(run: Run, model: Llama, optimizer, start: int, dist: Dist) -> int:
+    """Steps ``start`` .. until the run ends or --stop-after: one metrics.jsonl row each, held-out evaluation
+    every --eval-every steps and checkpoints every --save-every, both at the end too. Returns the last step."""
+    args, device = run.args, dist.device
+    bar = token_bar(run.steps * run.step_tokens, f"train {run.config.rope.describe()} @{args.len}") \
         if dist.main and not args.quiet else None
     if bar is not None:
-        bar.initial = bar.n = start * per_step * args.len  # the rate counts this invocation's tokens only
+        bar.initial = bar.n = start * run.step_tokens  # the rate counts this invocation's tokens only
         bar.refresh()
     began, done = time.perf_counter(), start
-    for step in range(start, steps):
+    for step in range(start, run.steps):
         tick = time.perf_counter()
-        lr = learning_rate(step, args.lr, args.warmup, steps, args.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        first = step * per_step + dist.rank * per_rank  # this rank's sequences of the global step
-        batches = [sequences.batch(first + i, args.micro_batch).to(device)
-                   for i in range(0, per_rank, args.micro_batch)]
-        nll = accumulate_gradients(model, batches, n_predicted, DTYPES[args.dtype], scale=dist.world)
-        if dist.mesh is not None:
-            torch.distributed.all_reduce(nll)
-        loss = nll.item() / n_predicted
-        norm = clip_gradients(model, args.clip)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            last = latest_checkpoint(out)
-            kept = (f"the last good checkpoint is {last} (step {load_trainer_state(last)['step']})" if last
-                    else "no checkpoint was saved yet")
-            raise RopeliteError(f"loss {loss} (gradient norm {norm}) at step {step + 1}: stopped before updating "
-                                f"the weights; {kept}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, norm, lr = optimizer_step(run, model, optimizer, step, dist)
         done = step + 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - tick
         if dist.main:
-            row = {"step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": done * per_step * args.len,
-                   "tokens_per_s": per_step * args.len / seconds, "peak_mem_mb": peak_memory_mb(device),
-                   "mem": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
-                   "elapsed_s": time.perf_counter() - began}
-            append_jsonl(metrics, row)
+            append_jsonl(run.out / METRICS, {
+                "step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": done * run.step_tokens,
+                "tokens_per_s": run.step_tokens / seconds, "peak_mem_mb": peak_memory_mb(device),
+                "mem": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
+                "elapsed_s": time.perf_counter() - began})
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(per_step * args.len)
+            bar.update(run.step_tokens)
         stop = args.stop_after is not None and done - start >= args.stop_after
-        if held_out and (done == steps or (args.eval_every and done % args.eval_every == 0)):
-            evaluate(done)
-        if done == steps or stop or (args.save_every and done % args.save_every == 0):
-            save(done)
+        if run.held_out and (done == run.steps or (args.eval_every and done % args.eval_every == 0)):
+            evaluate(run, model, done, dist)
+        if done == run.steps or stop or (args.save_every and done % args.save_every == 0):
+            save(run, model, optimizer, done, dist)
         if stop:
             break
     if bar is not None:
         bar.close()
-    say(f"train: {out} holds step {done} of {steps}" + ("" if done == steps else "; continue with --resume"))
-    return out
+    return done
+
+
+def train(args, dist: Dist) -> Path:
+    """Prepare, build (or restore) the model, then fit; returns --out."""
+    run = prepare(args, dist)
+    model = build_model(run, dist)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.wd)
+    start = restore(run, model, optimizer, dist)
+    if dist.main:
+        truncate_jsonl(run.out / METRICS, start)
+        # A resumed run keeps its checkpoint step's held-out row (written before that save); a new run, perhaps
+        # in the folder of one killed before its first checkpoint, scores step 0 afresh.
+        truncate_jsonl(run.out / EVAL_LOG, start if start else -1)
+    if run.held_out and start == 0:
+        evaluate(run, model, 0, dist)
+    done = fit(run, model, optimizer, start, dist)
+    dist.say(f"train: {run.out} holds step {done} of {run.steps}" +
+             ("" if done == run.steps else "; continue with --resume"))
+    return run.out
 
 
 def main(argv=None) -> Path:

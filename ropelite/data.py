@@ -1,7 +1,9 @@
 """Documents to evaluate on: text every Python install has, or the user's `--data`.
 
 A document is either a `str` (text, tokenised later with the model's tokenizer) or a 1-D `np.ndarray` of token
-ids (pre-tokenised input, passed through untouched). `tokenize_documents` turns both into int64 id arrays.
+ids (pre-tokenised input, passed through untouched). `tokenize_checked` turns both into int64 id arrays and
+checks them against the model's vocabulary. For training, `pack_documents` joins them as doc EOS doc EOS ... and
+`PackedSequences` cuts that stream into `len`-token sequences without document masks, as YaRN trains.
 
 Built-in text (no download, deterministic for a given Python version):
 - "prose": the reference manual topics in `pydoc_data.topics` (79 documents, ~465K characters on 3.11), in
@@ -21,6 +23,7 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ropelite.errors import RopeliteError
 
@@ -128,19 +131,59 @@ def _read(path: Path) -> list:
         raise RopeliteError(f"{path} is not UTF-8 text") from e
 
 
-def tokenize_documents(docs, tokenizer) -> list[np.ndarray]:
-    """int64 token ids per document: text is encoded (BOS as the tokenizer's files say), arrays pass through."""
-    out = []
+def tokenize_checked(docs, tokenizer, vocab_size: int | None, need: int | None = None, *,
+                     add_bos: bool | None = None, eos_id: int | None = None) -> list[np.ndarray]:
+    """int64 token ids per document, in order: text is encoded (BOS as the tokenizer's files say, or as
+    ``add_bos`` says), arrays pass through; with ``eos_id`` each document ends with it. With ``need``, documents
+    are tokenised only until their ids total at least ``need`` (all of them when the corpus is shorter), so a
+    short run does not pay for a large corpus. Every id must index the model's embedding table: one outside
+    [0, vocab_size) is an error naming it, where a token file made with another vocabulary would otherwise be an
+    IndexError deep in the model (``vocab_size=None`` skips the check)."""
+    out, total = [], 0
     for doc in docs:
         if isinstance(doc, np.ndarray):
             ids = doc.astype(np.int64)
         elif tokenizer is None:
             raise RopeliteError("text documents need a tokenizer, and this model has none")
         else:
-            ids = np.asarray(tokenizer.encode(doc), dtype=np.int64)
-        # a token file made with another vocabulary would otherwise index out of the embedding table
-        if tokenizer is not None and ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-            bad = ids.min() if ids.min() < 0 else ids.max()
-            raise RopeliteError(f"token id {int(bad)} outside the tokenizer's vocabulary ({tokenizer.vocab_size} ids)")
+            ids = np.asarray(tokenizer.encode(doc) if add_bos is None else tokenizer.encode(doc, add_bos=add_bos),
+                             dtype=np.int64)
+        if eos_id is not None:
+            ids = np.append(ids, np.int64(eos_id))
+        if vocab_size is not None:
+            bad = ids[(ids < 0) | (ids >= vocab_size)]
+            if bad.size:
+                raise RopeliteError(f"token id {int(bad[0])} outside the model's vocabulary ({vocab_size} ids)")
         out.append(ids)
+        total += ids.size
+        if need is not None and total >= need:
+            break
     return out
+
+
+def tokenize_documents(docs, tokenizer) -> list[np.ndarray]:
+    """`tokenize_checked` of every document against the tokenizer's own vocabulary (no check without one)."""
+    return tokenize_checked(docs, tokenizer, tokenizer.vocab_size if tokenizer is not None else None)
+
+
+def pack_documents(docs: list, tokenizer, eos_id: int, needed: int,
+                   vocab_size: int | None = None) -> tuple[np.ndarray, int]:
+    """The token stream doc_0 EOS doc_1 EOS ... (int64), and how many documents it holds: documents are
+    tokenised (and checked against ``vocab_size``) in order only until ``needed`` tokens are there, so the
+    stream is the same prefix whatever ``needed`` is."""
+    parts = tokenize_checked(docs, tokenizer, vocab_size, needed, eos_id=eos_id)
+    return np.concatenate(parts), len(parts)
+
+
+class PackedSequences:
+    """Sequence i = tokens [i*len, (i+1)*len) of the stream repeated end to end: a pure function of i, so a
+    checkpoint's data position is one integer, the number of sequences consumed."""
+
+    def __init__(self, stream: np.ndarray, length: int):
+        self.stream, self.length = np.asarray(stream, dtype=np.int64), length
+
+    def batch(self, first: int, count: int) -> torch.Tensor:
+        """Sequences first .. first+count-1 as a (count, len) int64 tensor."""
+        start = first * self.length
+        positions = (start + np.arange(count * self.length)) % self.stream.size
+        return torch.from_numpy(self.stream[positions].reshape(count, self.length))

@@ -1,4 +1,8 @@
-"""Files that survive a killed run: every write goes to a temporary file beside the target, then is renamed."""
+"""Files that survive a killed run: every write goes to a temporary file beside the target, then is renamed.
+
+The one exception is a JSON-lines log (train.py's metrics.jsonl, eval.jsonl), appended to one row at a time: a
+kill mid-write leaves a cut last line, which `read_jsonl` skips.
+"""
 
 from __future__ import annotations
 
@@ -97,6 +101,30 @@ def record_settings(out_dir, name: str, settings_by_id: dict[str, dict]) -> None
     except json.JSONDecodeError:
         raise RopeliteError(f"{path} is not valid JSON; use another --out") from None
     write_json(path, {**known, **settings_by_id})
+
+
+def read_jsonl(path) -> list[dict]:
+    """The rows of a JSON-lines file, [] when there is none; a line cut short by a kill is skipped."""
+    path, rows = Path(path), []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def append_jsonl(path, row: dict) -> None:
+    """One JSON line more; a kill mid-write leaves a cut line that read_jsonl skips."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path, last_step: int) -> None:
+    """Keep the rows whose "step" is at most ``last_step`` (a resumed run logs the later ones again), rewriting
+    the file atomically."""
+    rows = [r for r in read_jsonl(path) if isinstance(r, dict) and r.get("step", 0) <= last_step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def pyplot():

@@ -1,4 +1,4 @@
-"""One small tokenizer interface over the two formats LLaMa models ship.
+"""One small tokenizer interface over the two formats LLaMa models ship, and UTF-8 bytes for new models.
 
 - `tokenizer.json` (Hugging Face `tokenizers`; Llama-3, SmolLM, and what `ropelite.gguf` writes). Preferred when
   present, as Hugging Face's AutoTokenizer does.
@@ -6,6 +6,8 @@
 
 `tokenizer_config.json`, when present, says whether a BOS token is prepended, names BOS/EOS and holds the chat
 template. BOS is always added by this class (never by a backend), so `encode(text, add_bos=...)` is exact.
+
+`ByteTokenizer` needs no files: ids 0..255 are the UTF-8 bytes, 256 is EOS (`train.py --init random`).
 """
 
 import json
@@ -74,6 +76,21 @@ class Tokenizer:
             eos_token=self.eos_token or "",
         )
         return prompt + assistant_prefix
+
+
+class ByteTokenizer:
+    """Token ids 0..255 are the UTF-8 bytes of the text, 256 is EOS: text data for ``--init random``."""
+
+    vocab_size = 257
+    eos_id = 256
+    bos_id = None
+    add_bos = False
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
 def _raise_template_error(message):

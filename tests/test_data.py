@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pydoc_data.topics import topics
 
-from ropelite.data import builtin_documents, load_documents, tokenize_documents
+from ropelite.data import builtin_documents, load_documents, tokenize_checked, tokenize_documents
 from ropelite.errors import RopeliteError
 
 
@@ -102,6 +102,21 @@ def test_tokenize_documents_encodes_text_and_passes_arrays_through():
         tokenize_documents(["text"], None)
     with pytest.raises(RopeliteError, match="token id 300 outside"):
         tokenize_documents([np.array([1, 300])], CharTokenizer())
+
+
+def test_tokenize_checked_stops_at_need_appends_eos_and_names_the_bad_id():
+    docs = [np.array([1, 2, 3]), "ab", np.array([4])]
+    assert [i.tolist() for i in tokenize_checked(docs, CharTokenizer(), 257)] == [[1, 2, 3], [256, 97, 98], [4]]
+    # need counts every id, EOS included: 4 after the first document, 8 after the second
+    parts = tokenize_checked(docs, CharTokenizer(), 257, need=5, eos_id=0)
+    assert [i.tolist() for i in parts] == [[1, 2, 3, 0], [256, 97, 98, 0]]
+    assert len(tokenize_checked(docs, CharTokenizer(), 257, need=4, eos_id=0)) == 1
+    with pytest.raises(RopeliteError, match=r"^token id 256 outside the model's vocabulary \(100 ids\)$"):
+        tokenize_checked(docs, CharTokenizer(), 100)   # the BOS of the text document
+    with pytest.raises(RopeliteError, match=r"^token id -1 outside the model's vocabulary \(257 ids\)$"):
+        tokenize_checked([np.array([5, -1])], None, 257)
+    # documents after `need` are not tokenised, so not checked either
+    assert len(tokenize_checked([np.array([1, 2]), np.array([999])], None, 257, need=2)) == 1
 
 
 def test_errors(tmp_path):

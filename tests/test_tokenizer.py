@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from ropelite.errors import RopeliteError
-from ropelite.tokenizer import load_tokenizer
+from ropelite.tokenizer import ByteTokenizer, load_tokenizer
 
 TEXT = ["Rotary position embeddings rotate query and key vectors by an angle that grows with position.",
         "Position interpolation squeezes long inputs into the trained range; NTK changes the base instead.",
@@ -128,3 +128,9 @@ def test_missing_and_broken_files(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(RopeliteError, match="tokenizer_config.json is not valid JSON"):
         load_tokenizer(tmp_path)
+
+
+def test_byte_tokenizer_is_utf8_bytes_with_eos_256():
+    tok = ByteTokenizer()
+    assert tok.encode("hé") == [104, 0xC3, 0xA9] and tok.vocab_size == 257 and tok.eos_id == 256
+    assert tok.decode([104, 0xC3, 0xA9, 256]) == "hé"   # EOS is not text

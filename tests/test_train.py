@@ -1,4 +1,4 @@
-"""train.py and ropelite.train_utils: token counts, packing, the schedule, gradients against an independent loss,
+"""train.py and ropelite.training: token counts, packing, the schedule, gradients against an independent loss,
 bit-identical resume, the saved folder's RoPE record, learning, FSDP on 2 CPU processes, and one-line errors.
 
 Every run is a tiny random model (2 blocks, hidden 32) on 32-token sequences, a few steps.
@@ -20,8 +20,10 @@ import train  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.model import Llama, LlamaConfig, load_model, save_model  # noqa: E402
 from ropelite.rope import RopeConfig  # noqa: E402
-from ropelite.train_utils import (ByteTokenizer, PackedSequences, accumulate_gradients, latest_checkpoint,  # noqa: E402
-                                  learning_rate, load_trainer_state, pack_documents)
+from ropelite.data import PackedSequences, pack_documents  # noqa: E402
+from ropelite.tokenizer import ByteTokenizer  # noqa: E402
+from ropelite.training import (accumulate_gradients, latest_checkpoint, learning_rate,  # noqa: E402
+                               load_trainer_state)
 
 TINY = ["--init", "random", "--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--len", "32",
         "--batch-tokens", "128", "--micro-batch", "2", "--lr", "3e-3", "--warmup", "2", "--builtin", "prose",
@@ -187,16 +189,32 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("extra, message", [
-    (["--rope", "yarn", "--factor", "0.5"], "--factor must be >= 1"),
+    (["--rope", "yarn", "--factor", "0.5"], r"^rope factor must be >= 1 \(extension, not compression\), got 0.5$"),
     (["--tokens", "100"], "less than one optimizer step"),
     (["--batch-tokens", "16"], "less than one sequence"),
     (["--data", "/no/such/file.txt"], "data not found"),
     (["--micro-batch", "3"], "do not split into micro-batches"),
-    (["--base", "1e6"], "needs --rope ntk"),
+    (["--base", "1e6"], "^a new base is an NTK setting; rope 'rope' does not take one$"),   # the model's own rope
+    (["--rope", "pi", "--base", "1e6"], "^a new base is an NTK setting; rope 'pi' does not take one$"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, extra, message):
     with pytest.raises(RopeliteError, match=message):
         train.main(TINY + ["--tokens", "256", "--out", str(tmp_path / "run"), *extra])
+
+
+def test_pretokenised_ids_outside_the_vocabulary_are_one_line(tmp_path):
+    """A token file made with another vocabulary: named, not an IndexError in the embedding (issue 16)."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=63,
+                         rope=RopeConfig(theta=1e4, original_max_position_embeddings=16))
+    save_model(Llama(config), tmp_path / "base")
+    np.save(tmp_path / "tokens.npy", np.array([1, 2, 70, 3] * 100))
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(tmp_path / "base"), "--data",
+                           str(tmp_path / "tokens.npy"), "--len", "32", "--tokens", "128", "--batch-tokens", "128",
+                           "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: token id 70 outside the model's vocabulary (64 ids)"]
 
 
 def test_unwritable_out_and_run_folder_checks(tmp_path):
@@ -234,5 +252,5 @@ def test_command_line_error_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--rope", "pi", "--factor", "0.5",
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: --factor must be >= 1 (an extension, not a compression), "
-                                                "got 0.5"]
+    assert done.stderr.strip().splitlines() == ["error: rope factor must be >= 1 (extension, not compression), "
+                                                "got 0.5"]   # RopeConfig's rule and message

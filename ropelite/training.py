@@ -1,10 +1,8 @@
-"""The pieces of ``train.py`` that its tests and ``benchmarks/bench_train.py`` reuse.
+"""Training a LLaMa, one piece per concept, as ``train.py`` and ``benchmarks/bench_train.py`` use them.
 
-- Data: documents -> token ids -> one stream ``doc EOS doc EOS ...`` cut into ``len``-token sequences, packed
-  without document masks as YaRN trains. Sequence i is a pure function of i (the stream starts over when it runs
-  out), so a checkpoint's data position is one integer: the number of sequences consumed.
-- ``ByteTokenizer``: UTF-8 bytes, for a model trained from scratch without tokenizer files.
-- The learning-rate schedule, and one optimizer step's gradient accumulation.
+- The learning-rate schedule, a new model's initialisation, and one optimizer step's gradient accumulation (bf16
+  autocast over fp32 weights, the chunked loss), its clipping and the held-out NLL.
+- RNG state and peak memory, for bit-identical resume and the metrics log.
 - Checkpoints: a folder written under a temporary name and renamed into place, so ``out/checkpoint`` is always
   a complete step (a loadable model folder plus the optimizer, data position and RNG).
 """
@@ -12,18 +10,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import resource
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .data import tokenize_documents
 from .errors import RopeliteError
 from .io import atomic_path, write_json
 from .model import Llama, LlamaConfig, save_model
@@ -34,52 +29,6 @@ _CHECKPOINT_OLD = ".checkpoint.old"  # the previous step, only between two renam
 TRAINER_STATE = "trainer_state.pt"   # step, data position, RNG, flags: small, every rank reads it
 OPTIMIZER_STATE = "optimizer.pt"     # AdamW moments by parameter name: large, only rank 0 reads it
 MAX_SHARD_BYTES = 5_000_000_000    # Hugging Face's shard size: a 7B in fp32 becomes 6 files
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------------------
-
-class ByteTokenizer:
-    """Token ids 0..255 are the UTF-8 bytes of the text, 256 is EOS: text data for ``--init random``."""
-
-    vocab_size = 257
-    eos_id = 256
-    bos_id = None
-    add_bos = False
-
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
-
-
-def pack_documents(docs: list, tokenizer, eos_id: int, needed: int) -> tuple[np.ndarray, int]:
-    """The token stream doc_0 EOS doc_1 EOS ... (int64), and how many documents it holds. Documents are
-    tokenised in order only until ``needed`` tokens are there (all of them when the corpus is shorter), so a
-    short run does not pay for tokenising a large corpus; the stream is the same prefix either way."""
-    parts, total, used = [], 0, 0
-    for doc in docs:
-        ids = tokenize_documents([doc], tokenizer)[0]
-        parts += [ids, np.array([eos_id], dtype=np.int64)]
-        total, used = total + ids.size + 1, used + 1
-        if total >= needed:
-            break
-    return np.concatenate(parts), used
-
-
-class PackedSequences:
-    """Sequence i = tokens [i*len, (i+1)*len) of the stream repeated end to end."""
-
-    def __init__(self, stream: np.ndarray, length: int):
-        self.stream, self.length = np.asarray(stream, dtype=np.int64), length
-
-    def batch(self, first: int, count: int) -> torch.Tensor:
-        """Sequences first .. first+count-1 as a (count, len) int64 tensor."""
-        start = first * self.length
-        positions = (start + np.arange(count * self.length)) % self.stream.size
-        return torch.from_numpy(self.stream[positions].reshape(count, self.length))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,26 +187,3 @@ def publish(checkpoint: Path, out: Path) -> None:
                 shutil.copy2(src, tmp)
     for stale in set(p.name for p in _model_files(out)) - set(p.name for p in new):
         (out / stale).unlink()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl; a line cut short by a kill is skipped."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    return rows
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    """One JSON line more; a kill mid-write leaves a cut line that read_metrics skips."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the rows up to ``last_step`` (a resumed run logs the later ones again), rewriting the file atomically."""
-    rows = [r for r in read_metrics(path) if isinstance(r, dict) and r.get("step", 0) <= last_step]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
