@@ -37,7 +37,7 @@ from pathlib import Path
 import ropelite
 from ropelite.cli import (DTYPES, ArgumentParser, add_data_args, add_model_args, check, rope_overrides, run,
                           token_bar)
-from ropelite.data import load_documents, tokenize_documents
+from ropelite.data import load_documents, tokenize_checked
 from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
 from ropelite.ppl import PROTOCOLS, check_window, choose_documents, effective_base, perplexity, sliding_windows
 
@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     if args.protocol == "sliding":
         check_window(window, stride)
 
-    ids = [d for d in tokenize_documents(docs, tokenizer) if d.size]
+    ids = [d for d in tokenize_checked(docs, tokenizer, model.config.vocab_size) if d.size]
     check(bool(ids), "no documents: every document is empty")
     chosen = select([len(d) for d in ids], args.lengths, args.docs)
 

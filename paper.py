@@ -32,8 +32,8 @@ from pathlib import Path
 
 from ropelite.cli import ArgumentParser, run
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, write_json
-from ropelite.train_utils import latest_checkpoint, read_metrics
+from ropelite.io import atomic_path, read_jsonl, write_json
+from ropelite.training import latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
 PIECES = ("bound", "freqs", "ppl", "attention", "needle", "train")
@@ -196,7 +196,7 @@ def piece_section(out: Path, step: dict, piece: dict | None) -> str:
     for png in sorted(folder.glob("*.png")):
         parts.append(f"![{png.name}]({png.relative_to(out).as_posix()})\n")
     for log in sorted(folder.glob("eval.jsonl")):  # train.py's held-out loss: a few rows
-        parts.append(f"`{log.name}`:\n\n" + markdown_table(read_metrics(log)))
+        parts.append(f"`{log.name}`:\n\n" + markdown_table(read_jsonl(log)))
     links = [f"[{f.name}]({f.relative_to(out).as_posix()})" for pattern in ("*.csv", "*.jsonl")
              for f in sorted(folder.glob(pattern))]
     if links:
