@@ -2,9 +2,10 @@
 
 Notation (as in ../shared/REFERENCE.md and the papers):
     d    rotary dimension (the head dim), pairs i = 0 .. d/2 - 1
-    b    base (``rope_theta``), theta_i = b^(-2i/d)            -- RoFormer, seed paper Eq. 1
+    b    base (``rope_theta``, ``RopeConfig.theta``), theta_i = b^(-2i/d)   -- RoFormer, seed paper Eq. 1
     L    the context the model was pretrained at (``original_max_position_embeddings``)
     s    scale factor (``factor``)
+    b'   NTK's new base that replaces b (``RopeConfig.base``)
 
 Every ``*_inv_freq`` function returns the per-pair angular frequencies theta'_i as a float64 tensor of shape
 (d/2,); position m is then rotated by the angle m * theta'_i. Angles are formed in float64 and cos/sin are
@@ -214,7 +215,8 @@ class RopeConfig:
 
     def settings(self) -> dict:
         """The variant-specific settings (of ``SETTINGS``) that are set, i.e. differ from their defaults."""
-        return {k: getattr(self, k) for k in SETTINGS if getattr(self, k) != _DEFAULT_SETTINGS[k]}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in SETTINGS and getattr(self, f.name) != f.default}
 
     def replace(self, **changes) -> "RopeConfig":
         return dataclasses.replace(self, **changes)
@@ -243,9 +245,6 @@ class RopeConfig:
         if self.type == "ntk" and self.base is not None:
             return f"ntk base {self.base:g}"
         return self.type if self.type == "rope" else f"{self.type} x{self.factor:g}"
-
-
-_DEFAULT_SETTINGS = {f.name: f.default for f in dataclasses.fields(RopeConfig) if f.name in SETTINGS}
 
 
 # --------------------------------------------------------------------------------------------------------------
