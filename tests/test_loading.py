@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 
 from ropelite.errors import RopeliteError
 from ropelite.hf import config_from_hf, load_model, save_model
-from ropelite.model import LlamaConfig
 from ropelite.rope import ROPE_TYPES, RopeConfig
 
 L = 32
