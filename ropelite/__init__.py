@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from .errors import RopeliteError
-from .model import KVCache, Llama, LlamaConfig, generate, load_model, save_model
-from .rope import ROPE_TYPES, RopeConfig
+from .hf import load_model, save_model
+from .model import KVCache, Llama, LlamaConfig, generate
+from .rope import ROPE_TYPES, VARIANTS, RopeConfig
 
-__all__ = ["load", "Llama", "LlamaConfig", "KVCache", "RopeConfig", "ROPE_TYPES", "RopeliteError",
+__all__ = ["load", "Llama", "LlamaConfig", "KVCache", "RopeConfig", "ROPE_TYPES", "VARIANTS", "RopeliteError",
            "generate", "load_model", "save_model"]
 
 

@@ -1,16 +1,15 @@
-"""A LLaMa in one file, read top to bottom: config, blocks, attention (fast and eager), cache, loss, load, save.
+"""A LLaMa in one file, read top to bottom: config, blocks, attention (fast and eager), cache, model, loss, generate.
 
-It runs exactly the model in a Hugging Face LLaMa checkpoint (``config.json`` + safetensors), with the RoPE
-variant of ``ropelite.rope`` asked for. Parameter names are Hugging Face's without the leading ``model.``.
+It runs exactly the model of a Hugging Face LLaMa checkpoint (``ropelite.hf`` reads and writes that layout),
+with the RoPE variant of ``ropelite.rope`` asked for, per call if wanted: ``model(ids, rope=...)``. Parameter
+names are Hugging Face's without the leading ``model.``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,21 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import RopeliteError
-from .io import atomic_path, write_json
-from .rope import RopeConfig, apply_rope, ntk_base, rope_cos_sin
-
-# Hugging Face rope_type <-> ours. transformers has no fixed-base NTK: it is a plain rope_theta there.
-_FROM_HF_ROPE = {"default": "rope", "linear": "pi", "dynamic": "dynamic", "yarn": "yarn", "llama3": "llama3",
-                 "longrope": "longrope", "su": "longrope"}
-_TO_HF_ROPE = {"pi": "linear", "dynamic": "dynamic", "yarn": "yarn", "llama3": "llama3", "longrope": "longrope"}
-_ROPE_KEYS = ("beta_fast", "beta_slow", "truncate", "attention_factor", "mscale", "mscale_all_dim",
-              "low_freq_factor", "high_freq_factor", "short_factor", "long_factor")
-# The rope_scaling keys of each type, written even at their defaults: transformers requires some
-# (llama3's low/high_freq_factor) and warns about keys that belong to another type.
-_HF_KEYS = {"yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"),
-            "llama3": ("low_freq_factor", "high_freq_factor"),
-            "longrope": ("short_factor", "long_factor", "attention_factor")}
+from .rope import RopeConfig, apply_rope, rope_cos_sin
 
 # One observed attention row block: (layer index, absolute query positions (t,), probabilities (B, H, t, S)).
 AttentionCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -52,64 +37,10 @@ class LlamaConfig:
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-5
-    max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     rope: RopeConfig = field(default_factory=RopeConfig)
-
-    @classmethod
-    def from_hf(cls, d: dict) -> "LlamaConfig":
-        """Read a transformers ``config.json`` dict: 4.x (``rope_theta`` + ``rope_scaling``) or 5.x
-        (``rope_parameters``), plus our own ``ropelite`` record of a fixed-base NTK."""
-        if d.get("model_type") != "llama" and "LlamaForCausalLM" not in d.get("architectures", []):
-            raise RopeliteError(f"unsupported architecture '{d.get('model_type')}': ropelite runs LLaMa models")
-        for flag in ("attention_bias", "mlp_bias"):
-            if d.get(flag):
-                raise RopeliteError(f"config sets {flag}=true, which ropelite's LLaMa does not implement")
-        try:
-            heads = d["num_attention_heads"]
-            rope = _rope_from_hf(d)
-            return cls(
-                vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-                num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-                head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-                max_position_embeddings=d.get("max_position_embeddings", 4096),
-                tie_word_embeddings=d.get("tie_word_embeddings", False),
-                bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), rope=rope)
-        except KeyError as e:
-            raise RopeliteError(f"config.json lacks the key {e}") from None
-
-    def to_hf(self) -> dict:
-        """A ``config.json`` that transformers (4.x and 5.x) loads as the same model with the same RoPE."""
-        r = self.rope
-        d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
-             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-             "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
-             "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-             "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
-             "attention_bias": False, "mlp_bias": False, "bos_token_id": self.bos_token_id,
-             "eos_token_id": self.eos_token_id, "rope_theta": r.theta, "rope_scaling": None,
-             "max_position_embeddings": r.original_max_position_embeddings}
-        if r.type == "ntk":
-            d["rope_theta"] = r.base if r.base is not None else ntk_base(self.head_dim, r.theta, r.factor)
-        elif r.type != "rope":
-            scaling = {"rope_type": _TO_HF_ROPE[r.type], "type": _TO_HF_ROPE[r.type], "factor": r.factor}
-            if r.type in _HF_KEYS:  # linear has no L; dynamic takes it from max_position_embeddings
-                scaling["original_max_position_embeddings"] = r.original_max_position_embeddings
-            scaling.update({k: getattr(r, k) for k in _HF_KEYS.get(r.type, ()) if getattr(r, k) is not None})
-            if not r.truncate:
-                scaling["truncate"] = False
-            d["rope_scaling"] = scaling
-            if r.type != "dynamic":  # transformers reads the extended length as max_position_embeddings
-                d["max_position_embeddings"] = int(r.original_max_position_embeddings * r.factor)
-        # What transformers cannot say (a fixed-base NTK, the pretrained base) is recorded for ropelite.
-        d["ropelite"] = {"rope": r.type, "factor": r.factor, "theta": r.theta, "base": r.base,
-                         "original_max_position_embeddings": r.original_max_position_embeddings,
-                         "max_position_embeddings": int(r.original_max_position_embeddings * r.factor)}
-        return d
 
     def with_rope(self, rope: str | None = None, factor: float | None = None, **rope_kwargs) -> "LlamaConfig":
         """The same model with another RoPE variant. The pretrained base and length come from this config."""
@@ -120,43 +51,8 @@ class LlamaConfig:
         new = RopeConfig(type=rope or current.type, theta=current.theta,
                          factor=current.factor if factor is None else float(factor),
                          original_max_position_embeddings=current.original_max_position_embeddings,
-                         **{**(_nondefault_extras(current) if same else {}), **rope_kwargs})
+                         **{**(current.settings() if same else {}), **rope_kwargs})
         return dataclasses.replace(self, rope=new)
-
-
-def _nondefault_extras(rope: RopeConfig) -> dict:
-    defaults = RopeConfig()
-    return {k: getattr(rope, k) for k in (*_ROPE_KEYS, "base") if getattr(rope, k) != getattr(defaults, k)}
-
-
-def _rope_from_hf(d: dict) -> RopeConfig:
-    own = d.get("ropelite")
-    params = dict(d.get("rope_parameters") or {})           # transformers 5.x
-    scaling = dict(d.get("rope_scaling") or params)          # transformers 4.x
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-    kind = _FROM_HF_ROPE.get(scaling.get("rope_type") or scaling.get("type") or "default")
-    if kind is None:
-        raise RopeliteError(f"unsupported rope_scaling type '{scaling.get('rope_type') or scaling.get('type')}': "
-                            f"ropelite reads {', '.join(_FROM_HF_ROPE)}")
-    if own and own.get("rope") == "ntk":                     # rope_theta holds the NTK base; restore the story
-        return RopeConfig(type="ntk", theta=own["theta"], factor=own["factor"], base=own["base"],
-                          original_max_position_embeddings=own["original_max_position_embeddings"])
-    max_len = d.get("max_position_embeddings", 4096)
-    # transformers' dynamic scales from max_position_embeddings whatever rope_scaling says; Phi-3-style configs
-    # keep the pretrained length at the top level.
-    original = (max_len if kind == "dynamic" else
-                d.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings") or max_len)
-    if own:
-        original = own["original_max_position_embeddings"]
-    extras = {k: scaling[k] for k in _ROPE_KEYS if scaling.get(k) is not None}
-    for k in ("short_factor", "long_factor"):
-        if k in extras:
-            extras[k] = tuple(extras[k])
-    factor = scaling.get("factor")
-    if factor is None:  # transformers: longrope without a factor scales by the ratio of the two lengths
-        factor = max_len / original if kind == "longrope" else 1.0
-    return RopeConfig(type=kind, theta=theta, factor=float(factor) if kind != "rope" else 1.0,
-                      original_max_position_embeddings=int(original), **extras)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -301,10 +197,12 @@ class KVCache:
     unrotated (``raw_keys``) for a length-dependent one, whose frequencies change as the sequence grows.
 
     Re-rotating fixes the attention logits, not the past: from layer 1 on, the cached keys and values of earlier
-    tokens were produced by attention at the length those tokens were seen. So for dynamic/longrope a cached
-    decode past L equals a full forward only for one layer, or when the frequencies have not changed since the
-    prefill (longrope with the prefill already past L); otherwise it approximates it (the first token after a
-    prefill is always exact). Measure long-context quality with full forwards."""
+    tokens were produced by attention at the length those tokens were seen. So a cached step at total length n
+    equals a full forward of n tokens only for one layer, or when the frequencies at n are those every cached
+    token was processed with: for dynamic while n <= L (plain RoPE), for longrope while n <= L and again once
+    the prefill itself is past L (the long set throughout). Otherwise, even for the first token after a prefill
+    (e.g. dynamic with a prefill at or past L), it approximates it. Measure long-context quality with full
+    forwards."""
 
     def __init__(self, n_layers: int, raw_keys: bool):
         self.raw_keys = raw_keys
@@ -337,22 +235,26 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers, raw_keys=self.config.rope.length_dependent)
+    def new_cache(self, rope: RopeConfig | None = None) -> KVCache:
+        """An empty cache for decoding with ``rope`` (default: the model's own); pass the same rope to every
+        call that extends it."""
+        return KVCache(self.config.num_hidden_layers, raw_keys=(rope or self.config.rope).variant.length_dependent)
 
-    def rope_tables(self, past: int, total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, past: int, total: int, device, rope: RopeConfig | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (rows, d) for the new positions past..total-1, or for all 0..total-1 when the frequencies
         depend on the length (cached keys are re-rotated then). Frequencies use the full length ``total``."""
-        inv_freq, attention_factor = self.config.rope.frequencies(self.config.head_dim, total)
-        first = 0 if self.config.rope.length_dependent else past
+        rope = rope or self.config.rope
+        inv_freq, attention_factor = rope.frequencies(self.config.head_dim, total)
+        first = 0 if rope.variant.length_dependent else past
         return rope_cos_sin(inv_freq, torch.arange(first, total, device=device), attention_factor)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, eager: bool = False,
-                      on_attention: AttentionCallback | None = None,
-                      attention_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      on_attention: AttentionCallback | None = None, attention_rows: torch.Tensor | None = None,
+                      rope: RopeConfig | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, C). See ``forward`` for the arguments."""
         past = len(cache) if cache is not None else 0
-        cos, sin = self.rope_tables(past, past + input_ids.shape[1], input_ids.device)
+        cos, sin = self.rope_tables(past, past + input_ids.shape[1], input_ids.device, rope)
         x = self.embed_tokens(input_ids)
         observer = None if on_attention is None else Observer(on_attention, attention_rows)
         for block in self.layers:
@@ -364,25 +266,26 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, eager: bool = False,
                 on_attention: AttentionCallback | None = None, attention_rows: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, rope: RopeConfig | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with ``last_only``.
 
-        cache: a ``new_cache()``, extended in place (incremental decoding).
+        rope: the RoPE variant to run (default: ``config.rope``); the model itself is not changed by it.
+        cache: a ``new_cache(rope)``, extended in place (incremental decoding).
         eager: softmax written out instead of scaled_dot_product_attention; same numbers, slower.
         on_attention(layer, positions, probs): receives attention probabilities (B, H, t, S) of the query rows
             ``attention_rows`` (absolute positions; None = all) as each layer computes them. On the fast path
             only those rows are computed eagerly, so asking for the last row at long context is cheap."""
-        h = self.hidden_states(input_ids, cache, eager, on_attention, attention_rows)
+        h = self.hidden_states(input_ids, cache, eager, on_attention, attention_rows, rope)
         return self.lm_head(h[:, -1:] if last_only else h)
 
     def nll(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, chunk_size: int = 1024,
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token negative log-likelihood: (sum over predicted tokens, number of them). Labels default to
-        the inputs; -100 is ignored. Logits are made ``chunk_size`` positions at a time and, when training,
-        recomputed in backward, so the (T, V) logits never exist at once."""
+            rope: RopeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token negative log-likelihood with ``rope`` (default: the model's own): (sum over predicted
+        tokens, number of them). Labels default to the inputs; -100 is ignored. Logits are made ``chunk_size``
+        positions at a time and, when training, recomputed in backward, so the (T, V) logits never exist at once."""
         masked = labels is not None  # only given labels can hold -100: the inputs' own never do
         labels = input_ids if labels is None else labels
-        h = self.hidden_states(input_ids)[:, :-1]                                    # (B, T-1, C)
+        h = self.hidden_states(input_ids, rope=rope)[:, :-1]                                    # (B, T-1, C)
         targets = labels[:, 1:]                                                       # (B, T-1)
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.shape[1], chunk_size):
@@ -403,135 +306,20 @@ def _chunk_nll(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> 
 
 @torch.no_grad()
 def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | list | None = None,
-             on_attention: AttentionCallback | None = None) -> list[int]:
+             on_attention: AttentionCallback | None = None, rope: RopeConfig | None = None) -> list[int]:
     """Greedy decoding with the KV cache. The prompt is prefilled on the fast path; each generated token's
     own attention row is observed (eagerly, O(L) memory) when ``on_attention`` is given: the callback is
     called for the query that produces generated token j with positions == [prompt_len - 1 + j]."""
     stop = set(eos_id if isinstance(eos_id, list) else [] if eos_id is None else [eos_id])
-    cache, out = model.new_cache(), []
+    cache, out = model.new_cache(rope), []
     prompt_last = torch.tensor([input_ids.shape[1] - 1])
-    logits = model(input_ids, cache=cache, on_attention=on_attention, attention_rows=prompt_last, last_only=True)
+    logits = model(input_ids, cache=cache, on_attention=on_attention, attention_rows=prompt_last, last_only=True,
+                   rope=rope)
     for _ in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
         out.append(token)
         if token in stop or len(out) == max_new_tokens:
             break
         logits = model(torch.tensor([[token]], device=input_ids.device), cache=cache, eager=True,
-                       on_attention=on_attention)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Loading and saving (Hugging Face layout, strict)
-# --------------------------------------------------------------------------------------------------------------
-
-def hf_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else "model." + name
-
-
-def read_config(path: Path) -> LlamaConfig:
-    if not path.exists():
-        raise RopeliteError(f"no such model: {path}")
-    file = path / "config.json"
-    if not file.is_file():
-        raise RopeliteError(f"no config.json in {path}: not a Hugging Face model directory")
-    try:
-        return LlamaConfig.from_hf(json.loads(file.read_text()))
-    except json.JSONDecodeError as e:
-        raise RopeliteError(f"{file} is not valid JSON: {e}") from None
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    raise RopeliteError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
-
-def read_weights(path: Path, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, by Hugging Face name, in dtype on device."""
-    from safetensors import SafetensorError, safe_open
-    tensors = {}
-    for file in _safetensors_files(path):
-        if not file.is_file():
-            raise RopeliteError(f"shard {file.name} named by the index is missing in {path}")
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key).to(dtype=dtype, device=device)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise RopeliteError(f"cannot read {file}: {str(e).splitlines()[0]} (truncated or corrupt?)") from None
-    return tensors
-
-
-def load_model(path, rope: str | None = None, factor: float | None = None, dtype: torch.dtype = torch.float32,
-               device="cpu", **rope_kwargs) -> Llama:
-    """Load a Hugging Face LLaMa directory. The RoPE variant is the config's unless ``rope``/``factor``/
-    rope_kwargs (e.g. ``base=1e6`` for ntk, ``beta_fast``) override it; the pretrained base and length stay."""
-    path = Path(path)
-    config = read_config(path).with_rope(rope, factor, **rope_kwargs)
-    tensors = read_weights(path, dtype, device)
-    with torch.device("meta"):
-        model = Llama(config)
-    expected = {hf_name(k): v.shape for k, v in model.state_dict().items()
-                if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    for key in sorted(set(tensors) - set(expected)):
-        if key.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and key == "lm_head.weight"):
-            continue  # derived values some checkpoints carry; ours are computed from the config
-        raise RopeliteError(f"unexpected tensor '{key}' in {path}")
-    for key, shape in expected.items():
-        if key not in tensors:
-            raise RopeliteError(f"missing tensor '{key}' in {path}")
-        if tensors[key].shape != shape:
-            raise RopeliteError(f"tensor '{key}' has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
-    return model_from_state(config, {k.removeprefix("model."): tensors[k] for k in expected}).eval()
-
-
-def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Llama:
-    """A Llama around existing tensors, assigned rather than copied, keyed by our module names (a tied
-    ``lm_head.weight`` may be absent): for loading, and for saving a gathered training state dict."""
-    with torch.device("meta"):
-        model = Llama(config)
-    if config.tie_word_embeddings:  # the meta model lists the shared weight under both names
-        state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model
-
-
-def save_model(model: Llama, out_dir, max_shard_bytes: int | None = None, extra_config: dict | None = None) -> Path:
-    """Write safetensors (sharded with an index past ``max_shard_bytes``) and a transformers-loadable
-    config.json. Each file is written atomically; config.json last, so a directory with a config is complete."""
-    from safetensors.torch import save_file
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tied = model.config.tie_word_embeddings
-    state = {hf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()
-             if not (tied and k == "lm_head.weight")}
-    shards: list[dict] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        with atomic_path(out / name) as tmp:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-    index = out / "model.safetensors.index.json"
-    if len(shards) > 1:
-        write_json(index, {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                           "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}})
-    else:
-        index.unlink(missing_ok=True)  # a stale index would shadow nothing, but would mislead a reader
-    dtype = next(iter(state.values())).dtype
-    config = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch."), **(extra_config or {})}
-    write_json(out / "config.json", config)
+                       on_attention=on_attention, rope=rope)
     return out

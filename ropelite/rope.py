@@ -2,9 +2,10 @@
 
 Notation (as in ../shared/REFERENCE.md and the papers):
     d    rotary dimension (the head dim), pairs i = 0 .. d/2 - 1
-    b    base (``rope_theta``), theta_i = b^(-2i/d)            -- RoFormer, seed paper Eq. 1
+    b    base (``rope_theta``, ``RopeConfig.theta``), theta_i = b^(-2i/d)   -- RoFormer, seed paper Eq. 1
     L    the context the model was pretrained at (``original_max_position_embeddings``)
     s    scale factor (``factor``)
+    b'   NTK's new base that replaces b (``RopeConfig.base``)
 
 Every ``*_inv_freq`` function returns the per-pair angular frequencies theta'_i as a float64 tensor of shape
 (d/2,); position m is then rotated by the angle m * theta'_i. Angles are formed in float64 and cos/sin are
@@ -26,9 +27,6 @@ import numpy as np
 import torch
 
 from .errors import RopeliteError
-
-ROPE_TYPES = ("rope", "pi", "ntk", "dynamic", "yarn", "llama3", "longrope")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Frequencies, one pure function per method
@@ -136,12 +134,45 @@ def longrope_attention_factor(factor: float, original_max: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Which variant a model runs
+# The variants: one table of facts, and the config that picks one
 # --------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class RopeVariant:
+    """What the code outside a variant's frequency function needs to know about it."""
+
+    name: str
+    hf_type: str | None          # transformers' rope_type; None: ntk, which transformers writes as a plain rope_theta
+    keys: tuple[str, ...] = ()   # the RopeConfig settings it reads besides theta, factor and L
+    length_dependent: bool = False  # frequencies change with the sequence length, so cached keys are re-rotated
+    scales_by_factor: bool = True   # a factor s the user picks (rope has none; longrope's are searched lists)
+    changes_base: bool = False      # extends by a new base b' (the NTK family), not by rescaling theta_i
+    hf_aliases: tuple[str, ...] = ()  # older rope_type names transformers still reads
+
+
+_YARN_KEYS = ("beta_fast", "beta_slow", "truncate", "attention_factor", "mscale", "mscale_all_dim")
+
+VARIANTS: dict[str, RopeVariant] = {v.name: v for v in (
+    RopeVariant("rope", "default", scales_by_factor=False),
+    RopeVariant("pi", "linear"),
+    RopeVariant("ntk", None, ("base",), changes_base=True),
+    RopeVariant("dynamic", "dynamic", length_dependent=True, changes_base=True),
+    RopeVariant("yarn", "yarn", _YARN_KEYS),
+    RopeVariant("llama3", "llama3", ("low_freq_factor", "high_freq_factor")),
+    RopeVariant("longrope", "longrope", ("short_factor", "long_factor", "attention_factor"), length_dependent=True,
+                scales_by_factor=False, hf_aliases=("su",)),
+)}
+ROPE_TYPES = tuple(VARIANTS)
+SETTINGS = tuple(dict.fromkeys(k for v in VARIANTS.values() for k in v.keys))  # every variant-specific key
+
+
+@dataclass(frozen=True)
 class RopeConfig:
-    """Everything that decides the rotation. ``theta`` is always the pretrained base b; ``base`` is NTK's new one."""
+    """Everything that decides the rotation, in Hugging Face's vocabulary.
+
+    ``theta`` is ``rope_theta``: the pretrained base b of theta_i = b^(-2i/d) (a number like 1e4, not a
+    frequency theta_i). ``base`` is NTK's new base b' that replaces it (None: b' = b * s^(d/(d-2))). A setting
+    of one variant (e.g. ``beta_fast``) set to a non-default value on another is an error, not ignored."""
 
     type: str = "rope"
     theta: float = 10000.0
@@ -160,22 +191,35 @@ class RopeConfig:
     long_factor: tuple | None = None
 
     def __post_init__(self):
-        if self.type not in ROPE_TYPES:
+        if self.type not in VARIANTS:
             raise RopeliteError(f"unknown rope '{self.type}': choose one of {', '.join(ROPE_TYPES)}")
         if not self.factor >= 1:  # also rejects NaN
             raise RopeliteError(f"rope factor must be >= 1 (extension, not compression), got {self.factor}")
+        for key in self.settings():
+            if key not in self.variant.keys:
+                owners = [v.name for v in VARIANTS.values() if key in v.keys]
+                what = "a new base is an NTK setting" if key == "base" else f"{key} is a setting of {', '.join(owners)}"
+                raise RopeliteError(f"{what}; rope '{self.type}' does not take one")
         if self.type == "longrope" and (self.short_factor is None or self.long_factor is None):
             raise RopeliteError("rope 'longrope' needs short_factor and long_factor lists")
-        if self.base is not None and self.type != "ntk":
-            raise RopeliteError(f"a new base is an NTK setting; rope '{self.type}' does not take one")
+        if self.type == "yarn":  # the correction dims take log(L / (2 pi beta)) / log(b)
+            for key in ("beta_fast", "beta_slow", "original_max_position_embeddings"):
+                if not getattr(self, key) > 0:
+                    raise RopeliteError(f"yarn needs {key} > 0, got {getattr(self, key)}")
+            if not self.theta > 1:
+                raise RopeliteError(f"yarn needs a base (theta) > 1, got {self.theta}")
+
+    @property
+    def variant(self) -> RopeVariant:
+        return VARIANTS[self.type]
+
+    def settings(self) -> dict:
+        """The variant-specific settings (of ``SETTINGS``) that are set, i.e. differ from their defaults."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in SETTINGS and getattr(self, f.name) != f.default}
 
     def replace(self, **changes) -> "RopeConfig":
         return dataclasses.replace(self, **changes)
-
-    @property
-    def length_dependent(self) -> bool:
-        """True when the frequencies change with the sequence length, so cached keys must be re-rotated."""
-        return self.type in ("dynamic", "longrope")
 
     def frequencies(self, dim: int, seq_len: int) -> tuple[torch.Tensor, float]:
         """(theta' of shape (d/2,) in float64, attention factor applied to cos and sin) at this length."""

@@ -1,7 +1,6 @@
 """Loading and saving Hugging Face LLaMa directories: strict names and shapes, sharding, dtypes, one-line errors,
 the RoPE record in config.json, and transformers itself as the oracle (both directions) when it is installed."""
 
-import dataclasses
 import json
 import math
 
@@ -10,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ropelite.errors import RopeliteError
-from ropelite.model import LlamaConfig, load_model, save_model
+from ropelite.hf import config_from_hf, load_model, save_model
 from ropelite.rope import ROPE_TYPES, RopeConfig
 
 L = 32
@@ -92,8 +91,9 @@ def test_save_load_is_bit_identical(tiny_llama, tmp_path, tied):
     model = tiny_llama(rope=rope, tie_word_embeddings=tied)
     save_model(model, tmp_path)
     loaded = load_model(tmp_path)
+    assert loaded.config == model.config
     # max_position_embeddings is written as transformers reads it: the extended length L * s
-    assert loaded.config == dataclasses.replace(model.config, max_position_embeddings=4 * L)
+    assert json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"] == 4 * L
     assert_same_model(model, loaded)
     assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tied
     names = set(load_file(str(tmp_path / "model.safetensors")))
@@ -177,6 +177,13 @@ def test_bad_input_is_one_line(tiny_llama, tmp_path):
     one_line_error(lambda: load_model(tmp_path / "ok", rope="pi", factor=0.5), "factor", "0.5")
     no_key = with_config("no_key", lambda c: c.pop("hidden_size"))
     one_line_error(lambda: load_model(no_key), "hidden_size")
+    for act in ("gelu", "relu", None):  # SwiGLU is silu (alias swish); anything else gives wrong logits
+        other = with_config(f"act_{act}", lambda c: c.update(hidden_act=act))
+        one_line_error(lambda: load_model(other), "hidden_act", str(act))
+    swish = with_config("swish", lambda c: c.update(hidden_act="swish"))
+    assert load_model(swish).config == load_model(tmp_path / "ok").config
+    no_arch = with_config("no_arch", lambda c: c.update(model_type="mistral", architectures=None))
+    one_line_error(lambda: load_model(no_arch), "mistral")
 
     corrupt = tmp_path / "corrupt"
     save_model(tiny_llama(), corrupt)
@@ -226,13 +233,13 @@ def test_rope_parameters_read_like_rope_scaling(kind):
     base = {"model_type": "llama", "vocab_size": 97, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": max_len}
-    v4 = LlamaConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": scaling})
-    v5 = LlamaConfig.from_hf({**base, "rope_parameters": {**scaling, "rope_theta": 5e5}})
+    v4 = config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": scaling})
+    v5 = config_from_hf({**base, "rope_parameters": {**scaling, "rope_theta": 5e5}})
     assert v4 == v5
     assert v4.rope.type == kind and v4.rope.theta == 5e5
     assert v4.rope.factor == scaling.get("factor", 1.0)
     legacy = {k if k != "rope_type" else "type": v for k, v in scaling.items()}   # the pre-4.45 key
-    assert LlamaConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": legacy}) == v4
+    assert config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": legacy}) == v4
 
 
 @pytest.mark.parametrize("rope", [RopeConfig(type="ntk", theta=1e4, factor=4.0, original_max_position_embeddings=L),

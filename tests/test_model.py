@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ropelite.hf import load_model, save_model
 from ropelite.model import KVCache, generate
 from ropelite.rope import RopeConfig
 
@@ -184,6 +185,24 @@ def test_longrope_cache_exact_once_past_L(tiny_llama):
         assert_close(steps, model(ids)[:, 36:])
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_first_token_after_a_prefill_is_exact_only_when_the_frequencies_have_not_moved(tiny_llama, kind):
+    """KVCache's claim, two layers: the step at total length n equals a full forward exactly when every cached
+    token was processed with the frequencies of length n: dynamic while n <= L; longrope while n <= L and once the
+    prefill is past L. A prefill at or past L is followed by an approximate first token for dynamic."""
+    model = tiny_llama(rope=rope_config(kind, 2.0))
+    ids = ids_for(44)
+    exact = {20: True, L: False, 40: kind == "longrope"}      # prefill length -> is the next token exact?
+    with torch.no_grad():
+        for prefill, expected in exact.items():
+            cache = model.new_cache()
+            model(ids[:, :prefill], cache=cache)
+            step = model(ids[:, prefill:prefill + 1], cache=cache)[:, -1]
+            error = (step - model(ids[:, :prefill + 1])[:, -1]).abs().max()
+            assert (error < 1e-5) == expected, (prefill, float(error))
+            assert expected or error > 1e-3                    # inexact by a visible margin, not by rounding
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loss, gradients
 # --------------------------------------------------------------------------------------------------------------
@@ -255,6 +274,31 @@ def test_generate_is_greedy_and_reports_its_rows(tiny_llama):
     layer0 = [(pos, shape) for layer, pos, shape in rows if layer == 0]
     assert [pos for pos, _ in layer0] == [[29 + j] for j in range(8)]
     assert [shape[-1] for _, shape in layer0] == list(range(30, 38))
+
+
+@pytest.mark.parametrize("kind", ["yarn", "dynamic"])
+def test_rope_is_an_argument_not_a_mutation(tiny_llama, tmp_path, kind):
+    """One loaded model serves several variants: with rope=..., every entry point equals a model loaded with
+    that variant, and the model's own config is left as it was."""
+    model = tiny_llama()
+    config = model.config
+    save_model(model, tmp_path)
+    other = load_model(tmp_path, kind, 4.0)
+    rope = other.config.rope
+    assert rope != config.rope
+    ids = ids_for(80)                                            # past the pretrained length 64
+    with torch.no_grad():
+        assert torch.equal(model(ids, rope=rope), other(ids))
+        assert torch.equal(model.hidden_states(ids, rope=rope), other.hidden_states(ids))
+        assert all(torch.equal(a, b) for a, b in zip(model.nll(ids, rope=rope), other.nll(ids)))
+        cache, reference = model.new_cache(rope), other.new_cache()
+        assert cache.raw_keys == reference.raw_keys
+        for a, b in ((0, 60), (60, 70), (70, 71), (71, 80)):
+            # one-row matmuls may round differently over the two models' weight storage (~5e-7 seen)
+            assert_close(model(ids[:, a:b], cache=cache, rope=rope), other(ids[:, a:b], cache=reference))
+        assert generate(model, ids[:, :70], 6, rope=rope) == generate(other, ids[:, :70], 6)
+        assert not torch.equal(model(ids), other(ids))          # the default is still the model's own RoPE
+    assert model.config is config and model.config.rope == RopeConfig(theta=1e4, original_max_position_embeddings=64)
 
 
 def test_bf16_model_runs(tiny_llama):

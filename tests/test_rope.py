@@ -3,6 +3,7 @@
 Nothing here compares the code with a number the code produced: every expected value is written out from the
 formula (YaRN paper Eq. 16-22, seed paper Eq. 1, Men et al. Theorem 1, the Llama 3.1 piecewise rule)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from ropelite.errors import RopeliteError
-from ropelite.rope import (ROPE_TYPES, RopeConfig, adjacent_to_halves, apply_rope, apply_rope_adjacent,
-                           base_reaches, context_of_base, dynamic_inv_freq, first_negative_B, halves_to_adjacent,
-                           llama3_inv_freq, longrope_attention_factor, longrope_inv_freq, men_B,
+from ropelite.rope import (ROPE_TYPES, SETTINGS, VARIANTS, RopeConfig, adjacent_to_halves, apply_rope,
+                           apply_rope_adjacent, base_reaches, context_of_base, dynamic_inv_freq, first_negative_B,
+                           halves_to_adjacent, llama3_inv_freq, longrope_attention_factor, longrope_inv_freq, men_B,
                            min_base_for_context, ntk_base, ntk_inv_freq, pi_inv_freq, rope_cos_sin, rope_inv_freq,
                            yarn_attention_factor, yarn_inv_freq, yarn_ramp)
 
@@ -74,7 +75,7 @@ def test_dynamic_is_rope_inside_L_and_the_formula_beyond():
     # l = 3L: b' = b (s*3 - (s-1))^(d/(d-2)) = b * 5^(64/62)
     close(dynamic_inv_freq(d, b, s, L, 3 * L), theta_closed_form(d, b * 5.0 ** (64 / 62)))
     cfg = RopeConfig(type="dynamic", theta=b, factor=s, original_max_position_embeddings=L)
-    assert cfg.length_dependent
+    assert cfg.variant.length_dependent
     close(cfg.frequencies(d, L)[0], theta_closed_form(d, b))
     close(cfg.frequencies(d, L + 1)[0], theta_closed_form(d, b * (s * (L + 1) / L - 1) ** (64 / 62)))
 
@@ -161,7 +162,7 @@ def test_longrope_ext_factors():
     assert longrope_attention_factor(8.0, 4096) == pytest.approx(math.sqrt(1 + math.log(8) / math.log(4096)))
     cfg = RopeConfig(type="longrope", theta=b, factor=8.0, original_max_position_embeddings=L,
                      short_factor=short, long_factor=long)
-    assert cfg.length_dependent
+    assert cfg.variant.length_dependent
     freqs, a = cfg.frequencies(d, 2 * L)
     close(freqs, theta / torch.tensor(long, dtype=torch.float64))
     assert a == pytest.approx(math.sqrt(1 + math.log(8) / math.log(100)))
@@ -195,6 +196,52 @@ def test_factor_below_one_and_unknown_type_are_one_line_errors():
     with pytest.raises(RopeliteError) as e:
         RopeConfig(type="xpos")
     assert all(name in str(e.value) for name in ROPE_TYPES)
+
+
+def test_a_setting_of_another_variant_is_a_one_line_error_naming_its_variants():
+    for kind, key, value, owners in [("pi", "beta_fast", 8.0, ["yarn"]), ("llama3", "attention_factor", 1.2,
+                                     ["yarn", "longrope"]), ("yarn", "low_freq_factor", 2.0, ["llama3"])]:
+        with pytest.raises(RopeliteError) as e:
+            RopeConfig(type=kind, factor=2.0, **{key: value})
+        message = str(e.value)
+        assert "\n" not in message and all(w in message for w in (key, kind, *owners)), message
+    RopeConfig(type="pi", factor=2.0, beta_fast=32.0)  # a default is not a setting: nothing to reject
+    RopeConfig(type="yarn", factor=2.0, beta_fast=8.0, attention_factor=1.2)
+
+
+def test_variant_table_covers_every_setting_once():
+    fields = {f.name for f in dataclasses.fields(RopeConfig)}
+    assert set(SETTINGS) == fields - {"type", "theta", "factor", "original_max_position_embeddings"}
+    assert ROPE_TYPES == tuple(VARIANTS) and all(VARIANTS[k].name == k for k in VARIANTS)
+
+
+@pytest.mark.parametrize("kind", ROPE_TYPES)
+def test_variant_facts_match_the_frequencies(kind):
+    """The table's flags, checked against what ``frequencies`` does rather than restated."""
+    d, b, L = 16, 1e4, 64
+    lists = {"short_factor": (1.0,) * 4 + (2.0,) * 4, "long_factor": (1.0,) * 4 + (3.0,) * 4}
+    extra = lists if kind == "longrope" else {}
+    cfg = RopeConfig(type=kind, theta=b, factor=2.0, original_max_position_embeddings=L, **extra)
+    v = cfg.variant
+    inside, beyond = cfg.frequencies(d, L)[0], cfg.frequencies(d, 4 * L)[0]
+    assert v.length_dependent == (not torch.equal(inside, beyond))
+    assert v.scales_by_factor == (not torch.equal(beyond, cfg.replace(factor=4.0).frequencies(d, 4 * L)[0]))
+    # A base change keeps theta'_0 = 1 and theta'_i geometric in i, with a new ratio b'^(-2/d).
+    ratios = beyond[1:] / beyond[:-1]
+    geometric = bool(torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-12))
+    new_base = float(beyond[0]) == 1.0 and geometric and not torch.allclose(beyond, rope_inv_freq(d, b))
+    assert v.changes_base == new_base
+
+
+@pytest.mark.parametrize("change", [{"beta_fast": 0.0}, {"beta_slow": 0.0}, {"beta_fast": -1.0},
+                                    {"beta_slow": float("nan")}, {"theta": 1.0},
+                                    {"original_max_position_embeddings": 0}])
+def test_yarn_settings_that_make_the_correction_dims_undefined_are_one_line_errors(change):
+    """d ln(L / (2 pi beta)) / (2 ln b) needs beta > 0, L > 0 and b > 1 (else ZeroDivisionError / math domain)."""
+    key = next(iter(change))
+    with pytest.raises(RopeliteError, match=key) as e:
+        RopeConfig(type="yarn", factor=4.0, **change)
+    assert "\n" not in str(e.value)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,228 @@
+"""The Hugging Face layout, both ways: ``config.json`` <-> ``LlamaConfig``, safetensors <-> ``Llama``.
+
+Reads transformers 4.x configs (``rope_theta`` + ``rope_scaling``) and 5.x ones (``rope_parameters``), plus
+ropelite's own ``ropelite`` record of what transformers cannot say (a fixed-base NTK, the pretrained base).
+Loading is strict: a missing, unexpected or wrong-shaped tensor is an error naming it. Hugging Face tensor
+names are ours with a leading ``model.`` (``hf_name``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import RopeliteError
+from .io import atomic_path, write_json
+from .model import Llama, LlamaConfig
+from .rope import VARIANTS, RopeConfig, ntk_base
+
+# transformers' rope_type -> our variant. ntk has none: transformers expresses it as a plain rope_theta.
+_FROM_HF_ROPE = {name: v.name for v in VARIANTS.values() for name in (v.hf_type, *v.hf_aliases) if name}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------------------------------------------
+
+def config_from_hf(d: dict) -> LlamaConfig:
+    """A ``LlamaConfig`` from a transformers ``config.json`` dict (4.x or 5.x, plus our ``ropelite`` record)."""
+    if d.get("model_type") != "llama" and "LlamaForCausalLM" not in (d.get("architectures") or []):
+        raise RopeliteError(f"unsupported architecture '{d.get('model_type')}': ropelite runs LLaMa models")
+    for flag in ("attention_bias", "mlp_bias"):
+        if d.get(flag):
+            raise RopeliteError(f"config sets {flag}=true, which ropelite's LLaMa does not implement")
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):  # the same function under two names
+        raise RopeliteError(f"config sets hidden_act={act!r}; ropelite's LLaMa implements SwiGLU (silu) only")
+    try:
+        heads = d["num_attention_heads"]
+        return LlamaConfig(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+            tie_word_embeddings=d.get("tie_word_embeddings", False), bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"), rope=_rope_from_hf(d))
+    except KeyError as e:
+        raise RopeliteError(f"config.json lacks the key {e}") from None
+
+
+def _rope_from_hf(d: dict) -> RopeConfig:
+    own = d.get("ropelite")
+    params = dict(d.get("rope_parameters") or {})           # transformers 5.x
+    scaling = dict(d.get("rope_scaling") or params)          # transformers 4.x
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    hf_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if hf_type not in _FROM_HF_ROPE:
+        raise RopeliteError(f"unsupported rope_scaling type '{hf_type}': ropelite reads {', '.join(_FROM_HF_ROPE)}")
+    kind = _FROM_HF_ROPE[hf_type]
+    if own and own.get("rope") == "ntk":                     # rope_theta holds the NTK base; restore the story
+        return RopeConfig(type="ntk", theta=own["theta"], factor=own["factor"], base=own["base"],
+                          original_max_position_embeddings=own["original_max_position_embeddings"])
+    max_len = d.get("max_position_embeddings", 4096)
+    # transformers' dynamic scales from max_position_embeddings whatever rope_scaling says; Phi-3-style configs
+    # keep the pretrained length at the top level.
+    original = (max_len if kind == "dynamic" else
+                d.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings") or max_len)
+    if own:
+        original = own["original_max_position_embeddings"]
+    settings = {k: scaling[k] for k in VARIANTS[kind].keys if scaling.get(k) is not None}
+    for k in ("short_factor", "long_factor"):
+        if k in settings:
+            settings[k] = tuple(settings[k])
+    factor = scaling.get("factor")
+    if factor is None:  # transformers: longrope without a factor scales by the ratio of the two lengths
+        factor = max_len / original if kind == "longrope" else 1.0
+    return RopeConfig(type=kind, theta=theta, factor=float(factor) if kind != "rope" else 1.0,
+                      original_max_position_embeddings=int(original), **settings)
+
+
+def config_to_hf(c: LlamaConfig) -> dict:
+    """A ``config.json`` that transformers (4.x and 5.x) loads as the same model with the same RoPE."""
+    r = c.rope
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+         "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+         "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+         "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_word_embeddings,
+         "attention_bias": False, "mlp_bias": False, "bos_token_id": c.bos_token_id,
+         "eos_token_id": c.eos_token_id, "rope_theta": r.theta, "rope_scaling": None,
+         "max_position_embeddings": r.original_max_position_embeddings}
+    if r.type == "ntk":
+        d["rope_theta"] = r.base if r.base is not None else ntk_base(c.head_dim, r.theta, r.factor)
+    elif r.type != "rope":
+        hf_type = r.variant.hf_type
+        scaling = {"rope_type": hf_type, "type": hf_type, "factor": r.factor}
+        if r.type not in ("pi", "dynamic"):  # linear has no L; dynamic takes it from max_position_embeddings
+            scaling["original_max_position_embeddings"] = r.original_max_position_embeddings
+        # Each key of the type even at its default: transformers requires some (llama3's low/high_freq_factor)
+        # and warns about keys that belong to another type.
+        scaling.update({k: getattr(r, k) for k in r.variant.keys if k != "truncate" and getattr(r, k) is not None})
+        if not r.truncate:
+            scaling["truncate"] = False
+        d["rope_scaling"] = scaling
+        if r.type != "dynamic":  # transformers reads the extended length as max_position_embeddings
+            d["max_position_embeddings"] = int(r.original_max_position_embeddings * r.factor)
+    # What transformers cannot say (a fixed-base NTK, the pretrained base) is recorded for ropelite.
+    d["ropelite"] = {"rope": r.type, "factor": r.factor, "theta": r.theta, "base": r.base,
+                     "original_max_position_embeddings": r.original_max_position_embeddings,
+                     "max_position_embeddings": int(r.original_max_position_embeddings * r.factor)}
+    return d
+
+
+def read_config(path: Path) -> LlamaConfig:
+    if not path.exists():
+        raise RopeliteError(f"no such model: {path}")
+    file = path / "config.json"
+    if not file.is_file():
+        raise RopeliteError(f"no config.json in {path}: not a Hugging Face model directory")
+    try:
+        return config_from_hf(json.loads(file.read_text()))
+    except json.JSONDecodeError as e:
+        raise RopeliteError(f"{file} is not valid JSON: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------------------
+
+def hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    raise RopeliteError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def read_weights(path: Path, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, by Hugging Face name, in dtype on device."""
+    from safetensors import SafetensorError, safe_open
+    tensors = {}
+    for file in _safetensors_files(path):
+        if not file.is_file():
+            raise RopeliteError(f"shard {file.name} named by the index is missing in {path}")
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key).to(dtype=dtype, device=device)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise RopeliteError(f"cannot read {file}: {str(e).splitlines()[0]} (truncated or corrupt?)") from None
+    return tensors
+
+
+def load_model(path, rope: str | None = None, factor: float | None = None, dtype: torch.dtype = torch.float32,
+               device="cpu", **rope_kwargs) -> Llama:
+    """Load a Hugging Face LLaMa directory. The RoPE variant is the config's unless ``rope``/``factor``/
+    rope_kwargs (e.g. ``base=1e6`` for ntk, ``beta_fast``) override it; the pretrained base and length stay."""
+    path = Path(path)
+    config = read_config(path).with_rope(rope, factor, **rope_kwargs)
+    tensors = read_weights(path, dtype, device)
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = {hf_name(k): v.shape for k, v in model.state_dict().items()
+                if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    for key in sorted(set(tensors) - set(expected)):
+        if key.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and key == "lm_head.weight"):
+            continue  # derived values some checkpoints carry; ours are computed from the config
+        raise RopeliteError(f"unexpected tensor '{key}' in {path}")
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise RopeliteError(f"missing tensor '{key}' in {path}")
+        if tensors[key].shape != shape:
+            raise RopeliteError(f"tensor '{key}' has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
+    return model_from_state(config, {k.removeprefix("model."): tensors[k] for k in expected}).eval()
+
+
+def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Llama:
+    """A Llama around existing tensors, assigned rather than copied, keyed by our module names (a tied
+    ``lm_head.weight`` may be absent): for loading, and for saving a gathered training state dict."""
+    with torch.device("meta"):
+        model = Llama(config)
+    if config.tie_word_embeddings:  # the meta model lists the shared weight under both names
+        state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def save_model(model: Llama, out_dir, max_shard_bytes: int | None = None, extra_config: dict | None = None) -> Path:
+    """Write safetensors (sharded with an index past ``max_shard_bytes``) and a transformers-loadable
+    config.json. Each file is written atomically; config.json last, so a directory with a config is complete."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tied = model.config.tie_word_embeddings
+    state = {hf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
+    shards: list[dict] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        with atomic_path(out / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if len(shards) > 1:
+        write_json(index, {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                           "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}})
+    else:
+        index.unlink(missing_ok=True)  # a stale index would shadow nothing, but would mislead a reader
+    dtype = next(iter(state.values())).dtype
+    config = {**config_to_hf(model.config), "torch_dtype": str(dtype).removeprefix("torch."), **(extra_config or {})}
+    write_json(out / "config.json", config)
+    return out
