@@ -36,7 +36,8 @@ from ropelite.cli import (DTYPES, ArgumentParser, add_data_args, add_model_args,
 from ropelite.data import load_documents, tokenize_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import atomic_path, pyplot, save_figure, write_csv, write_json
-from ropelite.model import LlamaConfig, read_config
+from ropelite.hf import read_config
+from ropelite.model import LlamaConfig
 from ropelite.rope import (RopeConfig, context_of_base, first_negative_B, men_B,
                            min_base_for_context, rope_inv_freq)
 from ropelite.stats import NATS_PER_BIT, entropy, js_divergence

@@ -17,8 +17,8 @@ them), else the built-in text of --builtin, joined into documents of at least 5 
 longest length. With --docs N the N longest documents are used, so every length scores the same documents when
 they all are long enough; a length only some of them reach uses those, with a warning.
 
-The RoPE variant is switched by replacing ``model.config``: Llama computes its cos/sin tables from
-``config.rope`` on every forward (``Llama.rope_tables``), and no module keeps frequencies of its own.
+One loaded model serves every variant: the RoPE is an argument of each forward (``model.nll(ids, rope=...)``),
+from which Llama computes its cos/sin tables (``Llama.rope_tables``); no module keeps frequencies of its own.
 
 Outputs in --out (default runs/ppl): ppl.json and ppl.csv, one row per (variant, length), rewritten atomically
 after each; ppl_settings.json (what each settings id means); ppl.png, PPL vs length (log-log), one line per
@@ -179,14 +179,14 @@ def measure(model, ids: list, chosen: dict[int, list[int]], plan: Plan, rows: li
     args, results = plan.args, {}
     bar = token_bar(plan.forward_tokens(chosen), "eval_ppl")
     for job in plan.todo:
-        model.config, rope, n = job.config, job.config.rope, job.length  # the RoPE is read from the config
+        rope, n = job.config.rope, job.length
         bar.set_description(f"{rope.describe()} @ {n}")
         start = time.perf_counter()
         key = plan.rope_key(job)
         first = plan.first_of[key]
         if key not in results:
             results[key] = perplexity(model, [ids[i] for i in chosen[n]], n, args.protocol, plan.window,
-                                      plan.stride, args.chunk_size, on_tokens=bar.update)
+                                      plan.stride, args.chunk_size, on_tokens=bar.update, rope=rope)
         result, sliding = results[key], args.protocol == "sliding"
         rows.append({"settings": job.sid, "model": args.model, "rope": rope.type, "label": rope.describe(),
                      "factor": rope.factor if rope.type != "rope" else None,
@@ -232,10 +232,7 @@ def main(argv=None) -> None:
     if skipped:
         print(f"eval_ppl: {skipped} rows already in {out}, {len(plan.todo)} to run", file=sys.stderr)
     title = f"{Path(args.model).name}: {args.protocol} perplexity on {data}"
-    try:
-        measure(model, ids, chosen, plan, rows, out, train_len, title)
-    finally:
-        model.config = pretrained
+    measure(model, ids, chosen, plan, rows, out, train_len, title)
     if not plan.todo and rows:
         draw(rows, plan.labels, train_len, out / f"{RESULTS}.png", title)
     print(f"{args.protocol} perplexity ({Path(args.model).name}, {data}); results in {out}")

@@ -56,8 +56,9 @@ from ropelite.cli import DTYPES, ArgumentParser, add_data_args, add_model_args, 
 from ropelite.data import PackedSequences, load_documents, pack_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import append_jsonl, truncate_jsonl
-from ropelite.model import Llama, LlamaConfig, load_model, model_from_state, read_config
-from ropelite.rope import RopeConfig
+from ropelite.hf import config_to_hf, load_model, model_from_state, read_config
+from ropelite.model import Llama, LlamaConfig
+from ropelite.rope import VARIANTS, RopeConfig
 from ropelite.tokenizer import ByteTokenizer, first_id, load_tokenizer
 from ropelite.training import (OPTIMIZER_STATE, SCHEDULES, accumulate_gradients, clip_gradients, evaluate_nll,
                                latest_checkpoint, learning_rate, load_trainer_state, peak_memory_mb, random_model,
@@ -226,7 +227,7 @@ def default_factor(rope: str, length: int, original: int, given: float | None) -
     """--factor, else len / L for the variants that take one (1 when len <= L); None leaves the config's."""
     if given is not None:
         return given
-    if rope in ("rope", "longrope"):  # plain RoPE has no factor; longrope's comes with its searched lists
+    if not VARIANTS[rope].scales_by_factor:  # plain RoPE has no factor; longrope's comes with its searched lists
         return None
     return max(1.0, length / original)
 
@@ -238,7 +239,7 @@ def random_config(args, vocab: int, eos: int) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.ffn or 4 * args.hidden,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-                       max_position_embeddings=original, eos_token_id=eos,
+                       eos_token_id=eos,
                        rope=RopeConfig(theta=args.theta, original_max_position_embeddings=original))
 
 
@@ -440,7 +441,7 @@ def save(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> None:
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     if dist.main:
         args = run.args
-        record = {**run.config.to_hf()["ropelite"],
+        record = {**config_to_hf(run.config)["ropelite"],
                   "trained": {"len": args.len, "step": step, "steps": run.steps, "tokens": step * run.step_tokens,
                               "batch_tokens": run.step_tokens, "init": args.init,
                               "model": args.model if args.init == "pretrained" else None}}

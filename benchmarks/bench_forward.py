@@ -39,7 +39,8 @@ from measure import has_transformers, peak_rss_mb, reset_peak_rss, rss_mb, run_w
 from ropelite.cli import ArgumentParser, check, run
 from ropelite.errors import RopeliteError
 from ropelite.io import write_json, write_results
-from ropelite.model import Llama, LlamaConfig, hf_name
+from ropelite.hf import config_to_hf, hf_name
+from ropelite.model import Llama, LlamaConfig
 from ropelite.presets import preset
 
 IMPLS = ("fast", "eager", "reference", "transformers")
@@ -92,7 +93,7 @@ def reference_forward(model: Llama, ids: torch.Tensor) -> torch.Tensor:
 
 def transformers_model(config: LlamaConfig, weights_from: Llama | None = None):
     import transformers
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "ropelite"})
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(config).items() if k != "ropelite"})
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     if weights_from is not None:
         hf.load_state_dict({hf_name(k): v for k, v in weights_from.state_dict().items()})

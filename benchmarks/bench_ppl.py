@@ -43,7 +43,7 @@ def measure(method: str, model_name: str, tokens: Path, chunk_size: int, dtype: 
     torch.set_grad_enabled(False)
     ids = np.load(tokens)
     if method == "ropelite":
-        from ropelite.model import load_model
+        from ropelite.hf import load_model
         from ropelite.ppl import perplexity
         model = load_model(resolve_model(model_name), dtype=DTYPES[dtype])  # weights only, as transformers
         loaded, load_peak = rss_mb(), peak_rss_mb()

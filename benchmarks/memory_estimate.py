@@ -32,7 +32,8 @@ from pathlib import Path
 from ropelite.cli import ArgumentParser, run
 from ropelite.errors import RopeliteError
 from ropelite.io import write_results
-from ropelite.model import LlamaConfig, read_config
+from ropelite.hf import read_config
+from ropelite.model import LlamaConfig
 from ropelite.presets import PRESETS, preset
 
 GIB = 2**30

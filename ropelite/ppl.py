@@ -55,15 +55,17 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
 
 @torch.no_grad()
 def document_nll(model: Llama, ids: torch.Tensor, window: int, stride: int, chunk_size: int = 512,
-                 on_tokens: Callable[[int], None] | None = None) -> tuple[float, int]:
+                 on_tokens: Callable[[int], None] | None = None, rope: RopeConfig | None = None,
+                 ) -> tuple[float, int]:
     """(sum of NLL, number of scored tokens) of one document ``ids`` (T,), read with ``sliding_windows``.
-    ``on_tokens(n)`` is told how many tokens each forward pass read (for a progress bar)."""
+    ``on_tokens(n)`` is told how many tokens each forward pass read (for a progress bar); ``rope`` is the
+    variant to run (default: the model's own)."""
     total, count = 0.0, 0
     for begin, end, first in sliding_windows(len(ids), window, stride):
         x = ids[begin:end].unsqueeze(0)                                              # (1, w)
         labels = x.clone()
         labels[:, :first - begin] = -100  # context: predicted by an earlier window, or position 0
-        s, n = model.nll(x, labels, chunk_size=chunk_size)
+        s, n = model.nll(x, labels, chunk_size=chunk_size, rope=rope)
         total, count = total + float(s), count + int(n)
         if on_tokens is not None:
             on_tokens(end - begin)
@@ -72,7 +74,7 @@ def document_nll(model: Llama, ids: torch.Tensor, window: int, stride: int, chun
 
 def perplexity(model: Llama, docs: list[np.ndarray], length: int, protocol: str = "truncate",
                window: int | None = None, stride: int | None = None, chunk_size: int = 512,
-               on_tokens: Callable[[int], None] | None = None) -> dict:
+               on_tokens: Callable[[int], None] | None = None, rope: RopeConfig | None = None) -> dict:
     """PPL of the first ``length`` tokens of each document (all must have that many), averaged per document:
     exp(mean over documents of each document's mean NLL). ``window``/``stride`` are the sliding protocol's.
     Returns {"nll", "ppl", "docs", "tokens"} (tokens = scored tokens)."""
@@ -89,7 +91,7 @@ def perplexity(model: Llama, docs: list[np.ndarray], length: int, protocol: str 
     means, tokens = [], 0
     for ids in docs:
         x = torch.as_tensor(np.asarray(ids[:length], dtype=np.int64), device=device)
-        s, n = document_nll(model, x, window, stride, chunk_size, on_tokens)
+        s, n = document_nll(model, x, window, stride, chunk_size, on_tokens, rope)
         means.append(s / n)
         tokens += n
     nll = float(np.mean(means))
@@ -109,7 +111,7 @@ def effective_base(rope: RopeConfig, dim: int, seq_len: int) -> float:
     """The base in use at ``seq_len``: NTK's new base, dynamic NTK's base at this length, else the pretrained
     one (PI, YaRN, llama3 rescale frequencies, not the base). Read back from theta_1 = b^(-2/d) rather than
     re-deriving each formula."""
-    if rope.type in ("ntk", "dynamic"):
+    if rope.variant.changes_base:
         inv_freq, _ = rope.frequencies(dim, seq_len)
         return float(inv_freq[1]) ** (-dim / 2)
     return rope.theta

@@ -19,7 +19,7 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str):
     """The LlamaConfig of a preset, by name."""
-    from .model import LlamaConfig
+    from .hf import config_from_hf
     if name not in PRESETS:
         raise RopeliteError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
-    return LlamaConfig.from_hf(PRESETS[name])
+    return config_from_hf(PRESETS[name])

@@ -21,7 +21,8 @@ from torch import nn
 
 from .errors import RopeliteError
 from .io import atomic_path, write_json
-from .model import Llama, LlamaConfig, save_model
+from .hf import save_model
+from .model import Llama, LlamaConfig
 
 CHECKPOINT = "checkpoint"          # out/checkpoint: the last complete step
 _CHECKPOINT_TMP = ".checkpoint.tmp"

@@ -26,7 +26,7 @@ def tiny_llama():
 
     def make(rope: RopeConfig | None = None, seed: int = 0, **overrides) -> Llama:
         fields = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       rope=rope or RopeConfig(theta=1e4, original_max_position_embeddings=64))
         torch.manual_seed(seed)
         model = Llama(LlamaConfig(**{**fields, **overrides}))

@@ -14,7 +14,7 @@ import torch
 
 import analyze  # noqa: E402
 from ropelite.cli import run  # noqa: E402
-from ropelite.model import load_model, save_model  # noqa: E402
+from ropelite.hf import load_model, save_model
 from ropelite.rope import RopeConfig  # noqa: E402
 from ropelite.stats import entropy, js_divergence  # noqa: E402
 

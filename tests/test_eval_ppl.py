@@ -18,7 +18,8 @@ import torch
 import eval_ppl  # noqa: E402
 from ropelite.cli import run  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
-from ropelite.model import Llama, load_model, save_model  # noqa: E402
+from ropelite.hf import load_model, save_model
+from ropelite.model import Llama
 from ropelite.ppl import choose_documents, document_nll, effective_base, perplexity, sliding_windows  # noqa: E402
 from ropelite.rope import RopeConfig  # noqa: E402
 
@@ -160,16 +161,20 @@ def test_effective_base():
     assert effective_base(RopeConfig("rope", theta), d, 2 * L) == theta
 
 
-def test_switching_config_equals_loading_with_that_rope(tiny_llama, tmp_path):
-    """eval_ppl switches variants by replacing model.config: the same numbers as a fresh load."""
+def test_passing_a_rope_equals_loading_with_that_rope(tiny_llama, tmp_path):
+    """eval_ppl runs each variant by passing its RoPE to one loaded model: the same numbers as a fresh load,
+    and the model itself is left as it was."""
     save_model(tiny_llama(), tmp_path / "m")
     model = load_model(tmp_path / "m")
+    pretrained = model.config
     ids = random_ids(150, 6)[None]  # past the pretrained 64, where the variants differ
     for rope, kw in [("yarn", {}), ("dynamic", {}), ("ntk", {"base": 1e6}), ("pi", {})]:
         fresh = load_model(tmp_path / "m", rope, 4.0, **kw)
-        model.config = model.config.with_rope(rope, 4.0, **kw)
+        variant = model.config.with_rope(rope, 4.0, **kw).rope
         with torch.no_grad():
-            assert torch.equal(model(ids), fresh(ids))
+            assert torch.equal(model(ids, rope=variant), fresh(ids))
+            assert torch.equal(model.nll(ids, rope=variant)[0], fresh.nll(ids)[0])
+    assert model.config is pretrained
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from tokenizers import decoders, models, pre_tokenizers
 import needle  # noqa: E402
 from ropelite.cli import run  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
-from ropelite.model import save_model  # noqa: E402
+from ropelite.hf import save_model
 from ropelite.tokenizer import load_tokenizer  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 import paper  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
-from ropelite.model import save_model  # noqa: E402
+from ropelite.hf import save_model
 
 
 def test_pivot_turns_long_rows_wide():

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 import train  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
-from ropelite.model import Llama, LlamaConfig, load_model, save_model  # noqa: E402
+from ropelite.hf import load_model, save_model
+from ropelite.model import Llama, LlamaConfig
 from ropelite.rope import RopeConfig  # noqa: E402
 from ropelite.data import PackedSequences, pack_documents  # noqa: E402
 from ropelite.tokenizer import ByteTokenizer  # noqa: E402
