@@ -21,26 +21,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from ropelite.cli import (DTYPES, ArgumentParser, add_data_args, add_model_args, check, rope_overrides, run,
-                          token_bar)
-from ropelite.data import load_documents, tokenize_documents
+from ropelite.attention import DEFINITIONS, Variant, measure, pick_samples, state_meta, summarize
+from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, parse_grid,
+                          rope_overrides, run, token_bar)
+from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, pyplot, save_figure, write_csv, write_json
 from ropelite.hf import read_config
+from ropelite.io import pyplot, save_figure, write_csv, write_json
 from ropelite.model import LlamaConfig
 from ropelite.rope import (RopeConfig, context_of_base, first_negative_B, men_B,
                            min_base_for_context, rope_inv_freq)
-from ropelite.stats import NATS_PER_BIT, entropy, js_divergence
+
+parse_ints = parse_grid  # bound_main's name for it (it switches to parse_grid when the bound work merges)
 
 # ----------------------------------------------------------------------------------------------------------------
 # attention: seed paper Figure 2 and Table 1
@@ -76,150 +75,6 @@ rows), attention_L<L>.png (Figure 2: one panel per variant, log y, x = key posit
 per layer) and attention_L<L>.npz (running sums: per_head_sum (layers, heads, L) = sum over samples, entropy and
 JS sums per layer, samples done). The npz is rewritten after every sample, so a killed run resumes there.
 """
-
-DEFINITIONS = {
-    "distribution": "p_{s,l,h}: softmax attention of the last query (position L-1) over keys 0..L-1, for sample s, "
-                    "layer l, head h",
-    "mean_distribution": "pbar = mean over (sample, layer, head) of p_{s,l,h} (Figure 2, red line)",
-    "per_head_curve": "mean over samples of p_{s,l,h} for one (layer, head) (Figure 2, thin lines)",
-    "js_mean_nats": "JS(pbar_variant, pbar_reference) = KL(p||m)/2 + KL(q||m)/2, m = (p+q)/2, natural log (Table 1)",
-    "js_mean_bits": "js_mean_nats / ln 2",
-    "js_per_distribution_nats": "mean over (sample, layer, head) of JS(p_{s,l,h} variant, p_{s,l,h} reference); "
-                                "a different quantity, >= js_mean by joint convexity",
-    "js_per_distribution_bits": "js_per_distribution_nats / ln 2",
-    "entropy_per_layer": "mean over (sample, head) of -sum p ln p of p_{s,l,h}, nats",
-    "entropy": "mean over layers of entropy_per_layer, nats",
-    "entropy_of_mean": "-sum pbar ln pbar, nats",
-    "uniform_entropy": "ln L: the entropy of uniform attention over L keys",
-}
-
-
-@dataclasses.dataclass
-class Variant:
-    """One thing whose attention is measured: a model with a RoPE config, under a label."""
-    label: str
-    model: torch.nn.Module
-    config: LlamaConfig
-    tokens: int            # index into the tokenised samples: which tokenizer's ids this model reads
-
-
-def last_rows(variant: Variant, ids: np.ndarray) -> torch.Tensor:
-    """(layers, heads, L) float32: the last query's attention over keys 0..L-1 in every layer and head."""
-    model, c = variant.model, variant.config
-    model.config = c  # the RoPE is built from model.config on every forward
-    L = len(ids)
-    rows = torch.empty(c.num_hidden_layers, c.num_attention_heads, L)
-
-    def keep(layer: int, positions: torch.Tensor, probs: torch.Tensor) -> None:
-        rows[layer] = probs[0, :, 0].cpu()                  # probs (1, H, 1, L): the one row asked for
-
-    device = next(model.parameters()).device
-    with torch.no_grad():  # hidden_states: no (L, vocab) logits are ever made
-        model.hidden_states(torch.as_tensor(ids, device=device).view(1, L), on_attention=keep,
-                            attention_rows=torch.tensor([L - 1], device=device))
-    return rows
-
-
-class Reduction:
-    """Running sums over samples for one variant at one length; nothing but these is kept between samples."""
-
-    def __init__(self, layers: int, heads: int, length: int):
-        self.per_head_sum = torch.zeros(layers, heads, length, dtype=torch.float64)  # sum_s p_{s,l,h}
-        self.entropy_sum = torch.zeros(layers, dtype=torch.float64)                  # sum_{s,h} H(p_{s,l,h})
-        self.js_sum = torch.zeros(layers, dtype=torch.float64)                       # sum_{s,h} JS(p, ref)
-        self.samples = 0
-
-    def add(self, rows: torch.Tensor, reference: torch.Tensor | None) -> None:
-        """rows, reference: (layers, heads, L) distributions of the same sample; reference None for the reference
-        itself, whose JS against itself is 0."""
-        self.per_head_sum += rows
-        self.entropy_sum += entropy(rows).sum(1)
-        if reference is not None and reference.shape == rows.shape:
-            self.js_sum += js_divergence(rows, reference).sum(1)
-        elif reference is not None:  # another architecture: there is no (layer, head) to pair with
-            self.js_sum.fill_(float("nan"))
-        self.samples += 1
-
-    def per_head(self) -> torch.Tensor:
-        return self.per_head_sum / self.samples                                       # (layers, heads, L)
-
-    def mean(self) -> torch.Tensor:
-        return self.per_head_sum.sum((0, 1)) / (self.samples * self.per_head_sum[..., 0].numel())  # (L,)
-
-    def arrays(self, prefix: str) -> dict:
-        return {f"{prefix}per_head_sum": self.per_head_sum.numpy(), f"{prefix}entropy_sum": self.entropy_sum.numpy(),
-                f"{prefix}js_sum": self.js_sum.numpy(), f"{prefix}samples": np.array(self.samples)}
-
-    @classmethod
-    def from_arrays(cls, arrays, prefix: str) -> "Reduction":
-        r = cls(1, 1, 1)
-        r.per_head_sum = torch.from_numpy(arrays[f"{prefix}per_head_sum"].copy())
-        r.entropy_sum = torch.from_numpy(arrays[f"{prefix}entropy_sum"].copy())
-        r.js_sum = torch.from_numpy(arrays[f"{prefix}js_sum"].copy())
-        r.samples = int(arrays[f"{prefix}samples"])
-        return r
-
-
-def summarize(r: Reduction, reference: Reduction) -> dict:
-    """The Table 1 numbers of one variant against the reference (see DEFINITIONS)."""
-    mean, ref_mean = r.mean(), reference.mean()
-    heads = r.per_head_sum.shape[1]
-    js = float(js_divergence(mean, ref_mean))
-    per_dist = float(r.js_sum.sum() / (r.samples * r.js_sum.numel() * heads))
-    per_layer = (r.entropy_sum / (r.samples * heads)).tolist()
-    return {"js_mean_nats": js, "js_mean_bits": js / NATS_PER_BIT,
-            "js_per_distribution_nats": per_dist, "js_per_distribution_bits": per_dist / NATS_PER_BIT,
-            "entropy": float(np.mean(per_layer)), "entropy_of_mean": float(entropy(mean)),
-            "uniform_entropy": math.log(len(mean)), "entropy_per_layer": per_layer}
-
-
-def save_state(path: Path, meta: dict, reductions: dict[str, Reduction]) -> None:
-    arrays = {"meta": np.array(json.dumps(meta))}
-    for i, r in enumerate(reductions.values()):
-        arrays.update(r.arrays(f"{i}/"))
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-        np.savez(f, **arrays)
-
-
-def load_state(path: Path, meta: dict) -> dict[str, Reduction] | None:
-    """The saved sums when they were made with the same settings and a prefix of the same samples."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            saved = json.loads(str(arrays["meta"]))
-            done = saved.get("sample_hashes", [])
-            if (saved.get("settings") != meta["settings"] or saved.get("labels") != meta["labels"]
-                    or done != meta["sample_hashes"][:len(done)]):
-                return None
-            return {label: Reduction.from_arrays(arrays, f"{i}/") for i, label in enumerate(saved["labels"])}
-    except (OSError, ValueError, KeyError):
-        raise RopeliteError(f"{path} is not an analyze.py attention state file; use another --out") from None
-
-
-def pick_samples(docs: list, tokenizers: list, vocab_sizes: list[int], lengths: list[int],
-                 count: int) -> dict[int, list[list[np.ndarray]]]:
-    """length -> the first ``count`` documents with >= length tokens under every tokenizer, cut to their first
-    ``length`` tokens: [sample][tokenizer] -> ids. Documents are tokenised only until enough are long enough."""
-    tokenized, long_enough = [], 0
-    for doc in docs:
-        per_tokenizer = [tokenize_documents([doc], tok)[0] for tok in tokenizers]
-        for x, vocab in zip(per_tokenizer, vocab_sizes):
-            bad = x[(x < 0) | (x >= vocab)]
-            if bad.size:
-                raise RopeliteError(f"token id {int(bad[0])} outside the model's vocabulary ({vocab} ids)")
-        tokenized.append(per_tokenizer)
-        long_enough += min(map(len, per_tokenizer)) >= max(lengths)
-        if long_enough >= count:
-            break
-    picks = {}
-    for L in lengths:
-        long = [[x[:L] for x in t] for t in tokenized if min(map(len, t)) >= L]
-        check(len(long) >= count, f"only {len(long)} documents have at least {L} tokens, --samples asks for "
-                                  f"{count}: give --data with longer documents, fewer --samples or a shorter length")
-        picks[L] = long[:count]
-    return picks
-
 
 def draw_distributions(panels: list[tuple[str, np.ndarray]], length: int, path: Path, max_curves: int,
                        title: str) -> None:
@@ -280,7 +135,7 @@ def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
     base = model.config
     variants = []
     for rope in dict.fromkeys(args.rope):
-        config = base.with_rope(**rope_overrides(rope, args.factor, args.base))
+        config = base.with_rope(**rope_overrides(rope, args.factor, args.base, args.rope))
         variants.append(Variant(config.rope.describe(), model, config, 0))
     tokenizers, vocab = [tokenizer], [base.vocab_size]
     if args.reference_model is None:
@@ -296,33 +151,8 @@ def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
     return variants, reference, tokenizers, vocab
 
 
-def measure(entries: list[Variant], reference: Variant, samples: list, state_path: Path, meta: dict,
-            bar) -> dict[str, Reduction]:
-    """The running sums of every entry over the samples of one length, resumed from ``state_path`` when it holds
-    a prefix of this run; rewritten there after every sample."""
-    L, count = len(samples[0][0]), len(samples)
-    red = load_state(state_path, meta)
-    if red is None:
-        red = {v.label: Reduction(v.config.num_hidden_layers, v.config.num_attention_heads, L) for v in entries}
-    done = red[reference.label].samples
-    if done:
-        print(f"attention: L={L}: {done} of {count} samples already in {state_path}", file=sys.stderr)
-    bar.update(L * done * len(entries))
-    for s in range(done, count):
-        ref_rows = last_rows(reference, samples[s][reference.tokens])   # first: every variant is paired with it
-        bar.update(L)
-        for v in entries:
-            if v is not reference:
-                red[v.label].add(last_rows(v, samples[s][v.tokens]), ref_rows)
-                bar.update(L)
-        red[reference.label].add(ref_rows, None)
-        save_state(state_path, {**meta, "sample_hashes": meta["sample_hashes"][:s + 1]}, red)
-        bar.set_postfix_str(f"L={L} sample {s + 1}/{count}")
-    return red
-
-
 def attention_main(args) -> None:
-    lengths = parse_ints(args.lengths, "--lengths")
+    lengths = parse_grid(args.lengths, "--lengths")
     check(lengths[0] >= 2, "--lengths must be at least 2 tokens")
     check(args.samples >= 1, "--samples must be at least 1")
     check(args.max_curves >= 0, "--max-curves must be >= 0")
@@ -341,10 +171,8 @@ def attention_main(args) -> None:
     rows: list[dict] = []
     with token_bar(sum(lengths) * args.samples * len(entries), "attention") as bar:
         for L in lengths:
-            hashes = [hashlib.sha256(b"".join(x.tobytes() for x in s)).hexdigest()[:16] for s in picks[L]]
-            meta = json.loads(json.dumps({  # as it reads back from the file (tuples become lists)
-                "settings": {k: v for k, v in settings.items() if k not in ("samples", "lengths")} | {"length": L},
-                "labels": [v.label for v in entries], "sample_hashes": hashes}))
+            per_length = {k: v for k, v in settings.items() if k not in ("samples", "lengths")} | {"length": L}
+            meta = state_meta(per_length, [v.label for v in entries], picks[L])
             red = measure(entries, reference, picks[L], out / f"attention_L{L}.npz", meta, bar)
             for v in entries:
                 n = red[v.label].samples
@@ -532,7 +360,7 @@ def freqs_main(args) -> None:
     original = rope_inv_freq(dim, theta)
     rows, summary = [], []
     for name in dict.fromkeys(args.rope):
-        rope = config.with_rope(**rope_overrides(name, factor, args.base)).rope
+        rope = config.with_rope(**rope_overrides(name, factor, args.base, args.rope)).rope
         inv_freq, attention_factor = rope.frequencies(dim, length)
         label = rope.describe()
         summary.append({"rope": label, "config": dataclasses.asdict(rope), "attention_factor": attention_factor})
@@ -583,25 +411,6 @@ def draw_freqs(rows: list[dict], dim: int, theta: float, L: int, length: int, pa
 # Script
 # ----------------------------------------------------------------------------------------------------------------
 
-def parse_ints(specs: list[str], name: str) -> list[int]:
-    """Sorted distinct integers from '1024 2048' and/or 'START:STOP' (the powers of two from START to STOP)."""
-    values = []
-    for spec in specs:
-        try:
-            if ":" in spec:
-                start, stop = (int(float(v)) for v in spec.split(":"))
-                check(start >= 1 and stop >= start, f"bad {name} range '{spec}': need 1 <= START <= STOP")
-                values += [start << k for k in range((stop // start).bit_length()) if start << k <= stop]
-            else:
-                value = float(spec)
-                check(value.is_integer(), f"bad {name} value '{spec}': give whole numbers")
-                values.append(int(value))
-        except ValueError:
-            raise RopeliteError(f"bad {name} value '{spec}': give integers or START:STOP (powers of two)") from None
-    check(bool(values), f"{name} is empty")
-    return sorted(set(values))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="analyze.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -618,7 +427,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--factor": {"default": 4.0, "help": "scale factor s for pi/ntk/dynamic/yarn/llama3 (default 4)"}})
     g = a.add_argument_group("measurement")
     g.add_argument("--lengths", nargs="+", default=["2048"], metavar="N",
-                   help="sequence lengths L (default 2048; the paper: 2048 8192); START:STOP = powers of two")
+                   help=f"sequence lengths L, {GRID_HELP} (default 2048; the paper: 2048 8192)")
     g.add_argument("--samples", type=int, default=10, help="documents per length (default 10, the paper's)")
     g.add_argument("--reference-model", default=None, metavar="MODEL",
                    help="compare against this model (its own RoPE and tokenizer), e.g. a long-context one; "
@@ -633,7 +442,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        description=BOUND_DOC, formatter_class=raw)
     b.add_argument("--dim", type=int, default=128, help="rotary dimension d (head dim; default 128, the paper's)")
     b.add_argument("--lengths", nargs="+", default=["1024:131072"], metavar="N",
-                   help="context lengths, or START:STOP for the powers of two between (default 1024:131072, "
+                   help=f"context lengths, {GRID_HELP} (default 1024:131072, the powers of two from 1K to 128K, "
                         "~4 min on 2 cores; 1024:1048576 is the paper's whole table, ~10 min more)")
     b.add_argument("--model", nargs="+", default=None, metavar="MODEL",
                    help="models whose reachable context to report (config.json only: head dim and rope_theta)")

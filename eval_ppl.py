@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 import ropelite
-from ropelite.cli import (DTYPES, ArgumentParser, add_data_args, add_model_args, check, rope_overrides, run,
+from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, parse_grid,
+                          rope_overrides, run,
                           token_bar)
 from ropelite.data import load_documents, tokenize_checked
 from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
@@ -50,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, several_ropes=True)
     e = p.add_argument_group("evaluation")
-    e.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192], metavar="L",
-                   help="context lengths in tokens (default: 2048 4096 8192)")
+    e.add_argument("--lengths", nargs="+", default=["2048", "4096", "8192"], metavar="L",
+                   help=f"context lengths in tokens: {GRID_HELP} (default: 2048 4096 8192)")
     e.add_argument("--protocol", default="truncate", choices=PROTOCOLS,
                    help="truncate: one forward over the first L tokens; sliding: windows of --window moved by "
                         "--stride over them (default truncate)")
@@ -73,7 +74,6 @@ def validate(args: argparse.Namespace) -> None:
     check(min(args.lengths) >= 2, "--lengths must be at least 2 tokens (one to read, one to predict)")
     check(args.docs is None or args.docs >= 1, "--docs must be at least 1")
     check(args.chunk_size >= 1, "--chunk-size must be at least 1")
-    check(args.base is None or "ntk" in args.rope, "--base sets NTK's new base: add ntk to --rope")
     if args.protocol == "truncate":
         check(args.window is None and args.stride is None, "--window and --stride belong to --protocol sliding")
     # window >= 2 and 1 <= stride <= window: ropelite.ppl.sliding_windows owns that rule
@@ -205,14 +205,14 @@ def measure(model, ids: list, chosen: dict[int, list[int]], plan: Plan, rows: li
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    args.lengths = sorted(set(args.lengths))
+    args.lengths = parse_grid(args.lengths, "--lengths")
     args.rope = list(dict.fromkeys(args.rope))
     validate(args)
     docs = load_documents(args.data, args.builtin, min_chars=CHARS_PER_TOKEN * max(args.lengths))
     model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     pretrained = model.config
     # Every variant is built (and so checked) before anything runs.
-    variants = [pretrained.with_rope(**rope_overrides(r, args.factor, args.base)) for r in args.rope]
+    variants = [pretrained.with_rope(**rope_overrides(r, args.factor, args.base, args.rope)) for r in args.rope]
     train_len = pretrained.rope.original_max_position_embeddings
     window = args.window or train_len
     stride = args.stride or max(1, window // 2)

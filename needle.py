@@ -37,15 +37,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import ropelite
-from ropelite.cli import DTYPES, ArgumentParser, add_model_args, check, rope_overrides, run, token_bar
+from ropelite.attention import answer_with_entropy
+from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_model_args, check, parse_grid, rope_overrides, run,
+                          token_bar)
 from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
-from ropelite.model import generate
-from ropelite.stats import entropy
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -60,26 +59,8 @@ RESULTS = "needle"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Grid and scoring
+# Scoring
 # ----------------------------------------------------------------------------------------------------------------
-
-def parse_grid(specs: list[str], name: str, integer: bool) -> list:
-    """Values from '1000 2000' and/or 'START:STOP:COUNT' (= round(linspace(START, STOP, COUNT)), as Kamradt's
-    harness spaces its grid), sorted, duplicates dropped."""
-    values = []
-    for spec in specs:
-        try:
-            if ":" in spec:
-                start, stop, count = spec.split(":")
-                values += [int(v) for v in np.round(np.linspace(float(start), float(stop), int(count)))]
-            else:
-                v = float(spec)
-                values.append(int(v) if integer or v.is_integer() else v)
-        except ValueError:
-            raise RopeliteError(f"bad {name} value '{spec}': give numbers or START:STOP:COUNT") from None
-    check(bool(values), f"{name} is empty")
-    return sorted(set(values))
-
 
 def words(text: str) -> list[str]:
     """Lower-cased words, punctuation stripped (the scoring's normal form)."""
@@ -205,35 +186,6 @@ def build_haystack(docs: list, tokenizer, lengths: list[int], needle: str, quest
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Generation with attention entropy (seed paper Algorithm 1)
-# ----------------------------------------------------------------------------------------------------------------
-
-class EntropyMeter:
-    """on_attention callback: sums, per layer, the head-mean entropy of each observed attention row."""
-
-    def __init__(self, n_layers: int):
-        self.sums = [0.0] * n_layers
-        self.rows = [0] * n_layers
-
-    def __call__(self, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> None:
-        h = entropy(probs)                                   # (B, H, t): one value per head and query row
-        self.sums[layer] += float(h.mean(dim=(0, 1)).sum())
-        self.rows[layer] += h.shape[-1]
-
-    def per_layer(self) -> list[float]:
-        """Mean over heads and generated tokens, per layer."""
-        return [s / n if n else float("nan") for s, n in zip(self.sums, self.rows)]
-
-
-def answer_with_entropy(model, ids: list[int], max_new_tokens: int, eos_id=None) -> tuple[list[int], list[float]]:
-    """Greedy answer and per-layer mean attention entropy of the rows that produced its tokens."""
-    meter = EntropyMeter(model.config.num_hidden_layers)
-    device = next(model.parameters()).device
-    out = generate(model, torch.tensor([ids], device=device), max_new_tokens, eos_id, on_attention=meter)
-    return out, meter.per_layer()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Results: resume, heatmap
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -283,15 +235,15 @@ def text_grid(rows: list[dict], lengths: list[int], depths: list) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="needle.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("grid")
     g.add_argument("--lengths", nargs="+", default=["1000", "2000", "4000"], metavar="N",
-                   help="context lengths in tokens (prompt + answer), or START:STOP:COUNT for "
-                        "round(linspace(START, STOP, COUNT)); the paper: 1000:131072:32 (default: 1000 2000 4000)")
+                   help=f"context lengths in tokens (prompt + answer), {GRID_HELP}; the paper: 1000:131072:32 "
+                        "(default: 1000 2000 4000)")
     g.add_argument("--depths", nargs="+", default=["0", "25", "50", "75", "100"], metavar="D",
-                   help="needle depths in percent of the context, or START:STOP:COUNT; the paper: 0:100:10 "
-                        "(default: 0 25 50 75 100)")
+                   help=f"needle depths in percent of the context, {GRID_HELP}; fractions allowed; the paper: "
+                        "0:100:10 (default: 0 25 50 75 100)")
     t = p.add_argument_group("test")
     t.add_argument("--haystack", nargs="+", default=None, metavar="PATH",
                    help="text / .jsonl / .npy / .bin files or folders for the haystack, in order (default: the "
@@ -327,7 +279,7 @@ def main(argv=None) -> None:
     docs = load_documents(args.haystack, "prose")
 
     model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device,
-                                     **rope_overrides(args.rope, args.factor, args.base))
+                                     **rope_overrides(args.rope, args.factor, args.base, [args.rope]))
     check(tokenizer is not None, f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model)")
     rope = model.config.rope
     train_len = args.train_len or rope.original_max_position_embeddings

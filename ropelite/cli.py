@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -53,12 +55,58 @@ class ArgumentParser(argparse.ArgumentParser):
         raise RopeliteError(f"{self.prog}: {message}")
 
 
-def rope_overrides(rope: str | None, factor: float | None, base: float | None) -> dict:
-    """Keyword arguments for ``with_rope``/``load_model``: ``base`` only reaches ntk, where it belongs."""
+def rope_overrides(rope: str | None, factor: float | None, base: float | None,
+                   ropes: Sequence[str | None]) -> dict:
+    """Keyword arguments for ``with_rope``/``load_model`` of variant ``rope`` in a run of the variants ``ropes``
+    (``[rope]`` for a script of one variant). ``base`` is NTK's new base: it reaches the ntk variants only, unless
+    there is none, when it goes through so that RopeConfig rejects it in its own words (it owns that rule)."""
     kwargs = {"rope": rope, "factor": factor}
-    if base is not None and rope == "ntk":
+    if base is not None and (rope == "ntk" or "ntk" not in ropes):
         kwargs["base"] = base
     return kwargs
+
+
+GRID_HELP = ("each a number, START:STOP (the powers of two START, 2 START, 4 START, ... up to STOP) or "
+             "START:STOP:COUNT (COUNT evenly spaced values, rounded: round(linspace(START, STOP, COUNT)))")
+
+
+def _number(text: str, integer: bool) -> int | float:
+    """float(text), as an int when it is whole; infinite, NaN, or a fraction where ``integer`` is wanted: ValueError."""
+    value = float(text)
+    if not math.isfinite(value) or (integer and not value.is_integer()):
+        raise ValueError(text)
+    return int(value) if value.is_integer() else value
+
+
+def parse_grid(specs: Sequence[str], name: str, integer: bool = True) -> list:
+    """The sorted distinct values of a grid flag such as --lengths or --depths (grammar: GRID_HELP).
+
+    A value is a number (a whole one when ``integer``, as lengths are; depths may be 12.5); START:STOP is the
+    powers of two START * 2^k <= STOP (whole numbers, 1 <= START <= STOP); START:STOP:COUNT is
+    round(linspace(START, STOP, COUNT)), always whole numbers, as Kamradt's needle harness spaces its grid."""
+    values = []
+    for spec in specs:
+        parts = spec.split(":")
+        try:
+            if len(parts) > 3:
+                raise ValueError(spec)
+            whole = {1: integer, 2: True, 3: False}[len(parts)]    # powers of two need whole ends; linspace rounds
+            ends = [_number(v, whole) for v in parts[:2]]
+            count = int(parts[2]) if len(parts) == 3 else None
+        except ValueError:
+            raise RopeliteError(f"bad {name} value '{spec}': give {'whole ' if integer else ''}numbers, "
+                                "START:STOP or START:STOP:COUNT") from None
+        if len(parts) == 1:
+            values += ends
+        elif len(parts) == 2:
+            start, stop = ends
+            check(1 <= start <= stop, f"bad {name} range '{spec}': need 1 <= START <= STOP")
+            values += [start << k for k in range((stop // start).bit_length()) if start << k <= stop]
+        else:
+            check(count >= 1, f"bad {name} range '{spec}': COUNT must be at least 1")
+            values += [int(v) for v in np.round(np.linspace(*ends, count))]
+    check(bool(values), f"{name} is empty")
+    return sorted(set(values))
 
 
 def run(main: Callable[[], object]) -> None:

@@ -5,18 +5,17 @@ against a direct evaluation of B_m; frequency maps against hand values; one-line
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import analyze  # noqa: E402
-from ropelite.cli import run  # noqa: E402
+import analyze
+from ropelite import attention
+from ropelite.cli import run
 from ropelite.hf import load_model, save_model
-from ropelite.rope import RopeConfig  # noqa: E402
-from ropelite.stats import entropy, js_divergence  # noqa: E402
+from ropelite.rope import RopeConfig
+from ropelite.stats import entropy, js_divergence
 
 LN2 = math.log(2)
 
@@ -166,7 +165,7 @@ def test_resume_after_a_kill(setup, tmp_path, count_calls):
     path, data, _ = setup
     argv = ["attention", "--model", str(path), "--rope", "rope", "pi", "--lengths", "24", "40", "--samples", "2",
             "--data", str(data)]
-    calls = count_calls(analyze, "last_rows")
+    calls = count_calls(attention, "last_rows")
     analyze.main(argv + ["--out", str(tmp_path / "full")])
     assert len(calls) == 8                              # 2 lengths x 2 samples x (rope, pi): rope is the reference
     full = json.loads((tmp_path / "full" / "attention.json").read_text())["rows"]
@@ -291,6 +290,14 @@ def test_freqs_reads_only_the_config(tmp_path, tiny_llama):
     (["attention", "--samples", "3", "--lengths", "40"], "error: only 2 documents have at least 40 tokens"),
     (["attention", "--lengths", "1"], "error: --lengths must be at least 2"),
     (["attention", "--lengths", "2k"], "error: bad --lengths value '2k'"),
+    (["attention", "--lengths", "24.5"], "error: bad --lengths value '24.5': give whole numbers"),
+    (["attention", "--bogus"], "error: analyze.py: unrecognized arguments: --bogus"),
+    (["attention", "--samples", "two"], "error: analyze.py attention: argument --samples: invalid int value"),
+    (["attention", "--rope", "rope", "pi", "--base", "1e6"], "error: a new base is an NTK setting"),
+    (["attention", "--factor", "0.5"], "error: rope factor must be >= 1"),
+    (["bound", "--lengths", "64:32"], "error: bad --lengths range '64:32'"),
+    (["freqs", "--dim", "16", "--theta", "1e4", "--rope", "yarn", "--base", "1e6"],
+     "error: a new base is an NTK setting; rope 'yarn' does not take one"),
     (["attention", "--model", "/nonexistent/model"], "error: model not found"),
     (["bound", "--dim", "7"], "error: --dim must be an even number"),
     (["freqs", "--rope", "foo"], "error: analyze.py freqs: argument --rope: invalid choice"),

@@ -263,7 +263,7 @@ def test_some_documents_too_short_warns_with_the_count(setup, capsys):
     (["--lengths", "16", "1000"], "error: no document has 1000 tokens (longest: 80); 0 of 4 qualify"),
     (["--protocol", "sliding", "--window", "8", "--stride", "9"], "error: the stride (9) must be between 1 and the window (8"),
     (["--window", "8"], "error: --window and --stride belong to --protocol sliding"),
-    (["--base", "1e6"], "error: --base sets NTK's new base: add ntk to --rope"),
+    (["--base", "1e6"], "error: a new base is an NTK setting; rope 'rope' does not take one"),
     (["--lengths", "1"], "error: --lengths must be at least 2"),
     (["--rope", "longrope", "--lengths", "16"], "error: rope 'longrope' needs short_factor and long_factor lists"),
 ])

@@ -1,5 +1,6 @@
-"""needle.py: grid parsing, needle placement at sentence boundaries, scoring, attention entropy against closed
-forms and an independent full forward, resume after a completed and a killed run, one-line errors.
+"""needle.py: needle placement at sentence boundaries, scoring, the entropy of a whole cell against its closed
+form, resume after a completed and a killed run, one-line errors. (The grid grammar is tested in test_cli.py, the
+entropy meter in test_attention.py.)
 
 The model is a tiny random LLaMa with a byte-level tokenizer (one token per ASCII character), so token indices
 are character indices and placements can be checked on the text itself.
@@ -8,7 +9,6 @@ are character indices and placements can be checked on the text itself.
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,11 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-import needle  # noqa: E402
-from ropelite.cli import run  # noqa: E402
-from ropelite.errors import RopeliteError  # noqa: E402
+import needle
+from ropelite.cli import run
+from ropelite.errors import RopeliteError
 from ropelite.hf import save_model
-from ropelite.tokenizer import load_tokenizer  # noqa: E402
+from ropelite.tokenizer import load_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 256 + len(SPECIALS)
@@ -76,18 +76,8 @@ def haystack_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Grid and scoring
+# Scoring
 # ---------------------------------------------------------------------------------------------------------------
-
-def test_parse_grid():
-    assert needle.parse_grid(["0:100:10"], "--depths", integer=False) == [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
-    paper = needle.parse_grid(["1000:131072:32"], "--lengths", integer=True)
-    assert len(paper) == 32 and paper[:3] == [1000, 5196, 9392] and paper[-1] == 131072  # step 4195.9
-    assert needle.parse_grid(["4000", "1000", "2000", "1000"], "--lengths", integer=True) == [1000, 2000, 4000]
-    assert needle.parse_grid(["12.5", "50"], "--depths", integer=False) == [12.5, 50]
-    with pytest.raises(RopeliteError, match="bad --lengths value 'a:b'"):
-        needle.parse_grid(["a:b"], "--lengths", integer=True)
-
 
 def test_answer_words_and_recall():
     expected = needle.answer_words(needle.NEEDLE, needle.ANSWER_PREFIX)
@@ -153,40 +143,6 @@ def test_short_haystack_is_repeated(tokenizer, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Attention entropy
-# ---------------------------------------------------------------------------------------------------------------
-
-def test_entropy_of_uniform_attention_is_ln_n(tiny_llama):
-    """q = 0 gives scores 0, so the row of the query at position p is uniform over p + 1 keys: entropy ln(p+1).
-    The token generated j-th comes from the row at position P - 1 + j (P = prompt length)."""
-    model = tiny_llama(vocab_size=VOCAB)
-    with torch.no_grad():
-        for block in model.layers:
-            block.self_attn.q_proj.weight.zero_()
-    prompt = list(range(40))
-    out, per_layer = needle.answer_with_entropy(model, prompt, max_new_tokens=6)
-    assert len(out) == 6
-    hand = sum(math.log(40 + j) for j in range(6)) / 6
-    assert per_layer == pytest.approx([hand] * 2, rel=1e-6)
-
-
-def test_entropy_matches_a_full_eager_forward(tiny_llama):
-    """Algorithm 1 computed differently: one eager forward over prompt + answer with every row observed, the
-    generated tokens' rows picked out, -sum p ln p by hand in numpy, mean over heads, then tokens."""
-    model = tiny_llama(vocab_size=VOCAB)
-    prompt = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(1)).tolist()[0]
-    out, per_layer = needle.answer_with_entropy(model, prompt, max_new_tokens=5)
-    rows = {}
-    seq = torch.tensor([prompt + out[:-1]])
-    with torch.no_grad():
-        model(seq, eager=True, on_attention=lambda layer, pos, probs: rows.setdefault(layer, probs[0].numpy()))
-    for layer, probs in rows.items():                               # (H, T, T)
-        picked = probs[:, len(prompt) - 1:, :].astype(np.float64)    # (H, len(out), T)
-        logs = np.log(np.where(picked > 0, picked, 1.0))
-        assert per_layer[layer] == pytest.approx((-(picked * logs).sum(-1)).mean(), rel=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The script: outputs, hand entropy per cell, resume, errors
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -246,6 +202,11 @@ def test_resume_skips_done_cells_and_survives_a_kill(model_dir, tmp_path, count_
     (["--lengths", "100"], "error: length 100 is too short"),
     (["--model", "/nonexistent/model"], "error: model not found"),
     (["--depths", "120"], "error: --depths are percentages"),
+    (["--depths", "0:100:x"], "error: bad --depths value '0:100:x'"),
+    (["--bogus"], "error: needle.py: unrecognized arguments: --bogus"),
+    (["--rope", "yarn", "--base", "1e6"], "error: a new base is an NTK setting; rope 'yarn' does not take one"),
+    (["--base", "1e6"], "error: a new base is an NTK setting; rope 'rope' does not take one"),
+    (["--rope", "pi", "--factor", "0.5"], "error: rope factor must be >= 1"),
 ])
 def test_bad_input_is_one_line(model_dir, tmp_path, capsys, extra, message):
     argv = ["--model", str(model_dir()), "--out", str(tmp_path / "o"), *extra]

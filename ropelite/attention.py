@@ -1,0 +1,239 @@
+"""Attention as a distribution: the reductions behind the seed paper's Figure 2 / Table 1 and its Algorithm 1.
+
+- Figure 2 / Table 1 (``analyze.py attention``): for each sample, ``last_rows`` takes the last query's attention
+  over every key in every layer and head; a ``Reduction`` keeps only running sums over samples (O(L * heads *
+  layers) memory, never O(L^2)); ``summarize`` turns them into the numbers of ``DEFINITIONS``; ``measure`` runs
+  the samples of one length for every variant, saving the sums after each sample so that a killed run resumes.
+- Algorithm 1 (``needle.py``): ``EntropyMeter`` averages the entropy of the attention rows that produce each
+  generated token; ``answer_with_entropy`` decodes greedily with it.
+
+Entropies and divergences are in nats (ropelite.stats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import tokenize_checked
+from .errors import RopeliteError
+from .io import atomic_path
+from .model import Llama, LlamaConfig, generate
+from .stats import NATS_PER_BIT, entropy, js_divergence
+
+# What each number of ``summarize`` means; written beside the results.
+DEFINITIONS = {
+    "distribution": "p_{s,l,h}: softmax attention of the last query (position L-1) over keys 0..L-1, for sample s, "
+                    "layer l, head h",
+    "mean_distribution": "pbar = mean over (sample, layer, head) of p_{s,l,h} (Figure 2, red line)",
+    "per_head_curve": "mean over samples of p_{s,l,h} for one (layer, head) (Figure 2, thin lines)",
+    "js_mean_nats": "JS(pbar_variant, pbar_reference) = KL(p||m)/2 + KL(q||m)/2, m = (p+q)/2, natural log (Table 1)",
+    "js_mean_bits": "js_mean_nats / ln 2",
+    "js_per_distribution_nats": "mean over (sample, layer, head) of JS(p_{s,l,h} variant, p_{s,l,h} reference); "
+                                "a different quantity, >= js_mean by joint convexity",
+    "js_per_distribution_bits": "js_per_distribution_nats / ln 2",
+    "entropy_per_layer": "mean over (sample, head) of -sum p ln p of p_{s,l,h}, nats",
+    "entropy": "mean over layers of entropy_per_layer, nats",
+    "entropy_of_mean": "-sum pbar ln pbar, nats",
+    "uniform_entropy": "ln L: the entropy of uniform attention over L keys",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figure 2 / Table 1: the last query's attention, reduced over samples
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Variant:
+    """One thing whose attention is measured: a model with a RoPE config, under a label."""
+    label: str
+    model: Llama
+    config: LlamaConfig
+    tokens: int            # index into the tokenised samples: which tokenizer's ids this model reads
+
+
+def last_rows(variant: Variant, ids: np.ndarray) -> torch.Tensor:
+    """(layers, heads, L) float32: the last query's attention over keys 0..L-1 in every layer and head."""
+    model, c = variant.model, variant.config  # variants may share one loaded model: the RoPE is an argument
+    L = len(ids)
+    rows = torch.empty(c.num_hidden_layers, c.num_attention_heads, L)
+
+    def keep(layer: int, positions: torch.Tensor, probs: torch.Tensor) -> None:
+        rows[layer] = probs[0, :, 0].cpu()                  # probs (1, H, 1, L): the one row asked for
+
+    device = next(model.parameters()).device
+    with torch.no_grad():  # hidden_states: no (L, vocab) logits are ever made
+        model.hidden_states(torch.as_tensor(ids, device=device).view(1, L), on_attention=keep,
+                            attention_rows=torch.tensor([L - 1], device=device), rope=c.rope)
+    return rows
+
+
+class Reduction:
+    """Running sums over samples for one variant at one length; nothing but these is kept between samples."""
+
+    def __init__(self, layers: int, heads: int, length: int):
+        self.per_head_sum = torch.zeros(layers, heads, length, dtype=torch.float64)  # sum_s p_{s,l,h}
+        self.entropy_sum = torch.zeros(layers, dtype=torch.float64)                  # sum_{s,h} H(p_{s,l,h})
+        self.js_sum = torch.zeros(layers, dtype=torch.float64)                       # sum_{s,h} JS(p, ref)
+        self.samples = 0
+
+    def add(self, rows: torch.Tensor, reference: torch.Tensor | None) -> None:
+        """rows, reference: (layers, heads, L) distributions of the same sample; reference None for the reference
+        itself, whose JS against itself is 0."""
+        self.per_head_sum += rows
+        self.entropy_sum += entropy(rows).sum(1)
+        if reference is not None and reference.shape == rows.shape:
+            self.js_sum += js_divergence(rows, reference).sum(1)
+        elif reference is not None:  # another architecture: there is no (layer, head) to pair with
+            self.js_sum.fill_(float("nan"))
+        self.samples += 1
+
+    def per_head(self) -> torch.Tensor:
+        return self.per_head_sum / self.samples                                       # (layers, heads, L)
+
+    def mean(self) -> torch.Tensor:
+        return self.per_head_sum.sum((0, 1)) / (self.samples * self.per_head_sum[..., 0].numel())  # (L,)
+
+    def arrays(self, prefix: str) -> dict:
+        return {f"{prefix}per_head_sum": self.per_head_sum.numpy(), f"{prefix}entropy_sum": self.entropy_sum.numpy(),
+                f"{prefix}js_sum": self.js_sum.numpy(), f"{prefix}samples": np.array(self.samples)}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str) -> "Reduction":
+        r = cls(1, 1, 1)
+        r.per_head_sum = torch.from_numpy(arrays[f"{prefix}per_head_sum"].copy())
+        r.entropy_sum = torch.from_numpy(arrays[f"{prefix}entropy_sum"].copy())
+        r.js_sum = torch.from_numpy(arrays[f"{prefix}js_sum"].copy())
+        r.samples = int(arrays[f"{prefix}samples"])
+        return r
+
+
+def summarize(r: Reduction, reference: Reduction) -> dict:
+    """The Table 1 numbers of one variant against the reference (see DEFINITIONS)."""
+    mean, ref_mean = r.mean(), reference.mean()
+    heads = r.per_head_sum.shape[1]
+    js = float(js_divergence(mean, ref_mean))
+    per_dist = float(r.js_sum.sum() / (r.samples * r.js_sum.numel() * heads))
+    per_layer = (r.entropy_sum / (r.samples * heads)).tolist()
+    return {"js_mean_nats": js, "js_mean_bits": js / NATS_PER_BIT,
+            "js_per_distribution_nats": per_dist, "js_per_distribution_bits": per_dist / NATS_PER_BIT,
+            "entropy": float(np.mean(per_layer)), "entropy_of_mean": float(entropy(mean)),
+            "uniform_entropy": math.log(len(mean)), "entropy_per_layer": per_layer}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samples, and the state that lets a killed run resume
+# ----------------------------------------------------------------------------------------------------------------
+
+def pick_samples(docs: list, tokenizers: list, vocab_sizes: list[int], lengths: list[int],
+                 count: int) -> dict[int, list[list[np.ndarray]]]:
+    """length -> the first ``count`` documents with >= length tokens under every tokenizer, cut to their first
+    ``length`` tokens: [sample][tokenizer] -> ids. Documents are tokenised only until enough are long enough."""
+    tokenized, long_enough = [], 0
+    for doc in docs:
+        per_tokenizer = [tokenize_checked([doc], tok, vocab)[0] for tok, vocab in zip(tokenizers, vocab_sizes)]
+        tokenized.append(per_tokenizer)
+        long_enough += min(map(len, per_tokenizer)) >= max(lengths)
+        if long_enough >= count:
+            break
+    picks = {}
+    for L in lengths:
+        long = [[x[:L] for x in t] for t in tokenized if min(map(len, t)) >= L]
+        if len(long) < count:
+            raise RopeliteError(f"only {len(long)} documents have at least {L} tokens, --samples asks for "
+                                f"{count}: give --data with longer documents, fewer --samples or a shorter length")
+        picks[L] = long[:count]
+    return picks
+
+
+def state_meta(settings: dict, labels: list[str], samples: list[list[np.ndarray]]) -> dict:
+    """What a state file must match to be resumed: the settings, the variants, and a hash per sample (so a saved
+    state is used only for a prefix of the same samples). As it reads back from the file (tuples become lists)."""
+    hashes = [hashlib.sha256(b"".join(x.tobytes() for x in s)).hexdigest()[:16] for s in samples]
+    return json.loads(json.dumps({"settings": settings, "labels": labels, "sample_hashes": hashes}))
+
+
+def save_state(path: Path, meta: dict, reductions: dict[str, Reduction]) -> None:
+    arrays = {"meta": np.array(json.dumps(meta))}
+    for i, r in enumerate(reductions.values()):
+        arrays.update(r.arrays(f"{i}/"))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
+
+
+def load_state(path: Path, meta: dict) -> dict[str, Reduction] | None:
+    """The saved sums when they were made with the same settings and a prefix of the same samples."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            saved = json.loads(str(arrays["meta"]))
+            done = saved.get("sample_hashes", [])
+            if (saved.get("settings") != meta["settings"] or saved.get("labels") != meta["labels"]
+                    or done != meta["sample_hashes"][:len(done)]):
+                return None
+            return {label: Reduction.from_arrays(arrays, f"{i}/") for i, label in enumerate(saved["labels"])}
+    except (OSError, ValueError, KeyError):
+        raise RopeliteError(f"{path} is not an analyze.py attention state file; use another --out") from None
+
+
+def measure(entries: list[Variant], reference: Variant, samples: list, state_path: Path, meta: dict,
+            bar) -> dict[str, Reduction]:
+    """The running sums of every entry over the samples of one length, resumed from ``state_path`` when it holds
+    a prefix of this run; rewritten there after every sample. ``bar`` counts tokens read."""
+    L, count = len(samples[0][0]), len(samples)
+    red = load_state(state_path, meta)
+    if red is None:
+        red = {v.label: Reduction(v.config.num_hidden_layers, v.config.num_attention_heads, L) for v in entries}
+    done = red[reference.label].samples
+    if done:
+        print(f"attention: L={L}: {done} of {count} samples already in {state_path}", file=sys.stderr)
+    bar.update(L * done * len(entries))
+    for s in range(done, count):
+        ref_rows = last_rows(reference, samples[s][reference.tokens])   # first: every variant is paired with it
+        bar.update(L)
+        for v in entries:
+            if v is not reference:
+                red[v.label].add(last_rows(v, samples[s][v.tokens]), ref_rows)
+                bar.update(L)
+        red[reference.label].add(ref_rows, None)
+        save_state(state_path, {**meta, "sample_hashes": meta["sample_hashes"][:s + 1]}, red)
+        bar.set_postfix_str(f"L={L} sample {s + 1}/{count}")
+    return red
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Algorithm 1: the entropy of the attention that produces each generated token
+# ----------------------------------------------------------------------------------------------------------------
+
+class EntropyMeter:
+    """on_attention callback: sums, per layer, the head-mean entropy of each observed attention row."""
+
+    def __init__(self, n_layers: int):
+        self.sums = [0.0] * n_layers
+        self.rows = [0] * n_layers
+
+    def __call__(self, layer: int, positions: torch.Tensor, probs: torch.Tensor) -> None:
+        h = entropy(probs)                                   # (B, H, t): one value per head and query row
+        self.sums[layer] += float(h.mean(dim=(0, 1)).sum())
+        self.rows[layer] += h.shape[-1]
+
+    def per_layer(self) -> list[float]:
+        """Mean over heads and generated tokens, per layer."""
+        return [s / n if n else float("nan") for s, n in zip(self.sums, self.rows)]
+
+
+def answer_with_entropy(model: Llama, ids: list[int], max_new_tokens: int,
+                        eos_id=None) -> tuple[list[int], list[float]]:
+    """Greedy answer and per-layer mean attention entropy of the rows that produced its tokens."""
+    meter = EntropyMeter(model.config.num_hidden_layers)
+    device = next(model.parameters()).device
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens, eos_id, on_attention=meter)
+    return out, meter.per_layer()

@@ -1,0 +1,161 @@
+"""ropelite.attention: the last query's rows against a full eager forward of a model built with that RoPE; the
+running sums and their summary against numpy on random distributions; the resume state; the entropy meter of
+Algorithm 1 against closed forms and an independent full forward.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ropelite import attention
+from ropelite.errors import RopeliteError
+from ropelite.rope import RopeConfig
+
+VOCAB = 259
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The last query's attention of a variant
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_last_rows_run_the_variants_rope(tiny_llama):
+    """One loaded model serves every variant: its rows equal the last rows of a full eager forward of a model
+    built with that RoPE (same weights). L = 40 > the pretrained 16, so dynamic differs from rope too."""
+    shared = tiny_llama(rope=RopeConfig(theta=1e4, original_max_position_embeddings=16))
+    ids = np.random.default_rng(0).integers(0, 97, 40)
+    previous = None
+    for rope in ("pi", "yarn", "dynamic", "rope"):
+        config = shared.config.with_rope(rope, factor=4)
+        rows = attention.last_rows(attention.Variant(rope, shared, config, 0), ids)
+        full = {}
+        with torch.no_grad():
+            tiny_llama(rope=config.rope)(torch.as_tensor(ids).view(1, -1), eager=True,
+                                         on_attention=lambda layer, pos, probs: full.setdefault(layer, probs))
+        expected = torch.stack([full[i][0, :, -1] for i in sorted(full)])       # (layers, heads, L)
+        assert rows.shape == (2, 4, 40)
+        torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-7)
+        assert previous is None or (rows - previous).abs().max() > 1e-4        # the variants really differ
+        previous = rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running sums and Table 1 numbers
+# ---------------------------------------------------------------------------------------------------------------
+
+def random_distributions(seed: int, shape) -> np.ndarray:
+    p = np.random.default_rng(seed).random(shape) ** 4
+    p[..., :3] = 0                                       # exact zeros, as masked or underflowed attention has
+    return p / p.sum(-1, keepdims=True)
+
+
+def plogp(p: np.ndarray) -> np.ndarray:
+    return np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)
+
+
+def test_reduction_summary_against_numpy():
+    S, layers, heads, L = 3, 2, 4, 12
+    p, q = random_distributions(0, (S, layers, heads, L)), random_distributions(1, (S, layers, heads, L))
+    mine, ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
+    for s in range(S):
+        mine.add(torch.from_numpy(p[s]).float(), torch.from_numpy(q[s]).float())
+        ref.add(torch.from_numpy(q[s]).float(), None)
+    r = attention.summarize(mine, ref)
+    # JS(a, b) = H(m) - (H(a) + H(b)) / 2, m = (a + b) / 2: the entropy form, not the KL form of ropelite.stats
+    js = lambda a, b: (-plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2)  # noqa: E731
+    pbar, qbar = p.mean((0, 1, 2)), q.mean((0, 1, 2))
+    assert r["js_mean_nats"] == pytest.approx(js(pbar, qbar), rel=1e-5)
+    assert r["js_mean_bits"] == pytest.approx(js(pbar, qbar) / math.log(2), rel=1e-5)
+    assert r["js_per_distribution_nats"] == pytest.approx(js(p, q).mean(), rel=1e-5)
+    assert r["entropy_per_layer"] == pytest.approx((-plogp(p).sum(-1)).mean((0, 2)).tolist(), rel=1e-5)
+    assert r["entropy"] == pytest.approx(-plogp(p).sum(-1).mean(), rel=1e-5)
+    assert r["entropy_of_mean"] == pytest.approx(-plogp(pbar).sum(), rel=1e-5)
+    assert r["uniform_entropy"] == pytest.approx(math.log(L))
+    np.testing.assert_allclose(mine.per_head().numpy(), p.mean(0), rtol=1e-6)
+    itself = attention.summarize(ref, ref)
+    assert itself["js_mean_nats"] == 0 and itself["js_per_distribution_nats"] == 0
+    assert set(r) <= set(attention.DEFINITIONS)
+
+
+def test_reduction_against_another_architecture_has_no_pairs():
+    mine = attention.Reduction(2, 4, 8)
+    mine.add(torch.from_numpy(random_distributions(0, (2, 4, 8))), torch.from_numpy(random_distributions(1, (2, 2, 8))))
+    assert math.isnan(attention.summarize(mine, mine)["js_per_distribution_nats"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The state a killed run resumes from
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_state_round_trip_and_what_it_must_match(tmp_path):
+    samples = [[np.arange(8)], [np.arange(8) + 1], [np.arange(8) + 2]]
+    meta = attention.state_meta({"model": "m", "ropes": {"pi x4": {"factor": 4.0}}, "length": 8}, ["a", "b"], samples)
+    assert meta["settings"]["length"] == 8 and len(set(meta["sample_hashes"])) == 3
+    red = {}
+    for label, seed in (("a", 0), ("b", 1)):
+        red[label] = attention.Reduction(2, 4, 8)
+        red[label].add(torch.from_numpy(random_distributions(seed, (2, 4, 8))), None)
+    path = tmp_path / "state.npz"
+    attention.save_state(path, {**meta, "sample_hashes": meta["sample_hashes"][:1]}, red)   # one sample done
+    back = attention.load_state(path, meta)                                               # same run, all samples
+    assert list(back) == ["a", "b"] and back["a"].samples == 1
+    for label in red:
+        for field in ("per_head_sum", "entropy_sum", "js_sum"):
+            assert torch.equal(getattr(back[label], field), getattr(red[label], field))
+    assert attention.load_state(path, {**meta, "labels": ["a", "c"]}) is None
+    assert attention.load_state(path, {**meta, "settings": {**meta["settings"], "length": 9}}) is None
+    other = attention.state_meta(meta["settings"], ["a", "b"], samples[1:])
+    assert attention.load_state(path, other) is None                                      # other samples
+    assert attention.load_state(tmp_path / "none.npz", meta) is None
+    (tmp_path / "bad.npz").write_text("not a state")
+    with pytest.raises(RopeliteError, match="is not an analyze.py attention state file"):
+        attention.load_state(tmp_path / "bad.npz", meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Algorithm 1: attention entropy of the generated tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_entropy_of_uniform_attention_is_ln_n(tiny_llama):
+    """q = 0 gives scores 0, so the row of the query at position p is uniform over p + 1 keys: entropy ln(p+1).
+    The token generated j-th comes from the row at position P - 1 + j (P = prompt length)."""
+    model = tiny_llama(vocab_size=VOCAB)
+    with torch.no_grad():
+        for block in model.layers:
+            block.self_attn.q_proj.weight.zero_()
+    prompt = list(range(40))
+    out, per_layer = attention.answer_with_entropy(model, prompt, max_new_tokens=6)
+    assert len(out) == 6
+    hand = sum(math.log(40 + j) for j in range(6)) / 6
+    assert per_layer == pytest.approx([hand] * 2, rel=1e-6)
+
+
+def test_entropy_matches_a_full_eager_forward(tiny_llama):
+    """Algorithm 1 computed differently: one eager forward over prompt + answer with every row observed, the
+    generated tokens' rows picked out, -sum p ln p by hand in numpy, mean over heads, then tokens."""
+    model = tiny_llama(vocab_size=VOCAB)
+    prompt = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(1)).tolist()[0]
+    out, per_layer = attention.answer_with_entropy(model, prompt, max_new_tokens=5)
+    rows = {}
+    seq = torch.tensor([prompt + out[:-1]])
+    with torch.no_grad():
+        model(seq, eager=True, on_attention=lambda layer, pos, probs: rows.setdefault(layer, probs[0].numpy()))
+    for layer, probs in rows.items():                               # (H, T, T)
+        picked = probs[:, len(prompt) - 1:, :].astype(np.float64)    # (H, len(out), T)
+        logs = np.log(np.where(picked > 0, picked, 1.0))
+        assert per_layer[layer] == pytest.approx((-(picked * logs).sum(-1)).mean(), rel=1e-5)
+
+
+def test_entropy_meter_averages_heads_then_rows():
+    """Two calls for layer 0 (one row, then two), none for layer 1: the mean over the three rows of the head-mean
+    entropy; a layer never observed is NaN."""
+    meter = attention.EntropyMeter(2)
+    uniform4 = torch.full((1, 2, 1, 4), 0.25)                      # H = ln 4 in both heads
+    mixed = torch.tensor([[[[1.0, 0, 0, 0], [0.5, 0.5, 0, 0]], [[0.5, 0.5, 0, 0], [0.25] * 4]]])  # (1, 2, 2, 4)
+    meter(0, torch.tensor([3]), uniform4)
+    meter(0, torch.tensor([4, 5]), mixed)
+    ln2 = math.log(2)
+    hand = (2 * ln2 + (0 + ln2) / 2 + (ln2 + 2 * ln2) / 2) / 3
+    per_layer = meter.per_layer()
+    assert per_layer[0] == pytest.approx(hand, rel=1e-12) and math.isnan(per_layer[1])

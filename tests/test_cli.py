@@ -1,0 +1,90 @@
+"""ropelite.cli: the one grid grammar of --lengths / --depths, documented in every --help that takes it; where
+--base goes among several variants."""
+
+import pytest
+
+import analyze
+import needle
+from ropelite.cli import GRID_HELP, parse_grid, rope_overrides
+from ropelite.errors import RopeliteError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grid grammar
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_parse_grid():
+    assert parse_grid(["0:100:10"], "--depths", integer=False) == [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
+    paper = parse_grid(["1000:131072:32"], "--lengths", integer=True)
+    assert len(paper) == 32 and paper[:3] == [1000, 5196, 9392] and paper[-1] == 131072  # step 4195.9
+    assert parse_grid(["4000", "1000", "2000", "1000"], "--lengths", integer=True) == [1000, 2000, 4000]
+    assert parse_grid(["12.5", "50"], "--depths", integer=False) == [12.5, 50]
+    with pytest.raises(RopeliteError, match="bad --lengths value 'a:b'"):
+        parse_grid(["a:b"], "--lengths", integer=True)
+
+
+def test_start_stop_is_the_powers_of_two():
+    assert parse_grid(["1024:131072"], "--lengths") == [1024 << k for k in range(8)]
+    assert parse_grid(["64:128"], "--lengths") == [64, 128]
+    assert parse_grid(["3:20"], "--lengths") == [3, 6, 12]                  # STOP need not be reached
+    assert parse_grid(["5:5"], "--lengths") == [5]
+    assert parse_grid(["1e3:1e4"], "--lengths") == [1000, 2000, 4000, 8000]
+    assert parse_grid(["1:64"], "--depths", integer=False) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_forms_mix_and_values_are_sorted_distinct_numbers():
+    grid = parse_grid(["100", "64:128", "0:10:3", "2e3", "128"], "--lengths")
+    assert grid == [0, 5, 10, 64, 100, 128, 2000] and all(type(v) is int for v in grid)
+    assert [type(v) for v in parse_grid(["50.0", "12.5"], "--depths", integer=False)] == [float, int]
+    assert parse_grid(["7:7:1"], "--lengths") == [7] and parse_grid(["0:1:5"], "--depths", integer=False) == [0, 1]
+    assert parse_grid(["0.4:9.6:2"], "--lengths") == [0, 10]                # linspace ends may be fractions
+
+
+@pytest.mark.parametrize("specs, integer, message", [
+    (["2.5"], True, "bad --x value '2.5': give whole numbers, START:STOP or START:STOP:COUNT"),
+    (["2k"], False, "bad --x value '2k': give numbers, START:STOP or START:STOP:COUNT"),
+    (["1.5:8"], False, "bad --x value '1.5:8'"),                            # powers of two of whole numbers
+    (["64:32"], True, "bad --x range '64:32': need 1 <= START <= STOP"),
+    (["0:8"], True, "bad --x range '0:8': need 1 <= START <= STOP"),
+    (["1:2:3:4"], True, "bad --x value '1:2:3:4'"),
+    (["0:100:0"], True, "bad --x range '0:100:0': COUNT must be at least 1"),
+    (["0:100:2.5"], True, "bad --x value '0:100:2.5'"),
+    (["inf"], True, "bad --x value 'inf'"),
+    (["1:inf"], True, "bad --x value '1:inf'"),
+    (["0:inf:3"], True, "bad --x value '0:inf:3'"),
+    ([], True, "--x is empty"),
+])
+def test_bad_grids_name_the_flag_and_the_value(specs, integer, message):
+    with pytest.raises(RopeliteError) as e:
+        parse_grid(specs, "--x", integer=integer)
+    assert str(e.value) == message if message.startswith("--") else str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("script, argv, flags", [
+    (analyze, ["attention", "--help"], ["--lengths"]),
+    (analyze, ["bound", "--help"], ["--lengths"]),
+    (needle, ["--help"], ["--lengths", "--depths"]),
+])
+def test_every_grid_flag_documents_the_grammar(capsys, script, argv, flags):
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(argv)
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    indent = lambda line: len(line) - len(line.lstrip())  # noqa: E731
+    for flag in flags:   # the option's entry: its line and the more indented lines that continue it
+        first = next(i for i, line in enumerate(lines) if line.lstrip().startswith(f"{flag} "))
+        end = next(i for i in range(first + 1, len(lines)) if indent(lines[i]) <= indent(lines[first]))
+        assert " ".join(GRID_HELP.split()) in " ".join(" ".join(lines[first:end]).split()), flag
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --base among several variants
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_base_reaches_the_ntk_variants_or_goes_through_to_be_rejected():
+    ropes = ["rope", "pi", "ntk"]
+    assert rope_overrides("ntk", 4.0, 1e6, ropes) == {"rope": "ntk", "factor": 4.0, "base": 1e6}
+    assert rope_overrides("pi", 4.0, 1e6, ropes) == {"rope": "pi", "factor": 4.0}
+    assert rope_overrides("pi", 4.0, 1e6, ["rope", "pi"]) == {"rope": "pi", "factor": 4.0, "base": 1e6}
+    assert rope_overrides(None, None, 1e6, [None]) == {"rope": None, "factor": None, "base": 1e6}  # the checkpoint's
+    assert rope_overrides("pi", 4.0, None, ["pi"]) == {"rope": "pi", "factor": 4.0}
