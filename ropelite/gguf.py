@@ -372,7 +372,8 @@ def _sentencepiece_files(meta, path) -> dict[str, bytes]:
     types = meta.get("tokenizer.ggml.token_type")
     if scores is None or types is None or not len(tokens) == len(scores) == len(types):
         return _no_tokenizer(path, "its 'llama' vocabulary lacks per-token scores or types")
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id", next((i for i, k in enumerate(types) if k == _SP_UNKNOWN), None))
+    first_unknown = next((i for i, kind in enumerate(types) if kind == _SP_UNKNOWN), None)
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id", first_unknown)
     if unk_id is None:
         return _no_tokenizer(path, "its 'llama' vocabulary has no unknown token")
     pieces = b"".join(_proto_field(_SP_PIECES, _proto_field(_SP_PIECE, tok) + _proto_field(_SP_SCORE, float(score))
