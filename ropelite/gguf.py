@@ -154,21 +154,28 @@ def _hf_config(meta, reader, path) -> dict:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
-    if "rope_freqs.weight" in by_name:  # Llama 3.1/3.2: llama.cpp stores its RoPE as per-pair divisors
-        factors = _dequantize(by_name["rope_freqs.weight"], path)
-        config["rope_scaling"] = llama3_scaling_from_factors(factors, head_dim, config["rope_theta"])
-        if config["rope_scaling"] is None:
+    scaling = _rope_scaling(meta, by_name, head_dim, config["rope_theta"], path)
+    return config if scaling is None else {**config, "rope_scaling": scaling}
+
+
+def _rope_scaling(meta, by_name, head_dim, base, path) -> dict | None:
+    """HF's rope_scaling of a GGUF whose RoPE is not plain: Llama 3.1/3.2's rope_freqs tensor (llama.cpp bakes
+    llama3 into per-pair divisors), or the `rope.scaling.*` keys of an already-extended model."""
+    if "rope_freqs.weight" in by_name:
+        scaling = llama3_scaling_from_factors(_dequantize(by_name["rope_freqs.weight"], path), head_dim, base)
+        if scaling is None:
             raise RopeliteError(f"{path.name}: its rope_freqs.weight (per-pair RoPE divisors) is not a llama3 RoPE "
                                 f"that ropelite can rebuild; convert the original Hugging Face checkpoint instead")
-        return config
-    # A GGUF of an already-extended model records its scaling; keep it in HF's rope_scaling form.
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        config["rope_scaling"] = {"rope_type": scaling, "factor": _f32(meta["llama.rope.scaling.factor"])}
-        if "llama.rope.scaling.original_context_length" in meta:
-            config["rope_scaling"]["original_max_position_embeddings"] = int(
-                meta["llama.rope.scaling.original_context_length"])
-    return config
+        return scaling
+    kind = meta.get("llama.rope.scaling.type", "none")
+    if kind in ("none", None):
+        return None
+    if "llama.rope.scaling.factor" not in meta:
+        raise RopeliteError(f"{path.name}: GGUF metadata has rope scaling {kind!r} but no llama.rope.scaling.factor")
+    scaling = {"rope_type": kind, "factor": _f32(meta["llama.rope.scaling.factor"])}
+    if "llama.rope.scaling.original_context_length" in meta:
+        scaling["original_max_position_embeddings"] = int(meta["llama.rope.scaling.original_context_length"])
+    return scaling
 
 
 def llama3_scaling_from_factors(factors, dim: int, base: float) -> dict | None:
@@ -177,8 +184,8 @@ def llama3_scaling_from_factors(factors, dim: int, base: float) -> dict | None:
     llama.cpp bakes the llama3 RoPE into per-pair divisors f_i = theta_i / theta'_i: 1 for short wavelengths,
     s for long ones, and 1 / ((1 - smooth_i)/s + smooth_i) in between, where smooth_i = (L/lambda_i - low) /
     (high - low) is linear in 1/lambda_i = theta_i / 2 pi. So s and a line through the blended pairs give
-    L/(high - low) and low/(high - low): the two wavelength thresholds, not L itself. As in every Llama 3.x
-    release, low_freq_factor = 1 (L is the longer threshold). The result is accepted only if
+    L/(high - low) and low/(high - low): the two wavelength thresholds, not L itself. As in all Llama 3.1 and 3.2
+    releases, low_freq_factor = 1 (L is the longer threshold). The result is accepted only if
     `llama3_inv_freq` reproduces every f_i to float32 precision.
     """
     f = np.asarray(factors, dtype=np.float64)
