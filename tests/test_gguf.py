@@ -5,11 +5,14 @@ order, GGUF's fastest-first shapes, optional quantisation) from known HF-layout 
 `convert_gguf` and compares the result with the source.
 """
 
+import io
 import json
+import math
 
 import gguf
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
@@ -88,7 +91,27 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{block['.'.join(rest[:-1])]}.weight"
 
 
-def write_gguf(path, weights, bpe, qtype=gguf.GGMLQuantizationType.F32, tied=False, arch="llama"):
+def gpt2_vocab(bpe, pre="smollm", merges=None):
+    """Writes `bpe` as GGUF's byte-level BPE ("gpt2") vocabulary, as llama.cpp does for SmolLM."""
+    def write(writer):
+        vocab = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+        assert [i for _, i in vocab] == list(range(len(vocab)))
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list([t for t, _ in vocab])
+        writer.add_token_types([3 if t in SPECIALS else 1 for t, _ in vocab])
+        bpe_merges = json.loads(bpe.to_str())["model"]["merges"]
+        writer.add_token_merges(merges or [m if isinstance(m, str) else " ".join(m) for m in bpe_merges])
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(TEMPLATE)
+    return write
+
+
+def write_gguf(path, weights, vocab, qtype=gguf.GGMLQuantizationType.F32, tied=False, arch="llama",
+               rope_freqs=None):
+    """A LLaMa GGUF of HF-layout `weights`; `vocab(writer)` writes the tokenizer metadata (e.g. gpt2_vocab)."""
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(CONTEXT)
@@ -99,18 +122,9 @@ def write_gguf(path, weights, bpe, qtype=gguf.GGMLQuantizationType.F32, tied=Fal
     writer.add_rope_dimension_count(HEAD_DIM)
     writer.add_rope_freq_base(THETA)
     writer.add_layer_norm_rms_eps(EPS)
-    vocab = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
-    assert [i for _, i in vocab] == list(range(len(vocab)))
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list([t for t, _ in vocab])
-    writer.add_token_types([3 if t in SPECIALS else 1 for t, _ in vocab])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(TEMPLATE)
+    vocab(writer)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
     for hf_name, tensor in weights.items():
         if tied and hf_name == "lm_head.weight":
             continue
@@ -133,7 +147,7 @@ def write_gguf(path, weights, bpe, qtype=gguf.GGMLQuantizationType.F32, tied=Fal
 @pytest.fixture(scope="module")
 def f32_dir(tmp_path_factory, source, reference_bpe):
     tmp = tmp_path_factory.mktemp("f32")
-    return convert_gguf(write_gguf(tmp / "tiny.gguf", source, reference_bpe), tmp / "hf")
+    return convert_gguf(write_gguf(tmp / "tiny.gguf", source, gpt2_vocab(reference_bpe)), tmp / "hf")
 
 
 def test_f32_tensors_equal_source_exactly(f32_dir, source):
@@ -162,7 +176,7 @@ def test_config_from_metadata(f32_dir, reference_bpe):
 @pytest.mark.parametrize("qtype, max_error", [("Q8_0", 0.6 / 127), ("Q4_0", 1.1 / 8), ("Q4_1", 0.6 * 2 / 15)])
 def test_quantised_tensors_close_to_source(tmp_path, source, reference_bpe, qtype, max_error):
     qtype = gguf.GGMLQuantizationType[qtype]
-    out = convert_gguf(write_gguf(tmp_path / "q.gguf", source, reference_bpe, qtype=qtype, tied=True),
+    out = convert_gguf(write_gguf(tmp_path / "q.gguf", source, gpt2_vocab(reference_bpe), qtype=qtype, tied=True),
                        tmp_path / "hf")
     converted = load_file(out / "model.safetensors")
     assert "lm_head.weight" not in converted  # tied: the head is the embedding
@@ -226,7 +240,8 @@ def test_logits_match_model_built_from_source(tmp_path, f32_dir, source, referen
         # Q8_0: blocks run along rows, so quantising commutes with the q/k row permutation; the converted
         # model must equal the source model with every matrix rounded through Q8_0 in HF layout.
         q8_type = gguf.GGMLQuantizationType.Q8_0
-        q8 = convert_gguf(write_gguf(tmp_path / "q8.gguf", source, reference_bpe, qtype=q8_type), tmp_path / "q8")
+        q8_gguf = write_gguf(tmp_path / "q8.gguf", source, gpt2_vocab(reference_bpe), qtype=q8_type)
+        q8 = convert_gguf(q8_gguf, tmp_path / "q8")
         rounded = {name: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q8_type), q8_type))
                    if w.ndim == 2 else w for name, w in source.items()}
         q8_expected = model_lib.load_model(write_hf_dir(tmp_path / "rounded", rounded, f32_dir))(ids)
@@ -270,8 +285,8 @@ def test_errors(tmp_path, source, reference_bpe, f32_dir):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(RopeliteError, match="cannot read"):
         convert_gguf(tmp_path / "junk.gguf", tmp_path / "out")
-    gpt2 = write_gguf(tmp_path / "gpt2.gguf", {"model.norm.weight": source["model.norm.weight"]}, reference_bpe,
-                      arch="gpt2")
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", {"model.norm.weight": source["model.norm.weight"]},
+                      gpt2_vocab(reference_bpe), arch="gpt2")
     with pytest.raises(RopeliteError, match="architecture 'gpt2'"):
         convert_gguf(gpt2, tmp_path / "out")
     with pytest.raises(RopeliteError, match="already exists"):
@@ -348,3 +363,253 @@ def test_smollm2_download_failures_are_clear(tmp_path, monkeypatch):
     with pytest.raises(RopeliteError, match="sha256"):
         hub.resolve_model("smollm2")
     assert not (tmp_path / hub.SMOLLM2_DIR).exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sentencepiece ("llama") vocabularies: LLaMa-2, Mistral
+# --------------------------------------------------------------------------------------------------------------
+
+SP_CORPUS = ["The quick brown fox jumps over the lazy dog, again and again.",
+             "In 2024 the price rose from 1999 to 2000 dollars: a 0.05% change!",
+             "Café, naïve, résumé and São Paulo keep their accents.",
+             "你好世界，今天天气很好。 Numbers like 42 and 777 appear here too."] * 30
+USER_DEFINED = "<sep>"
+# digits, punctuation, accents, CJK, leading and doubled spaces, newlines, and characters the training text
+# never saw (emoji, Greek, Japanese, a rare CJK ideograph), which only byte fallback can encode
+MIXED = ("  Hello, World! 31415926 apples; naïve café — résumé.\n\nNew paragraph:\tTabs  and   spaces "
+         "你好世界 日本語 🙂 Ωμέγα 龘 <sep> ｆｕｌｌ ｗｉｄｔｈ ﬁne end\n")
+
+
+# (add_dummy_prefix, remove_extra_whitespaces, normalization rule): LLaMa-2's settings, the opposite switches
+# (so the GGUF's normalizer flags are shown to matter), and NFKC, whose rules the GGUF keeps as a charsmap
+SP_SETTINGS = {"llama2": (True, False, "identity"), "no-prefix-squeezed": (False, True, "identity"),
+               "nfkc": (True, False, "nmt_nfkc")}
+
+
+@pytest.fixture(scope="module", params=sorted(SP_SETTINGS))
+def reference_sp(request):
+    """A sentencepiece BPE with byte fallback, and its settings."""
+    add_dummy_prefix, remove_extra_whitespaces, rule = SP_SETTINGS[request.param]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS), model_writer=model, model_type="bpe", vocab_size=420,
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name=rule,
+        add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=remove_extra_whitespaces,
+        user_defined_symbols=[USER_DEFINED], minloglevel=2,
+        unk_piece="<unknown>", bos_piece="<bos>", eos_piece="<eos>")  # not the defaults: the GGUF must name them
+    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()), SP_SETTINGS[request.param]
+
+
+def read_varint(data, i):
+    value, shift = 0, 0
+    while True:
+        byte, i = data[i], i + 1
+        value, shift = value | (byte & 0x7F) << shift, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def proto_fields(data):
+    """{field number: last value} of a serialised protobuf message (varints, 32-bit, length-delimited)."""
+    fields, i = {}, 0
+    while i < len(data):
+        key, i = read_varint(data, i)
+        if key & 7 == 0:
+            fields[key >> 3], i = read_varint(data, i)
+        elif key & 7 == 5:
+            fields[key >> 3], i = data[i:i + 4], i + 4
+        else:
+            assert key & 7 == 2
+            n, i = read_varint(data, i)
+            fields[key >> 3], i = data[i:i + n], i + n
+    return fields
+
+
+def sp_type(sp, i):
+    """GGUF's token type (llama.cpp's convert script reads the same flags from the model)."""
+    if sp.is_unknown(i):
+        return 2
+    if sp.is_control(i):
+        return 3
+    if sp.id_to_piece(i) == USER_DEFINED:
+        return 4
+    if sp.is_unused(i):
+        return 5
+    return 6 if sp.is_byte(i) else 1
+
+
+def sentencepiece_vocab(sp, settings, add_bos=True):
+    """Writes `sp` as GGUF's "llama" vocabulary, as llama.cpp's converter does for LLaMa-2."""
+    add_dummy_prefix, remove_extra_whitespaces, _ = settings
+
+    def write(writer):
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+        writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+        writer.add_token_types([sp_type(sp, i) for i in range(sp.get_piece_size())])
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_eos_token_id(sp.eos_id())
+        writer.add_unk_token_id(sp.unk_id())
+        writer.add_add_bos_token(add_bos)
+        writer.add_add_space_prefix(add_dummy_prefix)
+        writer.add_remove_extra_whitespaces(remove_extra_whitespaces)
+        charsmap = proto_fields(proto_fields(sp.serialized_model_proto())[3]).get(2, b"")  # normalizer_spec
+        if charsmap:
+            writer.add_precompiled_charsmap(charsmap)
+    return write
+
+
+def test_sentencepiece_vocabulary_encodes_like_sentencepiece(tmp_path, source, reference_sp):
+    sp, settings = reference_sp
+    out = convert_gguf(write_gguf(tmp_path / "sp.gguf", source, sentencepiece_vocab(sp, settings)), tmp_path / "hf")
+    tok = load_tokenizer(out)
+    assert tok is not None and tok.vocab_size == sp.get_piece_size()
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (sp.bos_id(), sp.eos_id(), True)
+    assert (tok.backend.bos_id(), tok.backend.eos_id(), tok.backend.unk_id()) == (1, 2, 0)
+    ids = tok.encode(MIXED)
+    assert ids == [sp.bos_id()] + sp.encode(MIXED)
+    for line in MIXED.splitlines() + ["", " ", "42", "  leading", "\n"]:
+        assert tok.encode(line, add_bos=False) == sp.encode(line), line
+    assert tok.decode(ids) == sp.decode(sp.encode(MIXED))
+    if settings == SP_SETTINGS["llama2"]:  # identity normalization keeps every space: the text comes back
+        assert tok.decode(ids) == MIXED
+    if settings == SP_SETTINGS["nfkc"]:  # and NFKC rewrites the full-width letters and the ligature
+        assert tok.decode(ids) != MIXED
+    # the test has teeth: unseen characters went through byte pieces, and <sep> stayed whole
+    assert sum(sp.is_byte(i) for i in ids) >= 8
+    assert sp.piece_to_id(USER_DEFINED) in ids
+
+
+def test_sentencepiece_vocabulary_without_bos(tmp_path, source, reference_sp):
+    sp, settings = reference_sp
+    vocab = sentencepiece_vocab(sp, settings, add_bos=False)
+    tok = load_tokenizer(convert_gguf(write_gguf(tmp_path / "sp.gguf", source, vocab), tmp_path / "hf"))
+    assert tok.add_bos is False and tok.encode("Hello") == sp.encode("Hello")
+    assert tok.encode("Hello", add_bos=True) == [sp.bos_id()] + sp.encode("Hello")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a conversion skips or refuses
+# --------------------------------------------------------------------------------------------------------------
+
+def test_unknown_pre_tokenizer_converts_weights_without_tokenizer(tmp_path, source, reference_bpe, capsys):
+    out = convert_gguf(write_gguf(tmp_path / "pre.gguf", source, gpt2_vocab(reference_bpe, pre="qwen9")),
+                       tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(load_file(out / "model.safetensors")["model.norm.weight"], source["model.norm.weight"])
+    warning = capsys.readouterr().err.strip()
+    assert len(warning.splitlines()) == 1 and "'qwen9'" in warning and "tokenizer" in warning
+
+
+def test_merge_outside_vocabulary_is_one_line_error(tmp_path, source, reference_bpe):
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(reference_bpe.to_str())["model"]["merges"]]
+    assert "T" in reference_bpe.get_vocab() and "x" in reference_bpe.get_vocab()
+    assert "Tx" not in reference_bpe.get_vocab()  # as the first merge, tokenizers panicked on it
+    for n, bad, missing in ((0, "T x", "Tx"), (5, "T qq", "qq"), (3, "T h e", "T h e")):
+        vocab = gpt2_vocab(reference_bpe, merges=merges[:n] + [bad] + merges[n:])
+        with pytest.raises(RopeliteError, match=rf"merge #{n} '{bad}'.*'{missing}' is not in the vocabulary"):
+            convert_gguf(write_gguf(tmp_path / f"m{n}.gguf", source, vocab), tmp_path / "hf")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Llama 3.1/3.2: the llama3 RoPE baked into rope_freqs.weight
+# --------------------------------------------------------------------------------------------------------------
+
+def llama_cpp_rope_freqs(dim, base, factor, low, high, original_max):
+    """rope_freqs.weight as llama.cpp's HF converter computes it for rope_type llama3: per pair the divisor of
+    theta_i, from float32 frequencies, 1 below L/high, s above L/low, blended in between."""
+    divisors = []
+    for freq in 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < original_max / high:
+            divisors.append(1.0)
+        elif wavelen > original_max / low:
+            divisors.append(factor)
+        else:
+            smooth = (original_max / wavelen - low) / (high - low)
+            divisors.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return np.array(divisors, dtype=np.float32)
+
+
+@pytest.mark.parametrize("dim, factor", [(128, 8.0), (64, 32.0)], ids=["llama-3.1-8b", "llama-3.2-1b"])
+def test_llama3_scaling_recovered_from_rope_freqs(dim, factor):
+    divisors = llama_cpp_rope_freqs(dim, 500000.0, factor, 1.0, 4.0, 8192)
+    assert ropelite.gguf.llama3_scaling_from_factors(divisors, dim, 500000.0) == {
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+    # anything that is not exactly a llama3 RoPE is refused, not approximated
+    nudged = divisors.copy()
+    blended = np.flatnonzero((divisors > 1) & (divisors < factor))
+    nudged[blended[0]] *= 1 + 1e-5
+    assert ropelite.gguf.llama3_scaling_from_factors(nudged, dim, 500000.0) is None
+    assert ropelite.gguf.llama3_scaling_from_factors(divisors, dim, 10000.0) is None  # another base
+    assert ropelite.gguf.llama3_scaling_from_factors(divisors[:-1], dim - 2, 500000.0) is None
+
+
+def test_rope_freqs_gguf_converts_to_the_same_frequencies(tmp_path, source, reference_bpe):
+    model_lib = pytest.importorskip("ropelite.model")
+    # the tiny model's 8 pairs: with L = 4096 and high_freq_factor 32, pairs 2 and 3 are blended
+    divisors = llama_cpp_rope_freqs(HEAD_DIM, THETA, 8.0, 1.0, 32.0, 4096)
+    path = write_gguf(tmp_path / "l3.gguf", source, gpt2_vocab(reference_bpe), rope_freqs=divisors)
+    out = convert_gguf(path, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 32.0,
+        "original_max_position_embeddings": 4096}
+    assert "rope_freqs.weight" not in load_file(out / "model.safetensors")
+    # what ropelite rotates with is what llama.cpp rotates with: theta_i / divisor_i
+    inv_freq, attention_factor = model_lib.load_model(out).config.rope.frequencies(HEAD_DIM, 10)
+    llama_cpp = THETA ** (-torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM) / torch.from_numpy(divisors)
+    torch.testing.assert_close(inv_freq, llama_cpp, rtol=1e-6, atol=0)
+    assert attention_factor == 1.0
+
+    random = np.linspace(1.0, 3.0, HEAD_DIM // 2, dtype=np.float32) ** 2
+    path = write_gguf(tmp_path / "odd.gguf", source, gpt2_vocab(reference_bpe), rope_freqs=random)
+    with pytest.raises(RopeliteError, match="rope_freqs.*original Hugging Face checkpoint"):
+        convert_gguf(path, tmp_path / "odd")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Output dtype and shards
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, unit_roundoff", [(torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)])
+def test_half_precision_output(tmp_path, f32_dir, dtype, unit_roundoff):
+    model_lib = pytest.importorskip("ropelite.model")
+    out = convert_gguf(f32_dir.parent / "tiny.gguf", tmp_path / "hf", dtype=dtype)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+    halves, full = load_file(out / "model.safetensors"), load_file(f32_dir / "model.safetensors")
+    assert set(halves) == set(full)
+    for name, tensor in halves.items():
+        assert tensor.dtype == dtype and torch.equal(tensor, full[name].to(dtype)), name  # rounded once, nothing else
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31]])
+    with torch.no_grad():
+        # run in the dtype: the same model as today's float32 output cast on loading, to the last bit
+        assert torch.equal(model_lib.load_model(out, dtype=dtype)(ids), model_lib.load_model(f32_dir, dtype=dtype)(ids))
+        # run in float32: only the weights' rounding (unit roundoff u) differs from the float32 path; this
+        # model's sharp attention (q/k std 0.5) amplifies it about tenfold (seen: 11 u for bf16, 4 u for fp16)
+        expected, logits = model_lib.load_model(f32_dir)(ids), model_lib.load_model(out)(ids)
+    assert 0 < (logits - expected).abs().max() <= 32 * unit_roundoff * expected.abs().max()
+
+
+def test_sharded_output_loads_identically(tmp_path, f32_dir, source):
+    model_lib = pytest.importorskip("ropelite.model")
+    out = convert_gguf(f32_dir.parent / "tiny.gguf", tmp_path / "hf", max_shard_bytes=100_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and not (out / "model.safetensors").exists()
+    assert shards == sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in source.values())
+    for shard in shards:
+        tensors = load_file(out / shard)
+        # each shard holds what fits in max_shard_bytes (a single larger tensor goes alone)
+        assert len(tensors) == 1 or sum(t.nbytes for t in tensors.values()) <= 100_000
+        assert all(index["weight_map"][name] == shard for name in tensors)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        assert torch.equal(model_lib.load_model(out)(ids), model_lib.load_model(f32_dir)(ids))
+
+
+def test_bad_dtype(tmp_path, f32_dir):
+    with pytest.raises(RopeliteError, match="dtype must be one of float32, bfloat16, float16"):
+        convert_gguf(f32_dir.parent / "tiny.gguf", tmp_path / "hf", dtype=torch.int8)
