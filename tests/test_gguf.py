@@ -22,6 +22,7 @@ import ropelite.gguf
 from ropelite import hub
 from ropelite.errors import RopeliteError
 from ropelite.gguf import convert_gguf
+from ropelite.hf import load_model
 from ropelite.tokenizer import load_tokenizer
 
 HIDDEN, N_HEADS, N_KV, HEAD_DIM, FFN, LAYERS = 64, 4, 2, 16, 128, 2
@@ -231,11 +232,10 @@ def write_hf_dir(path, weights, config_from):
 
 
 def test_logits_match_model_built_from_source(tmp_path, f32_dir, source, reference_bpe):
-    model_lib = pytest.importorskip("ropelite.model")
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31]])
     with torch.no_grad():
-        expected = model_lib.load_model(write_hf_dir(tmp_path / "source", source, f32_dir))(ids)
-        torch.testing.assert_close(model_lib.load_model(f32_dir)(ids), expected, rtol=1e-4, atol=1e-4)
+        expected = load_model(write_hf_dir(tmp_path / "source", source, f32_dir))(ids)
+        torch.testing.assert_close(load_model(f32_dir)(ids), expected, rtol=1e-4, atol=1e-4)
 
         # Q8_0: blocks run along rows, so quantising commutes with the q/k row permutation; the converted
         # model must equal the source model with every matrix rounded through Q8_0 in HF layout.
@@ -244,8 +244,8 @@ def test_logits_match_model_built_from_source(tmp_path, f32_dir, source, referen
         q8 = convert_gguf(q8_gguf, tmp_path / "q8")
         rounded = {name: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q8_type), q8_type))
                    if w.ndim == 2 else w for name, w in source.items()}
-        q8_expected = model_lib.load_model(write_hf_dir(tmp_path / "rounded", rounded, f32_dir))(ids)
-        torch.testing.assert_close(model_lib.load_model(q8)(ids), q8_expected, rtol=1e-4, atol=1e-4)
+        q8_expected = load_model(write_hf_dir(tmp_path / "rounded", rounded, f32_dir))(ids)
+        torch.testing.assert_close(load_model(q8)(ids), q8_expected, rtol=1e-4, atol=1e-4)
 
         # the comparison can fail: q/k left in GGUF's order change the logits
         wrong = dict(source)
@@ -253,7 +253,7 @@ def test_logits_match_model_built_from_source(tmp_path, f32_dir, source, referen
             for proj, heads in (("q_proj", N_HEADS), ("k_proj", N_KV)):
                 name = f"model.layers.{i}.self_attn.{proj}.weight"
                 wrong[name] = torch.from_numpy(to_meta_order(source[name].numpy(), heads))
-        wrong_logits = model_lib.load_model(write_hf_dir(tmp_path / "wrong", wrong, f32_dir))(ids)
+        wrong_logits = load_model(write_hf_dir(tmp_path / "wrong", wrong, f32_dir))(ids)
         assert (wrong_logits - expected).abs().max() > 0.1 * expected.abs().max()
 
 
@@ -548,7 +548,6 @@ def test_llama3_scaling_recovered_from_rope_freqs(dim, factor):
 
 
 def test_rope_freqs_gguf_converts_to_the_same_frequencies(tmp_path, source, reference_bpe):
-    model_lib = pytest.importorskip("ropelite.model")
     # the tiny model's 8 pairs: with L = 4096 and high_freq_factor 32, pairs 2 and 3 are blended
     divisors = llama_cpp_rope_freqs(HEAD_DIM, THETA, 8.0, 1.0, 32.0, 4096)
     path = write_gguf(tmp_path / "l3.gguf", source, gpt2_vocab(reference_bpe), rope_freqs=divisors)
@@ -558,7 +557,7 @@ def test_rope_freqs_gguf_converts_to_the_same_frequencies(tmp_path, source, refe
         "original_max_position_embeddings": 4096}
     assert "rope_freqs.weight" not in load_file(out / "model.safetensors")
     # what ropelite rotates with is what llama.cpp rotates with: theta_i / divisor_i
-    inv_freq, attention_factor = model_lib.load_model(out).config.rope.frequencies(HEAD_DIM, 10)
+    inv_freq, attention_factor = load_model(out).config.rope.frequencies(HEAD_DIM, 10)
     llama_cpp = THETA ** (-torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM) / torch.from_numpy(divisors)
     torch.testing.assert_close(inv_freq, llama_cpp, rtol=1e-6, atol=0)
     assert attention_factor == 1.0
@@ -575,7 +574,6 @@ def test_rope_freqs_gguf_converts_to_the_same_frequencies(tmp_path, source, refe
 
 @pytest.mark.parametrize("dtype, unit_roundoff", [(torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)])
 def test_half_precision_output(tmp_path, f32_dir, dtype, unit_roundoff):
-    model_lib = pytest.importorskip("ropelite.model")
     out = convert_gguf(f32_dir.parent / "tiny.gguf", tmp_path / "hf", dtype=dtype)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
     halves, full = load_file(out / "model.safetensors"), load_file(f32_dir / "model.safetensors")
@@ -585,15 +583,14 @@ def test_half_precision_output(tmp_path, f32_dir, dtype, unit_roundoff):
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31]])
     with torch.no_grad():
         # run in the dtype: the same model as today's float32 output cast on loading, to the last bit
-        assert torch.equal(model_lib.load_model(out, dtype=dtype)(ids), model_lib.load_model(f32_dir, dtype=dtype)(ids))
+        assert torch.equal(load_model(out, dtype=dtype)(ids), load_model(f32_dir, dtype=dtype)(ids))
         # run in float32: only the weights' rounding (unit roundoff u) differs from the float32 path; this
         # model's sharp attention (q/k std 0.5) amplifies it about tenfold (seen: 11 u for bf16, 4 u for fp16)
-        expected, logits = model_lib.load_model(f32_dir)(ids), model_lib.load_model(out)(ids)
+        expected, logits = load_model(f32_dir)(ids), load_model(out)(ids)
     assert 0 < (logits - expected).abs().max() <= 32 * unit_roundoff * expected.abs().max()
 
 
 def test_sharded_output_loads_identically(tmp_path, f32_dir, source):
-    model_lib = pytest.importorskip("ropelite.model")
     out = convert_gguf(f32_dir.parent / "tiny.gguf", tmp_path / "hf", max_shard_bytes=100_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -607,7 +604,7 @@ def test_sharded_output_loads_identically(tmp_path, f32_dir, source):
         assert all(index["weight_map"][name] == shard for name in tensors)
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
     with torch.no_grad():
-        assert torch.equal(model_lib.load_model(out)(ids), model_lib.load_model(f32_dir)(ids))
+        assert torch.equal(load_model(out)(ids), load_model(f32_dir)(ids))
 
 
 def test_bad_dtype(tmp_path, f32_dir):
