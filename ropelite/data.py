@@ -104,6 +104,19 @@ def load_documents(data: list[str] | None = None, kind: str = "prose", min_chars
     return docs
 
 
+def corpus_name(data: list[str] | None, kind: str) -> str:
+    """What result files call the corpus: the --data paths, or ``builtin:KIND``."""
+    return ", ".join(map(str, data)) if data else f"builtin:{kind}"
+
+
+def document_names(data: list[str] | None, kind: str, count: int) -> list[str]:
+    """A name per document of ``load_documents(data, kind)``: the books' own names, else CORPUS#index."""
+    if not data and kind == "books":
+        from ropelite.books import document_names as book_names
+        return book_names()
+    return [f"{corpus_name(data, kind)}#{i}" for i in range(count)]
+
+
 def _read(path: Path) -> list:
     if path.suffix == ".jsonl":
         docs = []

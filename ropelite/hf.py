@@ -112,16 +112,28 @@ def config_to_hf(c: LlamaConfig) -> dict:
     return d
 
 
-def read_config(path: Path) -> LlamaConfig:
+def _config_dict(path: Path) -> dict:
     if not path.exists():
         raise RopeliteError(f"no such model: {path}")
     file = path / "config.json"
     if not file.is_file():
         raise RopeliteError(f"no config.json in {path}: not a Hugging Face model directory")
     try:
-        return config_from_hf(json.loads(file.read_text()))
+        return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise RopeliteError(f"{file} is not valid JSON: {e}") from None
+
+
+def read_config(path: Path) -> LlamaConfig:
+    return config_from_hf(_config_dict(Path(path)))
+
+
+def trained_length(path: Path) -> int:
+    """The length the model was last trained at: the --len of a ropelite finetune (its config's ``ropelite``
+    record), else the pretrained length L. Figures draw their "training length" line here."""
+    d = _config_dict(Path(path))
+    trained = (d.get("ropelite") or {}).get("trained") or {}
+    return int(trained["len"]) if trained.get("len") else config_from_hf(d).rope.original_max_position_embeddings
 
 
 # --------------------------------------------------------------------------------------------------------------

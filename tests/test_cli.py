@@ -88,3 +88,24 @@ def test_base_reaches_the_ntk_variants_or_goes_through_to_be_rejected():
     assert rope_overrides("pi", 4.0, 1e6, ["rope", "pi"]) == {"rope": "pi", "factor": 4.0, "base": 1e6}
     assert rope_overrides(None, None, 1e6, [None]) == {"rope": None, "factor": None, "base": 1e6}  # the checkpoint's
     assert rope_overrides("pi", 4.0, None, ["pi"]) == {"rope": "pi", "factor": 4.0}
+
+
+def test_a_scaling_variant_takes_the_checkpoints_factor_or_needs_one():
+    from ropelite.cli import variant_config
+    from ropelite.errors import RopeliteError
+    from ropelite.model import LlamaConfig
+    from ropelite.rope import RopeConfig
+    shape = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                 num_key_value_heads=1, head_dim=8)
+    plain = LlamaConfig(**shape, rope=RopeConfig(theta=1e4, original_max_position_embeddings=64))
+    yarn8 = LlamaConfig(**shape, rope=RopeConfig(type="yarn", theta=1e4, factor=8.0, original_max_position_embeddings=64))
+    assert variant_config(yarn8, "yarn", None, None, ["yarn"]).rope.factor == 8.0      # the checkpoint's own
+    assert variant_config(yarn8, None, None, None, [None]).rope == yarn8.rope
+    assert variant_config(plain, "pi", 4.0, None, ["pi"]).rope.factor == 4.0
+    assert variant_config(plain, "ntk", None, 1e6, ["ntk"]).rope.base == 1e6            # a base needs no factor
+    assert variant_config(plain, "rope", None, None, ["rope"]).rope == plain.rope
+    for rope in ("pi", "ntk", "dynamic", "yarn", "llama3"):
+        with pytest.raises(RopeliteError, match=f"--rope {rope} needs --factor: the checkpoint runs rope"):
+            variant_config(plain, rope, None, None, [rope])
+    with pytest.raises(RopeliteError, match="--rope pi needs --factor: the checkpoint runs yarn x8"):
+        variant_config(yarn8, "pi", None, None, ["pi"])

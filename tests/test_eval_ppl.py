@@ -265,6 +265,7 @@ def test_some_documents_too_short_warns_with_the_count(setup, capsys):
     (["--window", "8"], "error: --window and --stride belong to --protocol sliding"),
     (["--base", "1e6"], "error: a new base is an NTK setting; rope 'rope' does not take one"),
     (["--lengths", "1"], "error: --lengths must be at least 2"),
+    (["--rope", "pi", "--lengths", "16"], "error: --rope pi needs --factor: the checkpoint runs rope"),
     (["--rope", "longrope", "--lengths", "16"], "error: rope 'longrope' needs short_factor and long_factor lists"),
 ])
 def test_bad_input_is_one_line(setup, capsys, extra, message):
@@ -293,8 +294,9 @@ def test_script_run_as_a_program_fails_in_one_line(setup):
     proc = subprocess.run([sys.executable, str(REPO / "eval_ppl.py"), *argv(setup, "--lengths", "500")],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: no document has 500 tokens (longest: 80); 0 of 4 qualify: give " \
-                                  "shorter --lengths or longer --data"
+    assert proc.stderr.strip() == ("error: no document has 500 tokens (longest: 80); 0 of 4 qualify: give "
+                                   f"shorter --lengths or longer --data ({eval_ppl.ONE_PER_DOCUMENT})")
+    assert "analyze.py --samples" in eval_ppl.ONE_PER_DOCUMENT  # names the option that gives more sequences
 
 
 def test_out_holding_something_else_is_refused(setup, capsys):
@@ -304,3 +306,42 @@ def test_out_holding_something_else_is_refused(setup, capsys):
         run(lambda: eval_ppl.main(argv(setup, "--lengths", "16")))
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().endswith("ppl.json is not a ppl results file; use another --out")
+
+
+def test_figure_leaves_out_what_a_log_axis_cannot_show(tmp_path, capsys):
+    rows = [{"settings": "a", "length": 16, "ppl": float("inf")}, {"settings": "a", "length": 32, "ppl": 0.0}]
+    eval_ppl.draw(rows, {"a": "rope"}, 16, tmp_path / "ppl.png", "t")
+    assert not (tmp_path / "ppl.png").exists()
+    assert "no perplexity to draw; ppl.png not written" in capsys.readouterr().err
+    rows.append({"settings": "a", "length": 64, "ppl": 12.5})
+    eval_ppl.draw(rows, {"a": "rope"}, 16, tmp_path / "ppl.png", "t")
+    assert (tmp_path / "ppl.png").is_file()
+    assert "2 perplexities are not finite and positive" in capsys.readouterr().err
+
+
+def test_rows_name_their_documents_and_lines_stay_apart(setup, monkeypatch):
+    figures = []
+    monkeypatch.setattr(eval_ppl, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    eval_ppl.main(argv(setup, "--rope", "rope", "dynamic", "--factor", "2", "--lengths", "16", "32"))
+    rows = json.loads((setup[2] / "ppl.json").read_text())
+    data = str(setup[1])
+    assert all(r["documents"] == [f"{data}#{i}" for i in r["doc_ids"]] for r in rows)
+    ax = figures[-1].axes[0]
+    curves = [line for line in ax.lines if line.get_label() in ("rope", "dynamic x2")]
+    assert [list(c.get_ydata()) for c in curves][0] == [list(c.get_ydata()) for c in curves][1]  # same values...
+    assert curves[0].get_marker() != curves[1].get_marker()                  # ...told apart by their markers
+    assert curves[0].get_markersize() > curves[1].get_markersize()           # the one below shows around the top
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_xdata()) == [64, 64]      # the tiny model's pretrained L
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert any(label for label in labels)                                    # the y axis is labelled
+
+
+def test_trained_length_is_a_finetunes_own_len(tiny_llama, tmp_path):
+    from ropelite.hf import config_to_hf, trained_length
+    model = tiny_llama()
+    save_model(model, tmp_path / "pre")
+    assert trained_length(tmp_path / "pre") == 64
+    record = {**config_to_hf(model.config)["ropelite"], "trained": {"len": 256}}
+    save_model(model, tmp_path / "ft", extra_config={"ropelite": record})
+    assert trained_length(tmp_path / "ft") == 256
