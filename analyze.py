@@ -3,8 +3,8 @@
     python analyze.py attention --rope rope pi ntk yarn --factor 4 --lengths 2048 --samples 3
     python analyze.py attention --rope rope pi ntk yarn --factor 4 --base 1000000 --lengths 2048 8192 --samples 10
     python analyze.py attention --reference-model path/to/long-context-model --lengths 8192
-    python analyze.py bound --dim 128                        # Men et al.'s table, 1K..128K (~4 min on 2 cores)
-    python analyze.py bound --dim 128 --lengths 1024:1048576  # all of it, to 1M (~10 min more)
+    python analyze.py bound --dim 128                        # Men et al.'s table, 1K..128K (~5 CPU-minutes)
+    python analyze.py bound --dim 128 --lengths 1024:1048576  # all of it, to 1M (hours: the cost grows like L^2)
     python analyze.py freqs --rope rope pi ntk yarn dynamic llama3 --factor 4
     python analyze.py freqs --dim 128 --theta 10000 --original 4096 --factor 16
 
@@ -36,10 +36,9 @@ from ropelite.errors import RopeliteError
 from ropelite.hf import read_config
 from ropelite.io import pyplot, save_figure, write_csv, write_json
 from ropelite.model import LlamaConfig
-from ropelite.rope import (RopeConfig, context_of_base, first_negative_B, men_B,
-                           min_base_for_context, rope_inv_freq)
-
-parse_ints = parse_grid  # bound_main's name for it (it switches to parse_grid when the bound work merges)
+from ropelite.presets import PRESETS, preset
+from ropelite.rope import (MEN_RESOLUTION, RopeConfig, bulk_base_for_context, context_of_base, first_negative_B,
+                           men_B, min_base_for_context, rope_inv_freq)
 
 # ----------------------------------------------------------------------------------------------------------------
 # attention: seed paper Figure 2 and Table 1
@@ -209,22 +208,30 @@ BOUND_DOC = """\
 Men et al. 2024 (Theorem 1): B_m = sum_{i<d/2} cos(m theta_i), theta_i = b^(-2i/d), is the long-term decay of the
 ability to attend more to similar tokens than to random ones. The context a base reaches is
 L_b = sup{L : B_m >= 0 for every m in [0, L]}; the lower bound of the base for a context L is the smallest b whose
-B_m >= 0 for every m <= L (rope.min_base_for_context: a geometric scan with step --ratio, then --refine evenly
-spaced bases in the last step; the feasible set is not monotone in b, so bisection would be wrong).
+B_m >= 0 for every m <= L. The feasible set is not monotone in b (narrow feasible islands lie below the bulk), so
+rope.min_base_for_context scans upwards from b = L with steps certified by a bound on the slope of B in ln b
+(|dB_m/d ln b| <= m sum_i (2i/d) theta_i): every base skipped is proven infeasible, except in gaps of at most
+--resolution (relative) where min_m B_m is within a hair of 0. The bulk is the smallest scanned base above which
+every scanned base up to --bulk-up-to times the smallest one is feasible.
 
-bound.json/csv: one row per length: our min_base; the paper's printed base (d=128 only), whether it satisfies
-its own criterion (B_m >= 0 for all m <= L) and the context it reaches; the context our base reaches. Contexts are
-searched up to 2L. Then, per model (--model, --theta with --dim; default: SmolLM2-135M and LLaMa-2-7B), the
-context its base reaches (searched up to 2^22) next to its training length. bound.png: B_m for --plot-bases
-(log x, m up to max(2^20, the longest length)), the first negative m of each marked. Rows are written after each
-length; a rerun with the same --dim, --ratio and --refine skips the lengths already in bound.json.
+bound.json/csv: one row per length: our min_base (the infimum) and bulk_base; the paper's printed base (d=128
+only), whether it satisfies its own criterion (B_m >= 0 for all m <= L) and the context it reaches; the context
+our base reaches. Contexts are searched up to 2L. Then, per model (--model, --theta with --dim; default:
+SmolLM2-135M and LLaMa-2-7B), the context its base reaches (searched up to 2^22) next to its training length.
+bound.png: B_m for --plot-bases (log x, m up to max(2^20, the longest length)), the first negative m of each
+marked. Rows are written after each length; a rerun with the same --dim, --resolution and --bulk-up-to skips the
+lengths already in bound.json.
 """
 
 # Men et al. 2024, their table of lower bounds of the base (d = 128), as printed (two digits).
 PAPER_BASES_D128 = {1024: 4.3e3, 2048: 1.6e4, 4096: 2.7e4, 8192: 8.4e4, 16384: 3.1e5, 32768: 6.4e5,
                     65536: 2.1e6, 131072: 7.8e6, 262144: 3.6e7, 524288: 6.4e7, 1048576: 5.1e8}
-# (name, head dim, base, training length) of models whose base is known without loading them.
-KNOWN_MODELS = [("SmolLM2-135M", 64, 1e5, 8192), ("LLaMa-2-7B", 128, 1e4, 4096)]
+
+
+def known_models() -> list[tuple]:
+    """(name, head dim, base, training length) of the preset models: their base is known without loading them."""
+    return [(name, c.head_dim, c.rope.theta, c.rope.original_max_position_embeddings)
+            for name, c in ((name, preset(name)) for name in PRESETS)]
 
 
 def model_context_rows(args) -> list[dict]:
@@ -237,17 +244,18 @@ def model_context_rows(args) -> list[dict]:
         found.append((name, c.head_dim, c.rope.theta, c.rope.original_max_position_embeddings))
     found += [(f"theta={t:g}", args.dim, t, None) for t in args.theta or []]
     rows = []
-    for name, dim, base, trained in found or KNOWN_MODELS:
+    for name, dim, base, trained in found or known_models():
         reached = context_of_base(dim, base, 1 << 22)
         rows.append({"model": name, "dim": dim, "base": base, "trained_length": trained, "context_reached": reached,
                      "reaches_trained_length": None if trained is None else reached >= trained})
     return rows
 
 
-def bound_row(dim: int, length: int, ratio: float, refine: int) -> dict:
-    found = min_base_for_context(dim, length, ratio=ratio, refine=refine)
-    row = {"length": length, "dim": dim, "ratio": ratio, "refine": refine, "min_base": found,
-           "min_base_context": context_of_base(dim, found, 2 * length)}
+def bound_row(dim: int, length: int, resolution: float, bulk_up_to: float) -> dict:
+    found = min_base_for_context(dim, length, resolution=resolution)
+    bulk = bulk_base_for_context(dim, length, found, found * bulk_up_to, resolution)
+    row = {"length": length, "dim": dim, "resolution": resolution, "bulk_up_to": bulk_up_to, "min_base": found,
+           "bulk_base": bulk, "min_base_context": context_of_base(dim, found, 2 * length)}
     paper = PAPER_BASES_D128.get(length) if dim == 128 else None
     reached = None if paper is None else context_of_base(dim, paper, 2 * length)
     row.update(paper_base=paper, paper_base_reaches=None if paper is None else reached >= length,
@@ -277,11 +285,11 @@ def draw_B(dim: int, bases: list[float], max_m: int, path: Path) -> None:
 
 
 def bound_main(args) -> None:
-    lengths = parse_ints(args.lengths, "--lengths")
+    lengths = parse_grid(args.lengths, "--lengths")
     check(args.dim >= 2 and args.dim % 2 == 0, f"--dim must be an even number >= 2, got {args.dim}")
     check(lengths[0] >= 1, "--lengths must be positive")
-    check(args.ratio > 1, "--ratio must be > 1")
-    check(args.refine >= 1, "--refine must be >= 1")
+    check(0 < args.resolution < 0.1, "--resolution must be in (0, 0.1)")
+    check(args.bulk_up_to > 1, "--bulk-up-to must be > 1")
     check(all(b > 1 for b in [*args.plot_bases, *(args.theta or [])]), "bases must be > 1")
     out = Path(args.out)
     path = out / "bound.json"
@@ -289,29 +297,34 @@ def bound_main(args) -> None:
         old = json.loads(path.read_text())["rows"] if path.exists() else []
     except (json.JSONDecodeError, KeyError, TypeError):
         raise RopeliteError(f"{path} is not an analyze.py bound file; use another --out") from None
-    same = {r["length"]: r for r in old if (r.get("dim"), r.get("ratio"), r.get("refine"))
-            == (args.dim, args.ratio, args.refine)}
+    same = {r["length"]: r for r in old if (r.get("dim"), r.get("resolution"), r.get("bulk_up_to"))
+            == (args.dim, args.resolution, args.bulk_up_to)}
     models = model_context_rows(args)
     rows = []
     definitions = {
         "B_m": "sum_{i<d/2} cos(m b^(-2i/d)) (Men et al. 2024, Theorem 1)",
-        "min_base": "smallest base with B_m >= 0 for all m <= length, found by a scan: exact to one refinement "
-                    "step, a relative (1 - 1/ratio) / refine",
+        "min_base": "smallest base with B_m >= 0 for all m <= length, by a scan whose steps are certified by a "
+                    "slope bound on B: every base below is proven infeasible except in gaps of relative width "
+                    "<= resolution, and the true infimum is at most resolution below",
+        "bulk_base": "smallest scanned base above which every scanned base up to bulk_up_to * min_base is "
+                     "feasible (null: the last one is not)",
         "*_context": "largest L with B_m >= 0 for all m <= L, searched up to 2 * length",
         "paper_base_reaches": "the printed base satisfies B_m >= 0 for all m <= length",
         "context_reached": "largest L with B_m >= 0 for all m <= L, searched up to 2^22"}
     for L in tqdm(lengths, desc="bound", unit="length", dynamic_ncols=True):
-        rows.append(same.get(L) or bound_row(args.dim, L, args.ratio, args.refine))
+        rows.append(same.get(L) or bound_row(args.dim, L, args.resolution, args.bulk_up_to))
         write_json(path, {"definitions": definitions, "rows": rows, "models": models})
         write_csv(out / "bound.csv", rows)
     write_csv(out / "bound_models.csv", models)
     draw_B(args.dim, args.plot_bases, max(max(lengths), 1 << 20), out / "bound.png")
-    print(f"{'length':>8} {'min base':>10} {'paper':>8} {'paper ok':>8} {'paper reaches':>13}")
+    print(f"resolution {args.resolution:g} (relative, in b); bulk scanned up to {args.bulk_up_to:g} x min base")
+    print(f"{'length':>8} {'min base':>12} {'bulk':>10} {'paper':>8} {'paper ok':>8} {'paper reaches':>13}")
     for r in rows:
         paper = "-" if r["paper_base"] is None else f"{r['paper_base']:.2g}"
         ok = "-" if r["paper_base_reaches"] is None else "yes" if r["paper_base_reaches"] else "NO"
         reach = "-" if r["paper_base_context"] is None else str(r["paper_base_context"])
-        print(f"{r['length']:>8} {r['min_base']:>10.4g} {paper:>8} {ok:>8} {reach:>13}")
+        bulk = "-" if r["bulk_base"] is None else f"{r['bulk_base']:.4g}"
+        print(f"{r['length']:>8} {r['min_base']:>12.7g} {bulk:>10} {paper:>8} {ok:>8} {reach:>13}")
     for m in models:
         print(f"{m['model']}: d={m['dim']} base {m['base']:g} reaches {m['context_reached']} tokens"
               + ("" if m["trained_length"] is None else f" (trained at {m['trained_length']})"))
@@ -442,8 +455,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        description=BOUND_DOC, formatter_class=raw)
     b.add_argument("--dim", type=int, default=128, help="rotary dimension d (head dim; default 128, the paper's)")
     b.add_argument("--lengths", nargs="+", default=["1024:131072"], metavar="N",
-                   help=f"context lengths, {GRID_HELP} (default 1024:131072, the powers of two from 1K to 128K, "
-                        "~4 min on 2 cores; 1024:1048576 is the paper's whole table, ~10 min more)")
+                   help=f"context lengths, {GRID_HELP} (default 1024:131072, the powers of two from 1K to 128K: "
+                        "about 5 CPU-minutes, 12 minutes on 2 busy cores; 1024:1048576 is the paper's whole "
+                        "table: hours, the scan's cost grows like L^2)")
     b.add_argument("--model", nargs="+", default=None, metavar="MODEL",
                    help="models whose reachable context to report (config.json only: head dim and rope_theta)")
     b.add_argument("--theta", nargs="+", type=float, default=None, metavar="BASE",
@@ -451,9 +465,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "d=64 b=1e5 and LLaMa-2-7B d=128 b=1e4)")
     b.add_argument("--plot-bases", nargs="+", type=float, default=[1e4, 1e5, 1e6, 1e7], metavar="BASE",
                    help="bases drawn in bound.png (default 1e4 1e5 1e6 1e7)")
-    b.add_argument("--ratio", type=float, default=1.002, help="geometric step of the base scan (default 1.002)")
-    b.add_argument("--refine", type=int, default=100,
-                   help="evenly spaced bases tried inside the last step of the scan (default 100)")
+    b.add_argument("--resolution", type=float, default=MEN_RESOLUTION,
+                   help="smallest step of the certified scan, relative in b: the widest gap where an island could "
+                        f"hide (default {MEN_RESOLUTION:g}, rope.MEN_RESOLUTION)")
+    b.add_argument("--bulk-up-to", type=float, default=1.5,
+                   help="scan for the bulk threshold up to this many times the smallest base (default 1.5)")
     b.add_argument("--out", default="runs/analyze", help=out_help)
 
     f = sub.add_parser("freqs", help="per-pair wavelength and scaling of each RoPE variant",

@@ -309,8 +309,8 @@ def halves_to_adjacent(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 def _men_theta(dim: int, base: float) -> np.ndarray:
-    """theta_i = b^(-2i/d), i < d/2, in float64 (B is too sensitive for float32)."""
-    return base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    """theta_i of plain RoPE, in float64 numpy (B is too sensitive for float32)."""
+    return rope_inv_freq(dim, base).numpy()
 
 
 def men_B(m, dim: int, base: float) -> np.ndarray:
@@ -321,27 +321,33 @@ def men_B(m, dim: int, base: float) -> np.ndarray:
 
 
 def _B_range(theta: np.ndarray, start: int, count: int) -> np.ndarray:
-    """B_m for m = start .. start+count-1, fast: with m = m0 + k, exp(i m theta) = exp(i k theta) exp(i m0 theta),
-    so a (c, d/2) table times a (d/2, J) table gives c*J values of B in one complex matrix product."""
+    """B_m for m = start .. start+count-1, fast: with m = m0 + k, cos(m theta) = cos(k theta) cos(m0 theta)
+    - sin(k theta) sin(m0 theta), so two (c, d/2) @ (d/2, J) real products give c*J values of B."""
     c = max(1, math.isqrt(count))
-    blocks = -(-count // c)
-    k = np.exp(1j * np.arange(c)[:, None] * theta[None, :])                         # (c, d/2)
-    m0 = np.exp(1j * theta[:, None] * (start + c * np.arange(blocks))[None, :])     # (d/2, J)
-    return (k @ m0).real.T.reshape(-1)[:count]                                       # (J, c) -> m order
+    k = np.arange(c)[:, None] * theta[None, :]                                      # (c, d/2)
+    m0 = theta[:, None] * (start + c * np.arange(-(-count // c)))[None, :]          # (d/2, J)
+    B = np.cos(k) @ np.cos(m0) - np.sin(k) @ np.sin(m0)                             # (c, J)
+    return B.T.reshape(-1)[:count]                                                  # (J, c) -> m order
 
 
-def first_negative_B(dim: int, base: float, max_len: int) -> int | None:
-    """The smallest m in [0, max_len] with B_m < 0, or None. Scans in doubling chunks so a base that fails
-    early costs little."""
-    theta = _men_theta(dim, base)
+def _negative_B(theta: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(m, B_m) for every negative B_m of the first chunk of m in [0, max_len] that has one, or None if B_m >= 0
+    throughout. Doubling chunks: a base that fails early costs little."""
     start, chunk = 0, 1024
     while start <= max_len:
         count = min(chunk, max_len + 1 - start)
-        negative = np.flatnonzero(_B_range(theta, start, count) < 0)
+        B = _B_range(theta, start, count)
+        negative = np.flatnonzero(B < 0)
         if negative.size:
-            return start + int(negative[0])
+            return start + negative, B[negative]
         start, chunk = start + count, chunk * 2
     return None
+
+
+def first_negative_B(dim: int, base: float, max_len: int) -> int | None:
+    """The smallest m in [0, max_len] with B_m < 0, or None."""
+    found = _negative_B(_men_theta(dim, base), max_len)
+    return None if found is None else int(found[0][0])
 
 
 def context_of_base(dim: int, base: float, max_len: int = 1 << 21) -> int:
@@ -354,22 +360,62 @@ def base_reaches(dim: int, base: float, length: int) -> bool:
     return first_negative_B(dim, base, length) is None
 
 
-def min_base_for_context(dim: int, length: int, start: float | None = None, ratio: float = 1.002,
-                         refine: int = 100, max_base: float = 1e12) -> float:
-    """The smallest base b with B_m >= 0 for all m <= length (Men et al.'s lower bound of the base).
+# The feasible set {b : B_m >= 0 for all m <= L} is not monotone in b: B oscillates, and feasible islands a
+# fraction of a percent wide lie below the bulk (d=128, 128K: 4.87e6 works, most bases up to 8.2e6 do not), so
+# neither bisection nor a fixed grid finds the smallest base. What makes a scan exact is a bound on how fast B
+# moves with the base. With u = ln b, theta_i = e^(-u x_i), x_i = 2i/d:
+#     dB_m/du = sum_i sin(m theta_i) m x_i theta_i,   so   |dB_m/du| <= m S(u),   S(u) = sum_i x_i theta_i,
+# and S falls as u grows, so S(u) bounds the slope on all of [u, u + du]. Hence a base where B_m < 0 stays
+# infeasible for du < -B_m / (m S), and a feasible one stays feasible for du < min_m B_m / (m S): each base
+# tried certifies an interval beyond it, and the scan steps to its end. Only where min_m B_m is within a hair of
+# 0 does the certified step shrink below ``resolution``; the scan then steps by ``resolution`` and that gap (at
+# most ``resolution`` wide in ln b) is the only place an island can hide.
 
-    The feasible set is not monotone in b: B oscillates, and feasible islands a fraction of a percent wide
-    lie below the bulk (d=128, L=1024: 4300-4330 works, 4340-5600 does not). Bisection would land anywhere.
-    Instead: scan a geometric grid (step ``ratio``) upwards from ``start`` to the first feasible base, then
-    scan ``refine`` evenly spaced bases between it and the infeasible grid point below, and return the first
-    feasible one. Exact up to the grid: an island narrower than the step can be missed. ``start`` defaults
-    to the length itself: a base below L never reached L in any case we scanned (tests check small L from 2)."""
-    previous = base = float(start if start is not None else length)
-    while not base_reaches(dim, base, length):
-        previous, base = base, base * ratio
-        if base > max_base:
-            raise RopeliteError(f"no base below {max_base:g} reaches {length} tokens at d={dim}")
-    for candidate in np.linspace(previous, base, refine + 1)[1:]:
-        if base_reaches(dim, float(candidate), length):
-            return float(candidate)
-    return base
+MEN_RESOLUTION = 1e-7
+
+
+def _certified_step(dim: int, length: int, base: float) -> tuple[bool, float]:
+    """(B_m >= 0 for all m <= length, du): the status holds on [ln b, ln b + du) (0 when nothing is certified)."""
+    theta = _men_theta(dim, base)
+    slope = (theta * np.arange(0, dim, 2) / dim).sum()            # S(u), the slope bound per unit m
+    negative = _negative_B(theta, length)
+    if negative is not None:
+        m, B = negative
+        return False, float((-B / (m * slope)).max())
+    m = np.arange(1, length + 1)
+    return True, float((_B_range(theta, 1, length) / (m * slope)).min())
+
+
+def _scan(dim: int, length: int, start: float, stop: float, resolution: float):
+    """Yield (base, feasible, certified) for the bases of the certified scan from ``start`` up to ``stop``;
+    ``certified``: the status holds up to the next base (else the next base is ``resolution`` away, unproven)."""
+    u, end = math.log(start), math.log(stop)
+    while u <= end:
+        feasible, du = _certified_step(dim, length, math.exp(u))
+        yield math.exp(u), feasible, du >= resolution
+        u += max(du, resolution)
+
+
+def min_base_for_context(dim: int, length: int, start: float | None = None, resolution: float = MEN_RESOLUTION,
+                         max_base: float = 1e12) -> float:
+    """The smallest base b with B_m >= 0 for all m <= length (Men et al.'s lower bound of the base), by the
+    certified scan above from ``start`` (default: the length; bases below L never reached L in any case we
+    scanned, and tests scan from 2): every base below the answer is proven infeasible except in gaps at most
+    ``resolution`` wide (relative, in b), and the answer is feasible and at most ``resolution`` above the first
+    feasible base."""
+    for base, feasible, _ in _scan(dim, length, float(start if start is not None else length), max_base,
+                                   resolution):
+        if feasible:
+            return base
+    raise RopeliteError(f"no base below {max_base:g} reaches {length} tokens at d={dim}")
+
+
+def bulk_base_for_context(dim: int, length: int, start: float, stop: float,
+                          resolution: float = MEN_RESOLUTION) -> float | None:
+    """The smallest base of the scan from ``start`` (e.g. the smallest feasible base) above which every scanned
+    base up to ``stop`` reaches ``length``, or None if the last one does not. Certified between scanned bases
+    except across gaps of ``resolution`` where min_m B_m is within a hair of 0."""
+    bulk = None
+    for base, feasible, _ in _scan(dim, length, start, stop, resolution):
+        bulk = (bulk or base) if feasible else None
+    return bulk
