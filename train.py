@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ropelite.cli import DTYPES, ArgumentParser, add_data_args, add_model_args, check, run, token_bar
 from ropelite.data import PackedSequences, load_documents, pack_documents
@@ -204,9 +205,9 @@ class Dist:
             torch.distributed.barrier()
 
     def say(self, *parts) -> None:
-        """Progress and notices on stderr, from the main process only."""
+        """Progress and notices on stderr, from the main process only, each on its own line above any bar."""
         if self.main:
-            print(*parts, file=sys.stderr, flush=True)
+            tqdm.write(" ".join(map(str, parts)), file=sys.stderr)
 
 
 def setup_distributed(device: str) -> Dist:
@@ -640,7 +641,7 @@ class Progress:
             rate = tokens / (time.perf_counter() - self.began)
             left = (self.total - self.done) / rate
             if left > DAY_S:
-                self.dist.say(f"\nnotice: at the first micro-batch's {rate:,.0f} tokens/s this run needs about "
+                self.dist.say(f"notice: at the first micro-batch's {rate:,.0f} tokens/s this run needs about "
                               f"{left / DAY_S:.1f} days more on {self.dist.device}: a GPU-scale run (see --tokens, "
                               f"--len, --device)")
 
@@ -723,7 +724,7 @@ def fit(run: Run, model: Llama, optimizer, start: int, dist: Dist) -> int:
                     break
     finally:
         progress.close()
-    if signum:
+    if signum and done < run.steps:  # a signal during the last step changes nothing: the run is complete
         dist.say(f"train: stopped by {signal.Signals(signum).name} after step {done} of {run.steps}, saved in "
                  f"{run.out / 'checkpoint'}; continue with: train.py --resume --out {run.out}")
         raise SystemExit(128 + signum)
