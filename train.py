@@ -621,8 +621,8 @@ class Progress:
     first one, and a notice then when the rest of the run would take more than a day on this device."""
 
     def __init__(self, run: Run, start: int, dist: Dist):
-        self.total, self.done, self.world, self.dist = run.steps * run.step_tokens, start * run.step_tokens, \
-            dist.world, dist
+        self.total, self.done = run.steps * run.step_tokens, start * run.step_tokens
+        self.world, self.dist = dist.world, dist
         self.bar = (token_bar(self.total, f"train {run.config.rope.describe()} @{run.args.len}")
                     if dist.main and not run.args.quiet else None)
         if self.bar is not None:
