@@ -1,11 +1,14 @@
 """Token-matched long-context finetuning of a LLaMa with a RoPE extension, on one GPU or sharded with FSDP2.
 
-    python train.py --rope yarn --len 32768                 # SmolLM2 (L = 8192), YaRN s = 32768/8192 = 4
-    python train.py --rope yarn --len 4096 --out runs/yarn-4k   # same token budget at 4K (the seed paper's ablation)
+    python train.py --rope yarn --len 32768 --data my-corpus/  # SmolLM2 (L = 8192), YaRN s = 32768/8192 = 4
+    # the seed paper's ablation: the same RoPE (fix --factor, or ntk's --base) trained at 4K and at 32K,
+    # on the same token budget
+    python train.py --rope yarn --factor 4 --len 4096 --data my-corpus/ --out runs/yarn4-4k
+    python train.py --rope yarn --factor 4 --len 32768 --data my-corpus/ --out runs/yarn4-32k
     python train.py --rope ntk --base 1e6 --len 16384 --tokens 50M
     python train.py --model path/to/llama-2-7b --rope pi --len 32768      # any Hugging Face LLaMa folder
     torchrun --nproc_per_node 8 train.py --model path/to/llama-2-7b --rope yarn --len 32768
-    python train.py ... --resume                            # continue the run in --out exactly where it stopped
+    python train.py --resume --out runs/yarn4-32k           # continue that run exactly where it stopped
     python train.py --init random --len 512 --tokens 2M --device cpu --out runs/scratch   # a small model from scratch
 
 What one optimizer step is: --batch-tokens tokens = batch_tokens / len sequences of --len tokens, run as
@@ -13,11 +16,14 @@ micro-batches of --micro-batch sequences (gradient accumulation; with torchrun e
 micro-batches). The run lasts --tokens tokens whatever --len is, so a 4K run and a 32K run see the same text
 budget. Documents (--data, default the built-in corpus of ropelite.data) are tokenised, joined as
 doc EOS doc EOS ... in their given order, and cut into --len-token sequences without document masks, as YaRN
-trains; the stream starts over when the budget is larger than the corpus (the epoch count is printed).
+trains. A budget larger than the data is refused unless --epochs-ok (then the stream starts over; the epoch
+count is printed): the built-in corpus holds about 1.3M tokens, so real runs bring their own --data.
 
 The RoPE: --rope picks the variant (default: the checkpoint's own) and --factor s defaults to len / L, L being
-the model's original context (config rope original_max_position_embeddings; s = 1 when len <= L).
-Training is full finetuning with AdamW, a linear warmup then --schedule, gradient clipping, the chunked loss
+the model's original context (config rope original_max_position_embeddings; s = 1 when len <= L); a line says
+so whenever the factor is derived, since then runs at different --len train different RoPEs.
+Training is full finetuning with AdamW (defaults: YaRN's and PI's recipe, betas 0.9 0.95, no weight decay,
+lr 2e-5), a linear warmup from 0 then --schedule, gradient clipping, the chunked loss
 (no len x vocab logits), scaled_dot_product_attention (flash on GPU), gradient checkpointing per block
 (--no-grad-ckpt to turn it off) and, with --dtype bf16 (the default on CUDA), bf16 autocast compute over fp32
 master weights and AdamW states; RoPE angles are fp32 in every case.
@@ -27,35 +33,41 @@ rope_scaling and "ropelite" record say which RoPE, factor, theta, original and n
 model.safetensors in fp32; the tokenizer files), metrics.jsonl (one row per step: loss in nats/token, lr,
 grad norm, tokens, tokens/s, peak memory), eval.jsonl (the held-out loss and perplexity before the first step,
 every --eval-every steps and at the end) and checkpoint/ (the same model + optimizer, data position and RNG,
-written atomically every --save-every steps). A killed run continues with --resume and ends with the same
-weights, bit for bit, as one never interrupted. A NaN/inf loss stops the run before it touches the weights and
-leaves the last good checkpoint in place.
+written atomically every --save-every steps) and .lock (the pid of the run that holds the folder: a second run
+on it stops with a one-line error). A killed run continues with --resume --out DIR, which takes every other flag
+from the checkpoint, and ends with the same weights, bit for bit, as one never interrupted. The first
+SIGINT/SIGTERM (Ctrl-C, a job's time limit) finishes the step in progress, saves a checkpoint and exits with
+status 128 + signal and a line saying how to resume; a second one kills at once. A NaN/inf loss stops the run
+before it touches the weights and leaves the last good checkpoint in place.
 
 --init random trains a new model from scratch (smoke tests, coursework): its shape comes from --layers
 --hidden --heads --kv-heads --ffn --theta --orig-len, its tokens are UTF-8 bytes (vocabulary 257, EOS = 256) for
-text data, or the ids of pre-tokenised data (.npy/.bin; vocabulary = largest id + 2, EOS = largest id + 1).
+text data (the folder then holds a tokenizer_config.json naming ropelite's ByteTokenizer, which ropelite.load
+reads), or the ids of pre-tokenised data (.npy/.bin; vocabulary = largest id + 2, EOS = largest id + 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
 import shutil
+import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ropelite.cli import DTYPES, ArgumentParser, add_data_args, add_model_args, check, run, token_bar
 from ropelite.data import PackedSequences, load_documents, pack_documents
 from ropelite.errors import RopeliteError
-from ropelite.io import append_jsonl, truncate_jsonl
+from ropelite.io import append_jsonl, lock_out, truncate_jsonl, write_json
 from ropelite.hf import config_to_hf, load_model, model_from_state, read_config
 from ropelite.model import Llama, LlamaConfig
 from ropelite.rope import VARIANTS, RopeConfig
@@ -64,8 +76,12 @@ from ropelite.training import (OPTIMIZER_STATE, SCHEDULES, accumulate_gradients,
                                latest_checkpoint, learning_rate, load_trainer_state, peak_memory_mb, random_model,
                                rng_state, save_checkpoint, set_rng_state)
 
-# A resumed run must be the same run: these flags may change between invocations, every other must not.
-RESUMABLE_CHANGES = {"resume", "save_every", "stop_after", "device", "micro_batch", "out", "quiet", "eval_every"}
+# A resumed run must be the same run: --resume takes every flag from the checkpoint but these of the invocation
+# itself, and those that do not change the numbers the run computes, which may be given anew (--micro-batch
+# regroups the same sum: equal up to float rounding). Any other flag given must equal the checkpoint's.
+PER_INVOCATION = {"resume", "out", "stop_after", "quiet", "device"}
+MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok"}
+DAY_S = 86400  # a run estimated longer than this on this device gets a notice up front
 METRICS, EVAL_LOG = "metrics.jsonl", "eval.jsonl"  # in --out: one row per step; one per held-out evaluation
 
 
@@ -78,11 +94,14 @@ def token_count(text: str) -> int:
     return int(float(match[1]) * units[match[2]])
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, overrides={
         "--factor": dict(help="scale factor s >= 1 of the RoPE extension (default: len / L, L = the model's "
-                              "original context; 1 when len <= L)"),
+                              "original context; 1 when len <= L; a line says so, since the RoPE then changes "
+                              "with --len: fix --factor to compare lengths)"),
+        "--device": dict(help="torch device of this invocation, also on --resume (default: cuda when available, "
+                              "else cpu)"),
         "--dtype": dict(default=None, help="compute dtype: bf16 = bf16 autocast over fp32 master weights and "
                                            "AdamW states; fp32 = fp32 throughout; fp16 is refused (it needs loss "
                                            "scaling) (default: bf16 on CUDA, fp32 on CPU)")})
@@ -99,12 +118,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "sequences_per_step / (micro_batch * ranks) of them (default 1)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5, YaRN's)")
-    g.add_argument("--warmup", type=int, default=20, help="linear warmup steps (default 20, YaRN's)")
+    g.add_argument("--warmup", type=int, default=20,
+                   help="linear warmup from 0 over this many steps: lr = peak * step / warmup for the 0-based "
+                        "steps before it (default 20, YaRN's); a run of no more steps never reaches --lr (a "
+                        "warning says so)")
     g.add_argument("--schedule", default="linear", choices=SCHEDULES,
                    help="after warmup: linear to 0 (YaRN's), cosine to 0, or constant (default linear)")
-    g.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay, on every weight (default 0.01)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
-                   help="AdamW betas (default 0.9 0.999)")
+    g.add_argument("--wd", type=float, default=0.0,
+                   help="AdamW weight decay, on every weight (default 0, YaRN's and PI's)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+                   help="AdamW betas (default 0.9 0.95, YaRN's and PI's)")
     g.add_argument("--clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off "
                                                            "(default 1.0)")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
@@ -113,12 +136,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "activation memory; see benchmarks/memory_estimate.py)")
     g.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
     add_data_args(p, "mixed")
+    p.add_argument("--epochs-ok", action="store_true",
+                   help="allow a --tokens budget larger than the training data, read more than once (otherwise "
+                        "an error says how many epochs it would take)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/train/MODEL-ROPE-LEN)")
     g.add_argument("--save-every", type=int, default=50,
                    help="checkpoint every N steps, and always at the end; 0 = only at the end (default 50)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint, with the flags it was started with")
+                   help="continue the run in --out from its checkpoint: every flag not given is the checkpoint's "
+                        "(a line lists those that differ from the defaults); given anew may be --device, "
+                        "--stop-after, --quiet, --save-every, --eval-every, --micro-batch, --epochs-ok; any "
+                        "other given must equal the checkpoint's")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="end this invocation after N more steps, with a checkpoint (to fit a job's time limit); "
                         "continue with --resume")
@@ -140,7 +169,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--theta", type=float, default=10000.0, help="RoPE base (default 10000)")
     g.add_argument("--orig-len", type=int, default=None,
                    help="the model's 'original' context L, the reference of --factor (default: --len)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def flags_given(argv=None) -> set[str]:
+    """The dests of the flags written on the command line (a default is not given, even when equal to one)."""
+    p, unset = build_parser(), object()
+    # argparse fills in a default only where the namespace lacks the attribute: pre-set, it stays ``unset``
+    seen = p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset)))
+    return {key for key, value in vars(seen).items() if value is not unset}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,15 +205,21 @@ class Dist:
             torch.distributed.barrier()
 
     def say(self, *parts) -> None:
-        """Progress and notices on stderr, from the main process only."""
+        """Progress and notices on stderr, from the main process only, each on its own line above any bar."""
         if self.main:
-            print(*parts, file=sys.stderr, flush=True)
+            tqdm.write(" ".join(map(str, parts)), file=sys.stderr)
 
 
 def setup_distributed(device: str) -> Dist:
     """Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per CPU process with gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise RopeliteError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RopeliteError("--device cuda: " + ("this torch is built without CUDA" if torch.version.cuda is None
+                                                 else "no CUDA GPU is visible") + "; use --device cpu")
     if world == 1:
         return Dist(device=device)
     from torch.distributed.device_mesh import init_device_mesh
@@ -196,14 +243,27 @@ def check_flags(args) -> None:
           f"--batch-tokens {args.batch_tokens} is less than one sequence of --len {args.len}")
 
 
+def lock_run_folder(out: Path, dist: Dist) -> None:
+    """Rank 0 makes and locks --out (ropelite.io.lock_out, held until the process ends); every rank learns the
+    outcome, so the others stop with it instead of waiting in a collective for a rank 0 that has stopped."""
+    message = None
+    if dist.main:
+        try:
+            lock_out(out)
+        except RopeliteError as e:
+            message = str(e)
+    if dist.mesh is not None:
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        if not dist.main:
+            raise SystemExit(2)  # rank 0 says it
+        raise RopeliteError(message)
+
+
 def prepare_out(out: Path, resume: bool) -> Path | None:
-    """Check --out can be written, and that it holds a run exactly when --resume says so. Returns the checkpoint."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise RopeliteError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    """Check that --out (made and locked) holds a run exactly when --resume says so. Returns the checkpoint."""
     checkpoint = latest_checkpoint(out)
     if resume:
         check(checkpoint is not None, f"nothing to resume: {out} holds no checkpoint")
@@ -213,14 +273,33 @@ def prepare_out(out: Path, resume: bool) -> Path | None:
     return checkpoint
 
 
-def check_same_run(saved: dict, args) -> None:
-    for key, value in vars(args).items():
-        if key in RESUMABLE_CHANGES or key not in saved:
+def _flag(key: str, value) -> str:
+    """A flag as the command line writes it: --len 32, --betas 0.9 0.95, --grad-ckpt / --no-grad-ckpt."""
+    name = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} " + (" ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+
+
+def resume_flags(saved: dict, args, given: set[str], dist: Dist) -> None:
+    """Make ``args`` (in place) the flags of the run in the checkpoint (``saved``): each flag not ``given`` is the
+    checkpoint's, one given must equal it unless it is PER_INVOCATION or MAY_CHANGE. One line lists what was
+    taken and differs from this invocation's defaults."""
+    as_value = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (JSON/argparse lists vs tuples)
+    taken = []
+    for key, was in saved.items():
+        if key not in vars(args) or key in PER_INVOCATION:
             continue
-        was = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
-        now = tuple(value) if isinstance(value, list) else value
-        check(was == now, f"--{key.replace('_', '-')} is {now!r} but the run in --out was started with {was!r}; "
-                          f"resume with the same flags")
+        now = getattr(args, key)
+        if key in given:
+            check(key in MAY_CHANGE or as_value(was) == as_value(now),
+                  f"--{key.replace('_', '-')} is {as_value(now)!r} but the run in --out was started with "
+                  f"{as_value(was)!r}; --resume takes the run's flags itself: leave it out")
+            continue
+        if as_value(was) != as_value(now):
+            taken.append(_flag(key, was))
+        setattr(args, key, was)
+    dist.say("resume: from the checkpoint: " + (" ".join(taken) if taken else "every flag at its default"))
 
 
 def default_factor(rope: str, length: int, original: int, given: float | None) -> float | None:
@@ -347,21 +426,47 @@ def held_out_set(args, rest: list, tokenizer, eos: int, vocab: int, step_tokens:
     return [held.batch(dist.rank * per_rank + i, 1).to(dist.device) for i in range(per_rank)]
 
 
-def prepare(args, dist: Dist) -> Run:
-    """Check the flags and --out; choose the model and its RoPE (RopeConfig checks the RoPE flags); size the
-    budget; pack the training stream and the held-out set; copy the tokenizer files to a new run's --out."""
-    args.dtype = args.dtype or ("bf16" if dist.device.type == "cuda" else "fp32")
-    check_flags(args)
+def open_run(args, given: set[str], dist: Dist) -> tuple[Path, Path | None, dict | None]:
+    """Lock --out and find its checkpoint; a resumed run takes its flags from it (``args`` changes in place),
+    then the flags are checked. Returns (--out, the checkpoint or None, its trainer state or None)."""
     out = Path(args.out or f"runs/train/{Path(args.model).name if args.init == 'pretrained' else 'random'}"
                            f"-{args.rope or 'own'}-{args.len}")
+    lock_run_folder(out, dist)
     checkpoint = prepare_out(out, args.resume)
     state = load_trainer_state(checkpoint) if checkpoint else None
     if state is not None:
-        check_same_run(state["args"], args)
+        resume_flags(state["args"], args, given, dist)
+    args.dtype = args.dtype or ("bf16" if dist.device.type == "cuda" else "fp32")
+    check_flags(args)
+    return out, checkpoint, state
+
+
+def check_epochs(args, tokens: int, stream_size: int, dist: Dist) -> None:
+    """A budget of ``tokens`` over a stream of ``stream_size`` distinct tokens: more than one epoch needs
+    --epochs-ok, and a run too short to finish its warmup is worth a word."""
+    epochs = tokens / stream_size
+    check(epochs <= 1 or args.epochs_ok,
+          f"the budget of {tokens:,} tokens would read the training data ({stream_size:,} tokens) "
+          f"{epochs:.2f} times ({math.ceil(epochs)} epochs): pass --data with at least {tokens:,} tokens of "
+          f"text, lower --tokens, or pass --epochs-ok to repeat the data")
+    steps = tokens // (args.batch_tokens // args.len * args.len)
+    if steps <= args.warmup:
+        dist.say(f"warning: the run has {steps} steps, no more than --warmup {args.warmup}: its largest lr is "
+                 f"{args.lr * (steps - 1) / args.warmup:.3g}, never --lr {args.lr:g}")
+
+
+def prepare(args, given: set[str], dist: Dist) -> Run:
+    """Lock and check --out and the flags (a resumed run's from its checkpoint); choose the model and its RoPE
+    (RopeConfig checks the RoPE flags); size the budget; pack the training stream and the held-out set; put the
+    tokenizer in a new run's --out."""
+    out, checkpoint, state = open_run(args, given, dist)
     docs = load_documents(args.data, kind=args.builtin)
     base, source, tokenizer, eos = choose_model(args, docs)
     original = base.rope.original_max_position_embeddings
     factor = default_factor(args.rope or base.rope.type, args.len, original, args.factor)
+    if factor is not None and args.factor is None and checkpoint is None:
+        dist.say(f"rope: --factor not given, so s = max(1, len / L) = max(1, {args.len} / {original}) = {factor:g}; "
+                 f"a run at another --len trains another RoPE: give --factor to compare lengths")
     # --base goes to RopeConfig whatever --rope is, so that it, not train.py, refuses it on another variant
     overrides = {"rope": args.rope, "factor": factor, **({} if args.base is None else {"base": args.base})}
     config = read_config(checkpoint) if checkpoint else base.with_rope(**overrides)
@@ -376,9 +481,13 @@ def prepare(args, dist: Dist) -> Run:
              f"process(es); {args.dtype}, grad-ckpt {'on' if args.grad_ckpt else 'off'}")
     dist.say(f"data: {stream.size:,} tokens from {used} of {len(docs)} documents; the run reads it "
              f"{steps * step_tokens / stream.size:.2f} times")
+    check_epochs(args, steps * step_tokens, stream.size, dist)
     held_out = held_out_set(args, docs[used:], tokenizer, eos, config.vocab_size, step_tokens, dist)
-    if source is not None and tokenizer is not None and dist.main and not args.resume:
-        copy_tokenizer_files(source, out)
+    if dist.main and not args.resume:
+        if isinstance(tokenizer, ByteTokenizer):
+            write_json(out / "tokenizer_config.json", ByteTokenizer.config())
+        elif source is not None and tokenizer is not None:
+            copy_tokenizer_files(source, out)
     return Run(args, out, checkpoint, state, config, source, overrides, steps, per_step,
                PackedSequences(stream, args.len), held_out)
 
@@ -441,7 +550,7 @@ def save(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> None:
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     if dist.main:
         args = run.args
-        record = {**config_to_hf(run.config)["ropelite"],
+        record = {**config_to_hf(run.config)["ropelite"], "train_len": args.len,
                   "trained": {"len": args.len, "step": step, "steps": run.steps, "tokens": step * run.step_tokens,
                               "batch_tokens": run.step_tokens, "init": args.init,
                               "model": args.model if args.init == "pretrained" else None}}
@@ -453,8 +562,16 @@ def save(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> None:
 
 
 def evaluate(run: Run, model: Llama, step: int, dist: Dist) -> None:
-    """Mean next-token NLL of the held-out sequences with the current weights, appended to eval.jsonl."""
-    nll = evaluate_nll(model, run.held_out, run.dtype)
+    """Mean next-token NLL of the held-out sequences with the current weights, appended to eval.jsonl; a bar
+    counts the tokens scored (all ranks')."""
+    tokens = len(run.held_out) * dist.world * run.args.len
+    bar = token_bar(tokens, f"eval at step {step}") if dist.main and not run.args.quiet else None
+    try:
+        nll = evaluate_nll(model, run.held_out, run.dtype,
+                           progress=None if bar is None else lambda n: bar.update(n * dist.world))
+    finally:
+        if bar is not None:
+            bar.close()
     if dist.mesh is not None:
         torch.distributed.all_reduce(nll)
     sequences = len(run.held_out) * dist.world
@@ -469,10 +586,11 @@ def evaluate(run: Run, model: Llama, step: int, dist: Dist) -> None:
 # Training
 # --------------------------------------------------------------------------------------------------------------
 
-def optimizer_step(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> tuple[float, float, float]:
+def optimizer_step(run: Run, model: Llama, optimizer, step: int, dist: Dist,
+                   progress=None) -> tuple[float, float, float]:
     """Optimizer step ``step`` (0-based) on this rank's share of its sequences: (mean loss over all ranks in
-    nats/token, gradient norm before clipping, learning rate). A non-finite loss or norm stops the run here,
-    before the weights change."""
+    nats/token, gradient norm before clipping, learning rate); ``progress(tokens)`` after each micro-batch. A
+    non-finite loss or norm stops the run here, before the weights change."""
     args = run.args
     lr = learning_rate(step, args.lr, args.warmup, run.steps, args.schedule)
     for group in optimizer.param_groups:
@@ -482,7 +600,7 @@ def optimizer_step(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> 
     batches = [run.sequences.batch(first + i, args.micro_batch).to(dist.device)
                for i in range(0, per_rank, args.micro_batch)]
     n_predicted = run.per_step * (args.len - 1)  # next-token targets in one step (the last token predicts nothing)
-    nll = accumulate_gradients(model, batches, n_predicted, run.dtype, scale=dist.world)
+    nll = accumulate_gradients(model, batches, n_predicted, run.dtype, scale=dist.world, progress=progress)
     if dist.mesh is not None:
         torch.distributed.all_reduce(nll)
     loss = nll.item() / n_predicted
@@ -498,47 +616,125 @@ def optimizer_step(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> 
     return loss, norm, lr
 
 
+class Progress:
+    """The run's bar in tokens of all ranks, moved after every micro-batch so that its rate and ETA come with the
+    first one, and a notice then when the rest of the run would take more than a day on this device."""
+
+    def __init__(self, run: Run, start: int, dist: Dist):
+        self.total, self.done = run.steps * run.step_tokens, start * run.step_tokens
+        self.world, self.dist = dist.world, dist
+        self.bar = (token_bar(self.total, f"train {run.config.rope.describe()} @{run.args.len}")
+                    if dist.main and not run.args.quiet else None)
+        if self.bar is not None:
+            self.bar.initial = self.bar.n = self.done  # the rate counts this invocation's tokens only
+            self.bar.refresh()
+        self.began, self.estimated = time.perf_counter(), False
+
+    def micro_batch(self, tokens: int) -> None:
+        """``tokens`` = this rank's micro-batch; every rank runs one at the same time."""
+        tokens *= self.world
+        self.done += tokens
+        if self.bar is not None:
+            self.bar.update(tokens)
+        if not self.estimated:
+            self.estimated = True
+            rate = tokens / (time.perf_counter() - self.began)
+            left = (self.total - self.done) / rate
+            if left > DAY_S:
+                self.dist.say(f"notice: at the first micro-batch's {rate:,.0f} tokens/s this run needs about "
+                              f"{left / DAY_S:.1f} days more on {self.dist.device}: a GPU-scale run (see --tokens, "
+                              f"--len, --device)")
+
+    def step(self, loss: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StopSignal:
+    """Within ``with``: the first SIGINT/SIGTERM only records itself (``signum``), so the run can finish its step
+    and save; it also puts the previous handlers back, so a second signal acts as usual (Ctrl-C raises
+    KeyboardInterrupt, SIGTERM kills). Outside the main thread, where Python cannot catch signals, it does
+    nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread
+            self.previous = {s: signal.signal(s, self._caught) for s in self.SIGNALS}
+        return self
+
+    def _caught(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def agreed(self, dist: Dist) -> int:
+        """The signal any rank caught (0: none): every rank must stop at the same step, for the save's collectives."""
+        if dist.mesh is None:
+            return self.signum
+        caught = torch.tensor([self.signum], device=dist.device)
+        torch.distributed.all_reduce(caught, op=torch.distributed.ReduceOp.MAX)
+        return int(caught.item())
+
+
 def fit(run: Run, model: Llama, optimizer, start: int, dist: Dist) -> int:
-    """Steps ``start`` .. until the run ends or --stop-after: one metrics.jsonl row each, held-out evaluation
-    every --eval-every steps and checkpoints every --save-every, both at the end too. Returns the last step."""
+    """Steps ``start`` .. until the run ends, --stop-after or a first SIGINT/SIGTERM: one metrics.jsonl row
+    each, held-out evaluation every --eval-every steps and checkpoints every --save-every, both at the end too.
+    Returns the last step; a signal ends with a checkpoint and SystemExit(128 + signal) instead."""
     args, device = run.args, dist.device
-    bar = token_bar(run.steps * run.step_tokens, f"train {run.config.rope.describe()} @{args.len}") \
-        if dist.main and not args.quiet else None
-    if bar is not None:
-        bar.initial = bar.n = start * run.step_tokens  # the rate counts this invocation's tokens only
-        bar.refresh()
-    began, done = time.perf_counter(), start
-    for step in range(start, run.steps):
-        tick = time.perf_counter()
-        loss, norm, lr = optimizer_step(run, model, optimizer, step, dist)
-        done = step + 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - tick
-        if dist.main:
-            append_jsonl(run.out / METRICS, {
-                "step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": done * run.step_tokens,
-                "tokens_per_s": run.step_tokens / seconds, "peak_mem_mb": peak_memory_mb(device),
-                "mem": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
-                "elapsed_s": time.perf_counter() - began})
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(run.step_tokens)
-        stop = args.stop_after is not None and done - start >= args.stop_after
-        if run.held_out and (done == run.steps or (args.eval_every and done % args.eval_every == 0)):
-            evaluate(run, model, done, dist)
-        if done == run.steps or stop or (args.save_every and done % args.save_every == 0):
-            save(run, model, optimizer, done, dist)
-        if stop:
-            break
-    if bar is not None:
-        bar.close()
+    progress = Progress(run, start, dist)
+    began, done, signum = time.perf_counter(), start, 0
+    try:
+        with StopSignal() as stopper:
+            for step in range(start, run.steps):
+                tick = time.perf_counter()
+                loss, norm, lr = optimizer_step(run, model, optimizer, step, dist, progress.micro_batch)
+                done = step + 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - tick
+                if dist.main:
+                    append_jsonl(run.out / METRICS, {
+                        "step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": done * run.step_tokens,
+                        "tokens_per_s": run.step_tokens / seconds, "peak_mem_mb": peak_memory_mb(device),
+                        "mem": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
+                        "elapsed_s": time.perf_counter() - began})
+                progress.step(loss, lr)
+                signum = stopper.agreed(dist)
+                stop = signum or (args.stop_after is not None and done - start >= args.stop_after)
+                if run.held_out and (done == run.steps or (args.eval_every and done % args.eval_every == 0)):
+                    evaluate(run, model, done, dist)
+                if done == run.steps or stop or (args.save_every and done % args.save_every == 0):
+                    save(run, model, optimizer, done, dist)
+                if stop:
+                    break
+    finally:
+        progress.close()
+    if signum and done < run.steps:  # a signal during the last step changes nothing: the run is complete
+        dist.say(f"train: stopped by {signal.Signals(signum).name} after step {done} of {run.steps}, saved in "
+                 f"{run.out / 'checkpoint'}; continue with: train.py --resume --out {run.out}")
+        raise SystemExit(128 + signum)
     return done
 
 
-def train(args, dist: Dist) -> Path:
-    """Prepare, build (or restore) the model, then fit; returns --out."""
-    run = prepare(args, dist)
+def train(args, dist: Dist, given: set[str] = frozenset()) -> Path:
+    """Prepare, build (or restore) the model, then fit; returns --out. ``given``: the flags on the command line,
+    the others a resumed run takes from its checkpoint."""
+    run = prepare(args, given, dist)
     model = build_model(run, dist)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.wd)
     start = restore(run, model, optimizer, dist)
@@ -559,7 +755,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     dist = setup_distributed(args.device)
     try:
-        return train(args, dist)
+        return train(args, dist, flags_given(argv))
     finally:
         if dist.mesh is not None:
             torch.distributed.destroy_process_group()

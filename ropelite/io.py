@@ -2,12 +2,15 @@
 
 The one exception is a JSON-lines log (train.py's metrics.jsonl, eval.jsonl), appended to one row at a time: a
 kill mid-write leaves a cut last line, which `read_jsonl` skips.
+
+`lock_out` keeps two runs out of one output folder (an OS lock, so it dies with its process).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import math
@@ -30,13 +33,49 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
     try:
         yield Path(tmp)
+        # mkstemp makes 0600, and a writer may have put its own file there (safetensors does): give the result
+        # the mode a plain open() would
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_LOCKS: dict[Path, object] = {}  # folder -> its open .lock file: the lock lives as long as this process
+
+
+def lock_out(folder, flag: str = "--out") -> Path:
+    """Make the output ``folder`` and hold an exclusive lock on ``folder/.lock`` until this process ends, so a
+    second run on the same folder stops in one line instead of mixing its results in. The lock is the kernel's
+    (flock), released whatever way the process dies, so a killed run never leaves a stale one; the file holds
+    the holder's pid, for the message. Locking a folder this process already holds is a no-op."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RopeliteError(f"{flag} {folder} is a file, not a folder; choose another {flag}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = folder.resolve()
+        if key in _LOCKS:
+            return folder
+        handle = open(folder / ".lock", "a+")
+    except OSError as e:
+        raise RopeliteError(f"cannot write to {flag} {folder}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RopeliteError(f"{flag} {folder} is in use by another run (pid {holder}); wait for it to end or "
+                            f"choose another {flag}") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _LOCKS[key] = handle
+    return folder
 
 
 def _clean(value):

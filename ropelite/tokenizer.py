@@ -7,7 +7,9 @@
 `tokenizer_config.json`, when present, says whether a BOS token is prepended, names BOS/EOS and holds the chat
 template. BOS is always added by this class (never by a backend), so `encode(text, add_bos=...)` is exact.
 
-`ByteTokenizer` needs no files: ids 0..255 are the UTF-8 bytes, 256 is EOS (`train.py --init random`).
+`ByteTokenizer` needs no vocabulary: ids 0..255 are the UTF-8 bytes, 256 is EOS (`train.py --init random`). Its
+models carry only a `tokenizer_config.json` naming it ({"tokenizer_class": "ByteTokenizer", ...}), which
+`load_tokenizer` reads back (transformers has no such class: ByT5's bytes are offset by 3 special ids).
 """
 
 import json
@@ -92,6 +94,15 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
+    chat_template = None
+    chat = Tokenizer.chat  # without a template: the user text, a newline and the prefix
+
+    @classmethod
+    def config(cls) -> dict:
+        """The tokenizer_config.json that names this tokenizer in a model folder."""
+        return {"tokenizer_class": cls.__name__, "vocab_size": cls.vocab_size, "eos_token_id": cls.eos_id,
+                "add_bos_token": False, "ropelite": "ids 0..255 are the UTF-8 bytes of the text, 256 is EOS"}
+
 
 def _raise_template_error(message):
     raise RopeliteError(f"chat template: {message}")
@@ -102,11 +113,14 @@ def _token_text(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def load_tokenizer(model_dir) -> Tokenizer | None:
-    """The tokenizer of a model directory, or None when it has neither tokenizer.json nor tokenizer.model."""
+def load_tokenizer(model_dir) -> Tokenizer | ByteTokenizer | None:
+    """The tokenizer of a model directory, or None when it has neither tokenizer.json nor tokenizer.model nor a
+    tokenizer_config.json naming ByteTokenizer."""
     model_dir = Path(model_dir)
     cfg = _read_json(model_dir / "tokenizer_config.json")
     model_cfg = _read_json(model_dir / "config.json")
+    if cfg.get("tokenizer_class") == ByteTokenizer.__name__:
+        return _byte_tokenizer(model_dir, cfg)
     bos_token, eos_token = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
 
     if (model_dir / "tokenizer.json").is_file():
@@ -146,6 +160,15 @@ def load_tokenizer(model_dir) -> Tokenizer | None:
         chat_template = (model_dir / "chat_template.jinja").read_text()
     return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, chat_template=chat_template,
                      bos_token=bos_token, eos_token=eos_token)
+
+
+def _byte_tokenizer(model_dir: Path, cfg: dict) -> ByteTokenizer:
+    """A folder's ByteTokenizer, its config checked key by key against the class's (ids cannot be remapped)."""
+    for key, value in ByteTokenizer.config().items():
+        if key != "ropelite" and cfg.get(key) != value:
+            raise RopeliteError(f"{model_dir / 'tokenizer_config.json'}: ByteTokenizer with {key} = "
+                                f"{cfg.get(key)!r}, but ropelite's has {value!r}")
+    return ByteTokenizer()
 
 
 def first_id(value):

@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -40,11 +41,13 @@ SCHEDULES = ("linear", "cosine", "constant")
 
 
 def learning_rate(step: int, peak: float, warmup: int, total: int, schedule: str = "linear") -> float:
-    """The learning rate of optimizer step ``step`` (0-based) of ``total``: linear warmup over the first ``warmup``
-    steps (step 0 already moves, at peak/warmup), then constant, linear to 0 or cosine to 0 at step ``total``.
-    YaRN's finetune.py: warmup 20, then linear (transformers' get_linear_schedule_with_warmup)."""
+    """The learning rate of optimizer step ``step`` (0-based) of ``total``: the linear warmup from 0, peak * step /
+    warmup over the first ``warmup`` steps (so step 0 updates with lr 0, step ``warmup`` is the first at the peak),
+    then constant, linear to 0 or cosine to 0 at step ``total``. This is transformers'
+    get_linear_schedule_with_warmup / get_cosine_schedule_with_warmup, which YaRN's finetune.py uses (warmup 20,
+    then linear)."""
     if step < warmup:
-        return peak * (step + 1) / warmup
+        return peak * step / warmup
     if schedule == "constant":
         return peak
     progress = (step - warmup) / max(1, total - warmup)  # 0 at the end of warmup, 1 at step `total`
@@ -72,29 +75,37 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def accumulate_gradients(model: Llama, micro_batches: list[torch.Tensor], n_predicted: int,
-                         dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+                         dtype: torch.dtype = torch.float32, scale: float = 1.0,
+                         progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Forward and backward of each (m, len) micro-batch with the loss NLL_sum / n_predicted * scale, so the
     accumulated gradients are those of the mean NLL over all ``n_predicted`` tokens of the optimizer step
     (``scale`` = the number of FSDP ranks, whose gradient average divides by it). Returns this process's NLL
-    sum (float64, detached). The loss is chunked (``model.nll``): no (len, vocab) logits tensor exists."""
+    sum (float64, detached). The loss is chunked (``model.nll``): no (len, vocab) logits tensor exists.
+    ``progress(tokens)`` is called after each micro-batch's backward, for a bar."""
     total = torch.zeros((), dtype=torch.float64, device=micro_batches[0].device)
     for ids in micro_batches:
         with autocast(ids.device, dtype):
             nll, _ = model.nll(ids)
         (nll * (scale / n_predicted)).backward()
         total += nll.detach().double()
+        if progress is not None:
+            progress(ids.numel())
     return total
 
 
 @torch.no_grad()
-def evaluate_nll(model: Llama, batches: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Summed next-token NLL (float64) of (m, len) batches in eval mode, the training mode restored after."""
+def evaluate_nll(model: Llama, batches: list[torch.Tensor], dtype: torch.dtype = torch.float32,
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Summed next-token NLL (float64) of (m, len) batches in eval mode, the training mode restored after;
+    ``progress(tokens)`` after each batch."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=batches[0].device)
     for ids in batches:
         with autocast(ids.device, dtype):
             total += model.nll(ids)[0].double()
+        if progress is not None:
+            progress(ids.numel())
     model.train(was_training)
     return total
 

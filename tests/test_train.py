@@ -5,6 +5,7 @@ Every run is a tiny random model (2 blocks, hidden 32) on 32-token sequences, a 
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,11 +64,29 @@ def test_packing_joins_documents_with_eos_and_wraps_around():
 
 
 def test_learning_rate_schedule():
-    assert [learning_rate(s, 1.0, 4, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    """The linear warmup from 0 (issue 16.5): step s < warmup updates with peak * s / warmup."""
+    assert [learning_rate(s, 1.0, 4, 10) for s in range(4)] == [0.0, 0.25, 0.5, 0.75]
     assert learning_rate(4, 1.0, 4, 10) == 1.0
     assert learning_rate(7, 1.0, 4, 10, "linear") == pytest.approx(0.5)      # half way from step 4 to step 10
     assert learning_rate(7, 1.0, 4, 10, "cosine") == pytest.approx(0.5)
     assert learning_rate(9, 1.0, 4, 10, "constant") == 1.0
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_learning_rate_is_transformers_warmup_schedule(schedule):
+    """The lr each optimizer step uses, against transformers' schedulers (YaRN's finetune.py uses the linear
+    one): LambdaLR gives step s the lr of lambda(s), step 0 included."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    make = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}[schedule]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+    scheduler, used = make(optimizer, num_warmup_steps=5, num_training_steps=23), []
+    for _ in range(23):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used[0] == 0.0
+    np.testing.assert_allclose([learning_rate(s, 2e-5, 5, 23, schedule) for s in range(23)], used,
+                               rtol=1e-12, atol=1e-20)
 
 
 def test_default_factor_is_len_over_original():
@@ -108,7 +127,7 @@ def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
     (cut / ".checkpoint.tmp").mkdir()
     (cut / ".checkpoint.tmp" / "model.safetensors").write_bytes(b"half a file")
     train.main(args + ["--out", str(cut), "--resume", "--stop-after", "1"])
-    train.main(args + ["--out", str(cut), "--resume"])
+    train.main(["--resume", "--out", str(cut), "--quiet"])   # every other flag from the checkpoint (issue 17.2)
 
     a, b = weights(straight), weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -125,7 +144,7 @@ def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
     own = config["ropelite"]
     assert (own["rope"], own["factor"], own["theta"], own["original_max_position_embeddings"],
             own["max_position_embeddings"]) == ("yarn", 2.0, 10000.0, 16, 32)
-    assert own["trained"]["len"] == 32 and own["trained"]["tokens"] == 768
+    assert own["trained"]["len"] == own["train_len"] == 32 and own["trained"]["tokens"] == 768
     assert config["rope_scaling"]["rope_type"] == "yarn" and config["rope_scaling"]["factor"] == 2.0
     assert config["max_position_embeddings"] == 32
     model = load_model(cut)   # the out folder itself is the model
@@ -255,3 +274,129 @@ def test_command_line_error_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: rope factor must be >= 1 (extension, not compression), "
                                                 "got 0.5"]   # RopeConfig's rule and message
+
+
+def test_resume_takes_the_checkpoint_flags_and_refuses_other_ones(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--tokens", "512", "--wd", "0.1", "--no-grad-ckpt", "--out", out, "--stop-after", "1"])
+    capsys.readouterr()
+    with pytest.raises(RopeliteError, match=r"^--tokens is 1024 but the run in --out was started with 512; "
+                                            r"--resume takes the run's flags itself: leave it out$"):
+        train.main(["--resume", "--out", out, "--tokens", "1024"])
+    train.main(["--resume", "--out", out, "--stop-after", "1", "--save-every", "1", "--len", "32"])  # equal: fine
+    taken = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resume: from the checkp")]
+    # the flags of TINY and the first run that differ from the defaults, but --len (given), --device and --quiet
+    # (this invocation's own)
+    assert taken == ["resume: from the checkpoint: --dtype fp32 --tokens 512 --batch-tokens 128 --micro-batch 2 "
+                     "--lr 0.003 --warmup 2 --wd 0.1 --no-grad-ckpt --builtin prose --init random --layers 2 "
+                     "--hidden 32"]
+    assert load_trainer_state(latest_checkpoint(tmp_path / "run"))["args"]["save_every"] == 1
+
+
+def test_first_sigterm_saves_and_resume_is_bit_identical(tmp_path):
+    """SIGTERM in the middle of step 3 (a subprocess signals itself from inside the step's first micro-batch): the
+    step finishes, the checkpoint is written, exit 143 with the resume command; --resume alone then ends with the
+    same bytes as a run never interrupted. A second signal in the same step kills at once, without a save."""
+    args = TINY + ["--tokens", "640", "--save-every", "0", "--eval-tokens", "0"]                 # 5 steps
+    straight = train.main(args + ["--out", str(tmp_path / "straight")])
+
+    def run_signalled(out, kills):
+        script = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); import train; "
+                  "from ropelite.cli import run; calls = []; real = train.accumulate_gradients\n"
+                  "def signalled(*a, **k):\n    calls.append(1)\n    if len(calls) == 3:\n"
+                  f"        for _ in range({kills}): os.kill(os.getpid(), signal.SIGTERM)\n"
+                  "    return real(*a, **k)\n"
+                  f"train.accumulate_gradients = signalled; run(lambda: train.main({args + ['--out', str(out)]!r}))")
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    done = run_signalled(tmp_path / "cut", kills=1)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"train: stopped by SIGTERM after step 3 of 5, saved in {tmp_path / 'cut' / 'checkpoint'}; "
+        f"continue with: train.py --resume --out {tmp_path / 'cut'}")
+    assert load_trainer_state(latest_checkpoint(tmp_path / "cut"))["step"] == 3
+    train.main(["--resume", "--out", str(tmp_path / "cut")])
+    assert (straight / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
+    assert [r["loss"] for r in metrics(tmp_path / "cut")] == [r["loss"] for r in metrics(straight)]
+
+    killed = run_signalled(tmp_path / "killed", kills=2)
+    assert killed.returncode == -15 and latest_checkpoint(tmp_path / "killed") is None
+
+
+def test_a_second_run_on_a_locked_out_fails_in_one_line_and_the_first_finishes(tmp_path, monkeypatch):
+    """While this process trains into --out (its step 2), a second train.py on the same --out is started: it stops
+    in one line naming this process, and the first run's logs and model come out whole."""
+    out, calls, second = tmp_path / "run", [], []
+
+    def with_a_second_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            second.append(subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--tokens", "512",
+                                          "--out", str(out)], capture_output=True, text=True, timeout=120))
+        return accumulate_gradients(*args, **kwargs)
+
+    monkeypatch.setattr(train, "accumulate_gradients", with_a_second_run)
+    train.main(TINY + ["--tokens", "512", "--out", str(out)])
+    assert second[0].returncode == 2
+    assert second[0].stderr.strip().splitlines() == [
+        f"error: --out {out} is in use by another run (pid {os.getpid()}); wait for it to end or choose another --out"]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert load_trainer_state(latest_checkpoint(out))["step"] == 4 and (out / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_saved_files_have_plain_write_permissions_and_the_byte_tokenizer(tmp_path):
+    """Every file of a run has the mode a plain open() gives under this umask (0644 under 022, not mkstemp's
+    0600); a random-init text model carries its tokenizer, so ropelite.load gives one that round-trips text."""
+    import ropelite
+    out = train.main(TINY + ["--tokens", "256", "--save-every", "1", "--out", str(tmp_path / "run")])
+    (tmp_path / "plain").write_text("x")
+    plain = (tmp_path / "plain").stat().st_mode & 0o777
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.relative_to(out).as_posix() for p in files}
+    assert {"model.safetensors", "config.json", "tokenizer_config.json", "metrics.jsonl", "eval.jsonl",
+            "checkpoint/model.safetensors", "checkpoint/optimizer.pt", "checkpoint/trainer_state.pt"} <= names
+    assert {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in files} == dict.fromkeys(names, plain)
+    mask = os.umask(0o022)
+    os.umask(mask)   # reading the umask means setting it
+    assert mask != 0o022 or plain == 0o644
+    model, tokenizer = ropelite.load(str(out))
+    text = "héllo, wörld 世界 🎉\n\ttabs and <|endoftext|> stay bytes"
+    assert tokenizer.encode(text) == ByteTokenizer().encode(text) == list(text.encode())
+    assert tokenizer.decode(tokenizer.encode(text) + [256]) == text and tokenizer.eos_id == 256
+    assert model.config.vocab_size == 257
+
+
+def test_byte_tokenizer_config_is_checked(tmp_path):
+    from ropelite.tokenizer import load_tokenizer
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**ByteTokenizer.config(), "eos_token_id": 0}))
+    with pytest.raises(RopeliteError, match="ByteTokenizer with eos_token_id = 0, but ropelite's has 256"):
+        load_tokenizer(tmp_path)
+
+
+def test_notices_derived_factor_short_warmup_long_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "DAY_S", 1e-9)   # any run is "long": the notice of the first micro-batch shows
+    train.main(TINY + ["--rope", "yarn", "--orig-len", "16", "--tokens", "256", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert ("rope: --factor not given, so s = max(1, len / L) = max(1, 32 / 16) = 2; a run at another --len "
+            "trains another RoPE: give --factor to compare lengths") in err.splitlines()
+    assert "warning: the run has 2 steps, no more than --warmup 2: its largest lr is 0.0015, never --lr 0.003" in err
+    assert "notice: at the first micro-batch's" in err and "days more on cpu" in err
+    train.main(TINY + ["--rope", "yarn", "--orig-len", "16", "--factor", "2", "--tokens", "256",
+                       "--out", str(tmp_path / "given")])
+    assert "--factor not given" not in capsys.readouterr().err
+
+
+def test_more_than_one_epoch_needs_the_flag(tmp_path):
+    (tmp_path / "small.txt").write_text("a small corpus. " * 40)            # 640 bytes + EOS = 641 tokens
+    args = TINY + ["--data", str(tmp_path / "small.txt"), "--tokens", "1280", "--eval-tokens", "0"]
+    with pytest.raises(RopeliteError, match=r"^the budget of 1,280 tokens would read the training data \(641 "
+                                            r"tokens\) 2.00 times \(2 epochs\): pass --data with at least 1,280 "
+                                            r"tokens of text, lower --tokens, or pass --epochs-ok"):
+        train.main(args + ["--out", str(tmp_path / "run")])
+    train.main(args + ["--epochs-ok", "--out", str(tmp_path / "run")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a GPU")
+def test_device_cuda_without_cuda_is_one_line(tmp_path):
+    with pytest.raises(RopeliteError, match=r"^--device cuda: .*; use --device cpu$"):
+        train.main(TINY + ["--tokens", "256", "--device", "cuda", "--out", str(tmp_path / "run")])
