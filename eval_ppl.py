@@ -43,7 +43,7 @@ from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_data_args, add_
 from ropelite.data import corpus_name, document_names, load_documents, tokenize_checked
 from ropelite.hf import trained_length
 from ropelite.hub import resolve_model
-from ropelite.io import pyplot, read_rows, record_settings, save_figure, settings_id, write_results
+from ropelite.io import lock_out, pyplot, read_rows, record_settings, save_figure, settings_id, write_results
 from ropelite.ppl import PROTOCOLS, check_window, choose_documents, effective_base, perplexity, sliding_windows
 
 RESULTS = "ppl"
@@ -240,6 +240,7 @@ def main(argv=None) -> None:
     args.lengths = parse_grid(args.lengths, "--lengths")
     args.rope = list(dict.fromkeys(args.rope))
     validate(args)
+    out = lock_out(args.out)  # a second run on this --out stops here, in one line
     docs = load_documents(args.data, args.builtin, min_chars=CHARS_PER_TOKEN * max(args.lengths))
     model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     pretrained = model.config
@@ -257,7 +258,6 @@ def main(argv=None) -> None:
     ids, names = [d for d, _ in named], [name for _, name in named]
     chosen = select([len(d) for d in ids], args.lengths, args.docs)
 
-    out = Path(args.out)
     rows = read_rows(out, RESULTS, ("settings", "length"))
     data = corpus_name(args.data, args.builtin)
     plan = Plan(args, variants, rows, data, window, stride)

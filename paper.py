@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ropelite.cli import ArgumentParser, run
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, read_jsonl, write_json
+from ropelite.io import atomic_path, lock_out, read_jsonl, write_json
 from ropelite.training import latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -70,7 +70,8 @@ def plan(args) -> list[dict]:
                                       ("YaRN x4", "yarn", ["--rope", "yarn", "--factor", "4"]))],
         dict(name="train", title="A short YaRN finetune: training loss and held-out loss",
              argv=["train.py", *m, "--rope", "yarn", "--factor", "4", "--len", "32768" if paper else "512",
-                   *([] if paper else ["--tokens", "8192", "--batch-tokens", "1024", "--lr", "5e-5", "--warmup", "2",
+                   # paper scale on the built-in books reads them many times over: bring --data for a real run
+                   *(["--epochs-ok"] if paper else ["--tokens", "8192", "--batch-tokens", "1024", "--lr", "5e-5", "--warmup", "2",
                                        "--eval-tokens", "4096", "--eval-every", "4"]),
                    "--out", str(out / "train"),
                    *(["--resume"] if latest_checkpoint(out / "train") else [])]),  # train.py resumes on request only
@@ -228,8 +229,7 @@ def main(argv=None) -> None:
                    help=f"run only these pieces: {', '.join(PIECES)} (default: all)")
     p.add_argument("--out", default="runs/paper", help="run folder: one sub-folder per piece and report.md")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = lock_out(args.out)
     steps = plan(args)
     pieces = json.loads((out / PIECES_FILE).read_text()) if (out / PIECES_FILE).is_file() else {}
     report = write_report(out, steps, pieces)

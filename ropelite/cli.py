@@ -131,10 +131,10 @@ def run(main: Callable[[], object]) -> None:
     try:
         main()
     except RopeliteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        tqdm.write(f"error: {e}", file=sys.stderr)  # on its own line, even below a progress bar
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        tqdm.write("interrupted", file=sys.stderr)
         sys.exit(130)
 
 

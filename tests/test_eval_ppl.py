@@ -342,6 +342,24 @@ def test_trained_length_is_a_finetunes_own_len(tiny_llama, tmp_path):
     model = tiny_llama()
     save_model(model, tmp_path / "pre")
     assert trained_length(tmp_path / "pre") == 64
-    record = {**config_to_hf(model.config)["ropelite"], "trained": {"len": 256}}
+    record = {**config_to_hf(model.config)["ropelite"], "train_len": 256}  # what train.py records
     save_model(model, tmp_path / "ft", extra_config={"ropelite": record})
     assert trained_length(tmp_path / "ft") == 256
+
+
+def test_a_second_run_on_a_locked_out_fails_in_one_line(setup):
+    out = setup[2]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ropelite.io import lock_out; "
+                               f"lock_out({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run([sys.executable, str(REPO / "eval_ppl.py"), *argv(setup, "--lengths", "16")],
+                              capture_output=True, text=True, cwd=REPO)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: --out {out} is in use by another run (pid {holder.pid}); wait for it "
+                                   "to end or choose another --out")
+    assert not (out / "ppl.json").exists()
