@@ -1,8 +1,11 @@
-"""CPU training speed and peak memory, with and without gradient checkpointing, and memory_estimate.py checked
-against the measured memory.
+"""CPU training speed and peak memory: with and without gradient checkpointing, memory_estimate.py checked against
+the measured memory; and (--vs-transformers) one training step side by side with transformers' LlamaForCausalLM.
 
     python benchmarks/bench_train.py                              # hidden 256, 4 blocks, vocab 8192, len 1024 and 4096
     python benchmarks/bench_train.py --len 512 2048 --steps 3 --out runs/bench_train
+    python benchmarks/bench_train.py --vs-transformers --len 2048 8192 --repeats 3
+    git archive HEAD~1 ropelite | tar -x -C /tmp/old && \
+        python benchmarks/bench_train.py --vs-transformers --len 2048 --baseline /tmp/old   # + another commit's
 
 Each (len, checkpointing) configuration runs in a fresh Python subprocess, so that its peak resident memory
 (VmHWM, see measure.py) is its own. The subprocess builds a random model and AdamW exactly as train.py does
@@ -17,6 +20,17 @@ tokens (fp32, the CPU recipe), then one more step under torch's MemTracker. Repo
   max_memory_allocated, which is what memory_estimate.py predicts (estimate_total, same config, fp32);
   the ratios estimate_total / tensor_peak and (estimate_total - weights) / rss_added say how the estimate sits.
 Results: bench_train.json and .csv in --out.
+
+--vs-transformers: a SmolLM2-135M-shaped model (random N(0, 0.02) weights, the same in both: transformers gets
+ropelite's state dict), the same --len random tokens, gradient checkpointing on both, fp32, one forward + backward
+of the mean next-token loss (ropelite: Llama.nll, the chunked loss; transformers: forward with labels). Each
+measurement is a fresh process (after a 128-token warm-up step whose gradients are freed, the VmHWM peak is
+restarted): step_s, peak_rss_mb (weights included) and step_added_mb (peak minus the RSS before the step:
+gradients, activations, logits). --repeats rounds alternate the order of the implementations; the summary gives
+medians over rounds, the spread, and ratios ropelite / transformers taken within each round, then their median.
+--baseline DIR adds a third implementation, the ropelite in DIR (a checkout of another commit: its workers import
+ropelite from there). Results: bench_train_vs_transformers.json/.csv (every measurement) and
+bench_train_vs_transformers_summary.json/.csv in --out.
 """
 
 from __future__ import annotations
@@ -24,21 +38,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The ropelite measured: this checkout's, or for --baseline's workers the one in ROPELITE_SRC (set by the driver).
+sys.path.insert(0, os.environ.get("ROPELITE_SRC") or str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import peak_rss_mb, rss_mb, run_worker  # noqa: E402
+from measure import has_transformers, peak_rss_mb, reset_peak_rss, rss_mb, run_worker  # noqa: E402
 from memory_estimate import estimate, param_count  # noqa: E402
-from ropelite.cli import run  # noqa: E402
+from ropelite.cli import ArgumentParser, check, run  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.io import write_results  # noqa: E402
 from ropelite.model import LlamaConfig  # noqa: E402
 from ropelite.rope import RopeConfig  # noqa: E402
 
 MIB = 2**20
+SIDE_BY_SIDE = "bench_train_vs_transformers"
 
 
 def small_config(args) -> LlamaConfig:
@@ -87,8 +104,102 @@ def child(spec: dict) -> dict:
             "tokens_per_s": spec["len"] / fastest, "step_s": fastest, "step_cpu_s": least_cpu}
 
 
+# --------------------------------------------------------------------------------------------------------------
+# --vs-transformers: one training step of ropelite and of transformers, same model and tokens
+# --------------------------------------------------------------------------------------------------------------
+
+def side_by_side_child(spec: dict) -> dict:
+    """One step of one implementation ("ropelite", "baseline" = ropelite from ROPELITE_SRC, "transformers")."""
+    import torch
+
+    from bench_forward import smollm2_config, transformers_model
+    from ropelite.train_utils import random_model
+    config = smollm2_config()
+    model = random_model(config, seed=0).train()
+    if spec["impl"] == "transformers":
+        model = transformers_model(config, weights_from=model).train()  # ropelite's copy is dropped here
+        model.gradient_checkpointing_enable()
+        def loss(ids):
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+    else:
+        model.gradient_checkpointing = True
+        def loss(ids):
+            return model.nll(ids)[0] / (ids.shape[1] - 1)
+    ids = torch.randint(0, config.vocab_size, (1, spec["len"]), generator=torch.Generator().manual_seed(1))
+    loss(ids[:, :128]).backward()                # warm-up: one-time allocations and kernel choices
+    model.zero_grad(set_to_none=True)
+    reset = reset_peak_rss()
+    before = rss_mb() if reset else peak_rss_mb()
+    start = time.perf_counter()
+    value = loss(ids)
+    value.backward()
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mb()
+    return {"impl": spec["impl"], "len": spec["len"], "loss": value.item(), "step_s": round(seconds, 2),
+            "tokens_per_s": round(spec["len"] / seconds, 1), "rss_before_mb": round(before),
+            "peak_rss_mb": round(peak), "step_added_mb": round(peak - before), "peak_reset": reset,
+            "threads": torch.get_num_threads()}
+
+
+def side_by_side_summary(rows: list[dict], length: int, impls: list[str]) -> list[dict]:
+    """Medians over rounds per implementation, and each one's ratios to transformers within the same round."""
+    rounds = {}
+    for r in rows:
+        if r["len"] == length:
+            rounds.setdefault(r["round"], {})[r["impl"]] = r
+    complete = [by_impl for by_impl in rounds.values() if len(by_impl) == len(impls)]
+    out = []
+    for impl in impls:
+        mine = [by_impl[impl] for by_impl in complete]
+        if not mine:
+            continue
+        steps = [m["step_s"] for m in mine]
+        row = {"len": length, "impl": impl, "rounds": len(mine), "step_s_median": statistics.median(steps),
+               "step_s_min": min(steps), "step_s_max": max(steps),
+               "peak_rss_mb_median": statistics.median(m["peak_rss_mb"] for m in mine),
+               "step_added_mb_median": statistics.median(m["step_added_mb"] for m in mine),
+               "loss": mine[0]["loss"]}
+        for key, name in (("step_s", "speed"), ("peak_rss_mb", "peak"), ("step_added_mb", "added")):
+            ratios = [by_impl["transformers"][key] / by_impl[impl][key] if name == "speed" else
+                      by_impl[impl][key] / by_impl["transformers"][key] for by_impl in complete]
+            row[f"{name}_vs_transformers_median"] = round(statistics.median(ratios), 3)
+            row[f"{name}_vs_transformers_all"] = [round(x, 3) for x in ratios]
+        out.append(row)
+    return out
+
+
+def side_by_side(args) -> None:
+    check(has_transformers(), "--vs-transformers: transformers is not installed")
+    impls = ["ropelite", "transformers"] + (["baseline"] if args.baseline else [])
+    if args.baseline:
+        check((Path(args.baseline) / "ropelite" / "model.py").is_file(),
+              f"--baseline {args.baseline}: no ropelite/model.py there")
+    rows, summary = [], []
+    for length in args.len:
+        for r in range(args.repeats):
+            for impl in impls[r % len(impls):] + impls[:r % len(impls)]:  # the order rotates round by round
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                if impl == "baseline":
+                    env["ROPELITE_SRC"] = str(Path(args.baseline).resolve())
+                spec = {"side_by_side": True, "impl": impl, "len": length}
+                row = {"round": r + 1, **run_worker([__file__, "--child", json.dumps(spec)],
+                                                    f"{impl} at len {length}", env=env)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                write_results(args.out, SIDE_BY_SIDE, rows)
+        summary += side_by_side_summary(rows, length, impls)
+        write_results(args.out, f"{SIDE_BY_SIDE}_summary", summary)
+    for row in summary:
+        print(f"len {row['len']} {row['impl']:>12}: step {row['step_s_median']:.1f} s (median of {row['rounds']}, "
+              f"{row['step_s_min']:.1f}-{row['step_s_max']:.1f}), peak {row['peak_rss_mb_median']:.0f} MB "
+              f"(step added {row['step_added_mb_median']:.0f}); vs transformers: speed "
+              f"{row['speed_vs_transformers_median']:.2f}x, peak {row['peak_vs_transformers_median']:.2f}x, "
+              f"added {row['added_vs_transformers_median']:.2f}x; loss {row['loss']:.6f}")
+    print(f"written: {args.out}/{SIDE_BY_SIDE}.json, _summary.json, .csv")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--len", type=int, nargs="+", default=[1024, 4096], help="sequence lengths (default 1024 4096)")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per configuration, the first is "
                                                        "warm-up (default 4)")
@@ -97,12 +208,26 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4, help="attention heads, half as many KV heads (default 4)")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary (default 8192)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in each subprocess (default 2)")
-    p.add_argument("--out", default="runs/bench_train", help="folder for bench_train.json/.csv")
+    p.add_argument("--out", default="runs/bench_train", help="folder for the results (default runs/bench_train)")
+    g = p.add_argument_group("side by side with transformers")
+    g.add_argument("--vs-transformers", action="store_true",
+                   help="instead of the table above: one training step of a SmolLM2-135M-shaped model in ropelite "
+                        "and in transformers' LlamaForCausalLM at each --len (use e.g. --len 2048 8192)")
+    g.add_argument("--repeats", type=int, default=3, help="--vs-transformers rounds, the order of the "
+                                                          "implementations rotated each round (default 3)")
+    g.add_argument("--baseline", metavar="DIR", help="--vs-transformers: also measure the ropelite package in DIR "
+                                                     "(e.g. the parent commit, `git archive HEAD~1 ropelite`)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.len = list(dict.fromkeys(args.len))  # each length once: the summary pairs its two rows
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(side_by_side_child(spec) if spec.get("side_by_side") else child(spec)))
+        return
+    if args.vs_transformers:
+        check(args.repeats >= 1 and min(args.len) > 128, "--vs-transformers: --repeats must be >= 1, --len > 128 "
+                                                         "(a 128-token warm-up step comes first)")
+        side_by_side(args)
         return
     if args.steps < 1 or args.hidden % args.heads or args.heads % 2:
         raise RopeliteError("--steps must be >= 1, --heads even and dividing --hidden")
