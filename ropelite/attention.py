@@ -1,8 +1,9 @@
 """Attention as a distribution: the reductions behind the seed paper's Figure 2 / Table 1 and its Algorithm 1.
 
-- Figure 2 / Table 1 (``analyze.py attention``): for each sample, ``last_rows`` takes the last query's attention
-  over every key in every layer and head; a ``Reduction`` keeps only running sums over samples (O(L * heads *
-  layers) memory, never O(L^2)); ``summarize`` turns them into the numbers of ``DEFINITIONS``; ``measure`` runs
+- Figure 2 / Table 1 (``analyze.py attention``): ``pick_samples`` cuts the samples by the one sample rule
+  (``ropelite.data.sample_windows``), each a ``Sample`` that says where it comes from; for each sample,
+  ``last_rows`` takes the last query's attention over every key in every layer and head; a ``Reduction`` keeps
+  only running sums over samples (O(L * heads * layers) memory, never O(L^2)); ``summarize`` turns them into the numbers of ``DEFINITIONS``; ``measure`` runs
   the samples of one length for every variant, saving the sums after each sample so that a killed run resumes.
 - Algorithm 1 (``needle.py``): ``EntropyMeter`` averages the entropy of the attention rows that produce each
   generated token; ``answer_with_entropy`` decodes greedily with it.
