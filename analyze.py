@@ -243,7 +243,7 @@ def attention_main(args) -> None:
             per_length = {k: v for k, v in settings.items() if k not in ("samples", "lengths")} | {"length": L}
             meta = state_meta(per_length, [v.label for v in entries], [s.ids for s in picks[L]])
             red = measure(entries, reference, picks[L], out / f"attention_L{L}.npz", meta, bar)
-            used = sorted({names[s.document] or s.document for s in picks[L]}, key=str)
+            used = list(dict.fromkeys(names[s.document] or s.document for s in picks[L]))  # in sample order
             named = ", ".join(map(str, used)) if len(used) <= 6 else f"{len(used)} documents"
             for v in entries:
                 n = red[v.label].samples

@@ -174,7 +174,8 @@ def pick_samples(docs: list, tokenizers: list, vocab_sizes: list[int], lengths: 
         if len(chosen) < count:
             under = " under every tokenizer" if len(tokenizers) > 1 else ""
             raise RopeliteError(
-                f"only {len(chosen)} non-overlapping windows of {L} tokens{under} in {len(first)} documents, "
+                f"only {len(chosen)} non-overlapping windows of {L} tokens{under} in {len(first)} "
+                f"document{'s' * (len(first) != 1)}, "
                 f"--samples asks for {count}: use --samples {len(chosen)} or fewer, shorter --lengths, or --data "
                 f"with longer or more documents")
         picks[L] = chosen
