@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ropelite.attention import DEFINITIONS, Variant, measure, pick_samples, state_meta, summarize
 from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, parse_grid,
                           rope_overrides, run, token_bar)
-from ropelite.data import load_documents
+from ropelite.data import TEXT_SUFFIXES, load_documents
 from ropelite.errors import RopeliteError
 from ropelite.hf import read_config
 from ropelite.io import pyplot, save_figure, write_csv, write_json
@@ -208,9 +208,12 @@ def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
 
 
 def corpus_names(args, count: int) -> tuple[str, list[str | None]]:
-    """The corpus's name for result files and each document's name where it has one (the built-in books)."""
+    """The corpus's name for result files and each document's name where it has one: the built-in books, and
+    --data text files (one document each)."""
     if args.data:
-        return "data: " + " ".join(args.data), [None] * count
+        files = [Path(item).expanduser() for item in args.data]
+        whole = len(files) == count and all(f.is_file() and f.suffix in TEXT_SUFFIXES for f in files)
+        return "data: " + " ".join(args.data), [f.name for f in files] if whole else [None] * count
     if args.builtin == "books":
         from ropelite.books import document_names
         return "builtin:books", document_names()

@@ -3,6 +3,7 @@ computation from full (eager, every row) attention matrices of separately loaded
 against a direct evaluation of B_m; frequency maps against hand values; one-line errors.
 """
 
+import argparse
 import json
 import math
 
@@ -191,6 +192,11 @@ def test_books_are_the_default_and_named(setup, tmp_path, monkeypatch):
     # a (10 tokens) has no window of 24; b, c, d first, then b's and d's second windows
     assert [(w["name"], w["token_offset"]) for w in result["windows"]["24"]] == [
         (names[1], 0), (names[2], 0), (names[3], 0), (names[1], 24)]
+    for name in ("one.txt", "two.md"):
+        (tmp_path / name).write_text("text")
+    files = argparse.Namespace(data=[str(tmp_path / "one.txt"), str(tmp_path / "two.md")], builtin="books")
+    assert analyze.corpus_names(files, 2)[1] == ["one.txt", "two.md"]       # a text file is one document
+    assert analyze.corpus_names(files, 1)[1] == [None]                      # one was empty: no names to guess
 
 
 def test_figures_have_keys(tmp_path):
