@@ -3,6 +3,8 @@
     python analyze.py attention --rope rope pi ntk yarn --factor 4 --lengths 2048 --samples 3
     python analyze.py attention --rope rope pi ntk yarn --factor 4 --base 1000000 --lengths 2048 8192 --samples 10
     python analyze.py attention --reference-model path/to/long-context-model --lengths 8192
+    python analyze.py attention --data book.txt --samples 10 --lengths 2048   # 10 windows of one long book
+    python analyze.py attention --model path/to/model --rope rope --lengths 128 256 512 1024 2048  # entropy vs L
     python analyze.py bound --dim 128                        # Men et al.'s table, 1K..128K (~4 min on 2 cores)
     python analyze.py bound --dim 128 --lengths 1024:1048576  # all of it, to 1M (~10 min more)
     python analyze.py freqs --rope rope pi ntk yarn dynamic llama3 --factor 4
