@@ -3,6 +3,8 @@
     python analyze.py attention --rope rope pi ntk yarn --factor 4 --lengths 2048 --samples 3
     python analyze.py attention --rope rope pi ntk yarn --factor 4 --base 1000000 --lengths 2048 8192 --samples 10
     python analyze.py attention --reference-model path/to/long-context-model --lengths 8192
+    python analyze.py attention --data book.txt --samples 10 --lengths 2048   # 10 windows of one long book
+    python analyze.py attention --model path/to/model --rope rope --lengths 128 256 512 1024 2048  # entropy vs L
     python analyze.py bound --dim 128                        # Men et al.'s table, 1K..128K (~5 CPU-minutes)
     python analyze.py bound --dim 128 --lengths 1024:1048576  # all of it, to 1M (hours: the cost grows like L^2)
     python analyze.py freqs --rope rope pi ntk yarn dynamic llama3 --factor 4
@@ -31,7 +33,7 @@ from tqdm import tqdm
 from ropelite.attention import DEFINITIONS, Variant, measure, pick_samples, state_meta, summarize
 from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, parse_grid,
                           rope_overrides, run, token_bar)
-from ropelite.data import load_documents
+from ropelite.data import TEXT_SUFFIXES, load_documents
 from ropelite.errors import RopeliteError
 from ropelite.hf import read_config
 from ropelite.io import pyplot, save_figure, write_csv, write_json
@@ -46,12 +48,18 @@ from ropelite.rope import (MEN_RESOLUTION, RopeConfig, bulk_base_for_context, co
 
 ATTENTION_DOC = """\
 The seed paper's Figure 2 and Table 1 (Zhong et al. 2024, section 3), training-free: the variants in --rope share
-one loaded model (its config's RoPE is swapped between forwards; the frequencies are computed from the config on
-every forward).
+one loaded model (the RoPE is an argument of each forward, which computes the frequencies from it; no config is
+changed).
 
-Samples: for each length L, the first L tokens of the first --samples documents that have at least L tokens
-(under every tokenizer in play), from --data or, without it, the built-in --builtin text joined into documents
-of at least 4.5 * max(--lengths) characters. Every variant and the reference see the same samples.
+Samples (the one sample rule, ropelite.data.sample_windows): for each length L, --samples sequences of L tokens,
+first the first L tokens of distinct documents, then further non-overlapping windows (tokens [kL, (k+1)L)) of
+the documents long enough, so one long book gives several samples. Documents come from --data or, without it,
+the built-in --builtin text (books: four whole public-domain books; the other kinds are joined into documents of
+at least 4.5 * max(--lengths) characters). Windows after a document's first carry no BOS token. With
+--reference-model and another tokenizer, windows are cut in --model's tokens and the reference reads the same
+text (at a window's first character its own next L tokens; a window where it has fewer is passed over). Every
+variant and the reference see the same samples; attention.json's "windows" lists each one's (document index,
+name, token offset in --model's tokens) per length.
 
 What is measured. For sample s, layer l and head h, p_{s,l,h} is the attention distribution of the LAST query
 (position L-1) over the keys 0..L-1 (softmax probabilities, float32). The forward runs on the fast path and only
@@ -69,61 +77,111 @@ sums, so memory is O(L * heads * layers), never O(L^2).
 The reference is plain RoPE on the same model and length, or --reference-model (its own checkpoint RoPE, its own
 tokenizer on the same documents). The paper's Table 1 values exceed ln 2, so its unit is not a single JS in nats.
 
-Outputs in --out: attention.json (settings, these definitions, one row per (length, variant)), attention.csv (the
-rows), attention_L<L>.png (Figure 2: one panel per variant, log y, x = key position), attention_entropy.png (entropy
-per layer) and attention_L<L>.npz (running sums: per_head_sum (layers, heads, L) = sum over samples, entropy and
+Outputs in --out: attention.json (settings, these definitions, the windows, one row per (length, variant)),
+attention.csv (the rows), attention_L<L>.png (Figure 2: one panel per variant, log y, x = key position, thin lines
+coloured by layer), attention_entropy.png (entropy per layer, and with several lengths entropy against L: the
+last-query entropy vs length of one model is `--rope rope --lengths 128 256 512 1024 2048`) and attention_L<L>.npz (running sums: per_head_sum (layers, heads, L) = sum over samples, entropy and
 JS sums per layer, samples done). The npz is rewritten after every sample, so a killed run resumes there.
 """
 
-def draw_distributions(panels: list[tuple[str, np.ndarray]], length: int, path: Path, max_curves: int,
-                       title: str) -> None:
-    """Figure 2: per panel, the per-head curves (thin, coloured by layer; an evenly spaced subset of at most
-    ``max_curves``) and their mean over heads and layers (red), log y, x = key position."""
+def distribution_figure(panels: list[tuple[str, np.ndarray]], length: int, max_curves: int, title: str):
+    """Figure 2: per panel, the per-head curves (thin, coloured by layer, the colorbar's key; an evenly spaced
+    subset of at most ``max_curves``) and their mean over samples, layers and heads (red), log y, x = key
+    position. ``panels``: (label, per-head curves (layers, heads, L))."""
+    from matplotlib.cm import ScalarMappable
     from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.8), sharey=True, squeeze=False,
+                             layout="constrained")
+    layers = max(per_head.shape[0] for _, per_head in panels)
+    colour = ScalarMappable(Normalize(0, max(layers - 1, 1)), plt.cm.viridis)
     x = np.arange(length)
     lows = []
     for ax, (name, per_head) in zip(axes[0], panels):
+        heads = per_head.shape[1]
         flat = per_head.reshape(-1, length)                                         # (layers*heads, L)
         pick = np.unique(np.linspace(0, len(flat) - 1, min(max_curves, len(flat))).round().astype(int))
         shown = np.where(flat[pick] > 0, flat[pick], np.nan)  # log axis: exact zeros are left out
         segments = np.stack([np.broadcast_to(x, shown.shape), shown], axis=-1)     # (curves, L, 2)
-        colors = plt.cm.viridis(pick / max(len(flat) - 1, 1))
-        ax.add_collection(LineCollection(segments, colors=colors, linewidths=0.3, alpha=0.35))
+        ax.add_collection(LineCollection(segments, colors=colour.to_rgba(pick // heads), linewidths=0.3,
+                                         alpha=0.35))
         mean = flat.mean(0)
-        ax.plot(x, np.where(mean > 0, mean, np.nan), color="red", linewidth=1.2, label="mean")
+        ax.plot(x, np.where(mean > 0, mean, np.nan), color="red", linewidth=1.2,
+                label="mean over samples, layers, heads")
         ax.set_yscale("log")
         ax.set_xlim(0, length - 1)
         ax.set_xlabel("key position")
-        ax.set_title(f"{name} (L={length}, {len(pick)}/{len(flat)} heads)", fontsize=9)
+        ax.set_title(f"{name} (L={length}, {len(pick)} of {len(flat)} heads drawn)", fontsize=9)
         positive = flat[flat > 0]
         if positive.size:
             lows.append(np.percentile(positive, 1))
             ax.set_ylim(top=1.2 * positive.max())
     if lows:
         axes[0][0].set_ylim(bottom=min(lows))
-    axes[0][0].set_ylabel("attention of the last query")
+    axes[0][0].set_ylabel("attention probability of the last query")
+    axes[0][0].legend(fontsize=7, loc="upper center")
+    bar = fig.colorbar(colour, ax=axes[0].tolist(), pad=0.01, fraction=0.04)
+    bar.set_label("layer of a thin line (one (layer, head), mean over samples)", fontsize=8)
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    return fig
 
 
-def draw_entropy(rows: list[dict], path: Path) -> None:
+LINE_STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+
+
+def entropy_figure(rows: list[dict]):
+    """Left: the mean entropy per layer, one colour per variant and one line style per length, each ln L (the
+    entropy of uniform attention over L keys) a grey line in its length's style, labelled. Right, with several
+    lengths: the mean over layers against L, one line per variant, ln L as the labelled dashed grey curve.
+    One key below both panels."""
+    from matplotlib.lines import Line2D
+
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    labels = list(dict.fromkeys(r["rope"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    styles = {L: LINE_STYLES[i % len(LINE_STYLES)] for i, L in enumerate(lengths)}
+    several = len(lengths) > 1
+    fig, axes = plt.subplots(1, 1 + several, figsize=(6.5 + 5 * several, 4.2), squeeze=False, layout="constrained")
+    ax = axes[0][0]
     for r in rows:
-        ax.plot(r["entropy_per_layer"], marker=".", label=f"{r['rope']} L={r['length']}")
-    for L in sorted({r["length"] for r in rows}):
-        ax.axhline(math.log(L), color="grey", linestyle=":", linewidth=0.8)
+        ax.plot(r["entropy_per_layer"], color=colours[r["rope"]], linestyle=styles[r["length"]], marker=".",
+                markersize=3, linewidth=1)
+    for L in lengths:
+        ax.axhline(math.log(L), color="grey", linestyle=styles[L], linewidth=0.8)
+        ax.annotate(f"ln {L} = {math.log(L):.2f} (uniform)", (1, math.log(L)), xycoords=("axes fraction", "data"),
+                    xytext=(-2, 2), textcoords="offset points", ha="right", va="bottom", fontsize=7, color="grey")
     ax.set_xlabel("layer")
-    ax.set_ylabel("mean entropy of the last query's attention (nats)")
-    ax.set_title("attention entropy per layer (dotted: ln L, uniform)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    ax.set_ylabel("entropy of the last query's attention (nats)")
+    ax.set_title("mean over samples and heads, per layer", fontsize=9)
+    keys = ([Line2D([], [], color=colours[lab], label=lab) for lab in labels]
+            + [Line2D([], [], color="black", linestyle=styles[L], label=f"L = {L}") for L in lengths] * several
+            + [Line2D([], [], color="grey", linestyle="--" if several else "-", linewidth=0.8,
+                      label="ln L: uniform attention")])
+    fig.legend(handles=keys, loc="outside lower center", ncol=min(len(keys), 8), fontsize=7)
+    if several:
+        ax = axes[0][1]
+        for lab in labels:
+            mine = sorted((r["length"], r["entropy"]) for r in rows if r["rope"] == lab)
+            ax.plot(*zip(*mine), color=colours[lab], marker="o", markersize=4, label=lab)
+        ax.plot(lengths, [math.log(L) for L in lengths], color="grey", linestyle="--", linewidth=0.8,
+                label="ln L: uniform attention")
+        ax.annotate("ln L (uniform)", (lengths[-1], math.log(lengths[-1])), xytext=(-2, 4),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=7, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.minorticks_off()
+        ax.margins(y=0.08)  # room for the ln L label above the curve
+        ax.set_xlabel("sequence length L (tokens)")
+        ax.set_ylabel("entropy, mean over layers (nats)")
+        ax.set_title("mean over layers, against length", fontsize=9)
+    fig.suptitle("entropy of the last query's attention", fontsize=10)
+    return fig
 
 
 def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
@@ -150,39 +208,59 @@ def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
     return variants, reference, tokenizers, vocab
 
 
+def corpus_names(args, count: int) -> tuple[str, list[str | None]]:
+    """The corpus's name for result files and each document's name where it has one: the built-in books, and
+    --data text files (one document each)."""
+    if args.data:
+        files = [Path(item).expanduser() for item in args.data]
+        whole = len(files) == count and all(f.is_file() and f.suffix in TEXT_SUFFIXES for f in files)
+        return "data: " + " ".join(args.data), [f.name for f in files] if whole else [None] * count
+    if args.builtin == "books":
+        from ropelite.books import document_names
+        return "builtin:books", document_names()
+    return f"builtin:{args.builtin}", [None] * count
+
+
 def attention_main(args) -> None:
     lengths = parse_grid(args.lengths, "--lengths")
     check(lengths[0] >= 2, "--lengths must be at least 2 tokens")
     check(args.samples >= 1, "--samples must be at least 1")
     check(args.max_curves >= 0, "--max-curves must be >= 0")
     docs = load_documents(args.data, args.builtin, min_chars=math.ceil(4.5 * max(lengths)))
+    corpus, names = corpus_names(args, len(docs))
     variants, reference, tokenizers, vocab = load_variants(args)
     entries = variants + ([] if reference in variants else [reference])
     picks = pick_samples(docs, tokenizers, vocab, lengths, args.samples)
+    windows = {str(L): [{"document": s.document, "name": names[s.document], "token_offset": s.offset}
+                        for s in picks[L]] for L in lengths}
     out = Path(args.out)
     settings = {"model": args.model, "reference_model": args.reference_model, "dtype": args.dtype,
-                "data": args.data or f"builtin:{args.builtin}", "samples": args.samples, "lengths": lengths,
+                "data": corpus, "samples": args.samples, "lengths": lengths,
                 "ropes": {v.label: dataclasses.asdict(v.config.rope) for v in entries}, "reference": reference.label}
     c = variants[0].config
     title = (f"{Path(args.model).name}: the last query's attention, {args.samples} samples x "
-             f"{c.num_hidden_layers} layers x {c.num_attention_heads} heads; red = mean")
+             f"{c.num_hidden_layers} layers x {c.num_attention_heads} heads")
 
     rows: list[dict] = []
     with token_bar(sum(lengths) * args.samples * len(entries), "attention") as bar:
         for L in lengths:
             per_length = {k: v for k, v in settings.items() if k not in ("samples", "lengths")} | {"length": L}
-            meta = state_meta(per_length, [v.label for v in entries], picks[L])
+            meta = state_meta(per_length, [v.label for v in entries], [s.ids for s in picks[L]])
             red = measure(entries, reference, picks[L], out / f"attention_L{L}.npz", meta, bar)
+            used = list(dict.fromkeys(names[s.document] or s.document for s in picks[L]))  # in sample order
+            named = ", ".join(map(str, used)) if len(used) <= 6 else f"{len(used)} documents"
             for v in entries:
                 n = red[v.label].samples
                 rows.append({"length": L, "rope": v.label, "reference": reference.label, "samples": n,
-                             "distributions": n * v.config.num_hidden_layers * v.config.num_attention_heads,
-                             **summarize(red[v.label], red[reference.label])})
+                             "documents": len(used), "distributions": n * v.config.num_hidden_layers *
+                             v.config.num_attention_heads, **summarize(red[v.label], red[reference.label])})
             write_csv(out / "attention.csv", rows)
-            write_json(out / "attention.json", {"settings": settings, "definitions": DEFINITIONS, "rows": rows})
-            draw_distributions([(v.label, red[v.label].per_head().numpy()) for v in entries], L,
-                               out / f"attention_L{L}.png", args.max_curves, title)
-            draw_entropy(rows, out / "attention_entropy.png")
+            write_json(out / "attention.json", {"settings": settings, "definitions": DEFINITIONS,
+                                                "windows": windows, "rows": rows})
+            save_figure(distribution_figure([(v.label, red[v.label].per_head().numpy()) for v in entries], L,
+                                            args.max_curves, f"{title}; {corpus}, {named}"),
+                        out / f"attention_L{L}.png", dpi=110)
+            save_figure(entropy_figure(rows), out / "attention_entropy.png", dpi=110)
     print(table1(rows))
     print(f"wrote {out}/attention.json, attention.csv, attention_L*.png, attention_entropy.png")
 
@@ -441,14 +519,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = a.add_argument_group("measurement")
     g.add_argument("--lengths", nargs="+", default=["2048"], metavar="N",
                    help=f"sequence lengths L, {GRID_HELP} (default 2048; the paper: 2048 8192)")
-    g.add_argument("--samples", type=int, default=10, help="documents per length (default 10, the paper's)")
+    g.add_argument("--samples", type=int, default=10, help="sequences per length, by the sample rule above (default 10, the paper's)")
     g.add_argument("--reference-model", default=None, metavar="MODEL",
                    help="compare against this model (its own RoPE and tokenizer), e.g. a long-context one; "
                         "default: plain RoPE on --model")
     g.add_argument("--max-curves", type=int, default=300,
                    help="per-head curves drawn per panel, an evenly spaced subset of the (layer, head) pairs "
                         "(default 300; the mean is over all)")
-    add_data_args(a, "mixed")
+    add_data_args(a, "books")
     a.add_argument("--out", default="runs/analyze", help=out_help)
 
     b = sub.add_parser("bound", help="Men et al.'s lower bound of the base per context length",

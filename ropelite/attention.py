@@ -1,8 +1,9 @@
 """Attention as a distribution: the reductions behind the seed paper's Figure 2 / Table 1 and its Algorithm 1.
 
-- Figure 2 / Table 1 (``analyze.py attention``): for each sample, ``last_rows`` takes the last query's attention
-  over every key in every layer and head; a ``Reduction`` keeps only running sums over samples (O(L * heads *
-  layers) memory, never O(L^2)); ``summarize`` turns them into the numbers of ``DEFINITIONS``; ``measure`` runs
+- Figure 2 / Table 1 (``analyze.py attention``): ``pick_samples`` cuts the samples by the one sample rule
+  (``ropelite.data.sample_windows``), each a ``Sample`` that says where it comes from; for each sample,
+  ``last_rows`` takes the last query's attention over every key in every layer and head; a ``Reduction`` keeps
+  only running sums over samples (O(L * heads * layers) memory, never O(L^2)); ``summarize`` turns them into the numbers of ``DEFINITIONS``; ``measure`` runs
   the samples of one length for every variant, saving the sums after each sample so that a killed run resumes.
 - Algorithm 1 (``needle.py``): ``EntropyMeter`` averages the entropy of the attention rows that produce each
   generated token; ``answer_with_entropy`` decodes greedily with it.
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import tokenize_checked
+from .data import sample_windows, tokenize_checked
 from .errors import RopeliteError
 from .io import atomic_path
 from .model import Llama, LlamaConfig, generate
@@ -132,25 +133,66 @@ def summarize(r: Reduction, reference: Reduction) -> dict:
 # Samples, and the state that lets a killed run resume
 # ----------------------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One sequence every variant reads: window ``offset`` .. ``offset + L`` of document ``document``."""
+    document: int          # index into the documents
+    offset: int            # first token, counted in the first tokenizer's (the model's) ids of the document
+    ids: list              # per tokenizer: the L token ids (np.int64) its models read
+
+
 def pick_samples(docs: list, tokenizers: list, vocab_sizes: list[int], lengths: list[int],
-                 count: int) -> dict[int, list[list[np.ndarray]]]:
-    """length -> the first ``count`` documents with >= length tokens under every tokenizer, cut to their first
-    ``length`` tokens: [sample][tokenizer] -> ids. Documents are tokenised only until enough are long enough."""
-    tokenized, long_enough = [], 0
+                 count: int) -> dict[int, list[Sample]]:
+    """length -> ``count`` samples by the one sample rule (ropelite.data.sample_windows): the first L tokens of
+    distinct documents first, then further non-overlapping windows of the longest documents.
+
+    Windows are cut from the first tokenizer's ids. Another tokenizer (a reference model's) reads the same text:
+    at offset 0 its own first L tokens of the document, further on the first L tokens (no BOS) of the text that
+    decodes from the window's first token to the document's end; a window where that text has fewer than L tokens
+    is passed over for the next one. With one tokenizer, documents are tokenised only until ``count`` of them
+    have max(lengths) tokens (the rule then picks nothing beyond them)."""
+    first, long_enough = [], 0
     for doc in docs:
-        per_tokenizer = [tokenize_checked([doc], tok, vocab)[0] for tok, vocab in zip(tokenizers, vocab_sizes)]
-        tokenized.append(per_tokenizer)
-        long_enough += min(map(len, per_tokenizer)) >= max(lengths)
-        if long_enough >= count:
+        first.append(tokenize_checked([doc], tokenizers[0], vocab_sizes[0])[0])
+        long_enough += len(first[-1]) >= max(lengths)
+        if long_enough >= count and len(tokenizers) == 1:
             break
     picks = {}
     for L in lengths:
-        long = [[x[:L] for x in t] for t in tokenized if min(map(len, t)) >= L]
-        if len(long) < count:
-            raise RopeliteError(f"only {len(long)} documents have at least {L} tokens, --samples asks for "
-                                f"{count}: give --data with longer documents, fewer --samples or a shorter length")
-        picks[L] = long[:count]
+        sizes = [len(ids) for ids in first]
+        windows = sum(size // L for size in sizes)
+        candidates = sample_windows(sizes, windows, L) if windows else []
+        chosen = []
+        for d, offset in candidates:
+            ids = [first[d][offset:offset + L]] + [
+                window_ids(docs[d], first[d], offset, L, tokenizers[0], tok, vocab)
+                for tok, vocab in zip(tokenizers[1:], vocab_sizes[1:])]
+            if all(len(x) == L for x in ids):
+                chosen.append(Sample(d, offset, ids))
+                if len(chosen) == count:
+                    break
+        if len(chosen) < count:
+            under = " under every tokenizer" if len(tokenizers) > 1 else ""
+            raise RopeliteError(
+                f"only {len(chosen)} non-overlapping windows of {L} tokens{under} in {len(first)} "
+                f"document{'s' * (len(first) != 1)}, "
+                f"--samples asks for {count}: use --samples {len(chosen)} or fewer, shorter --lengths, or --data "
+                f"with longer or more documents")
+        picks[L] = chosen
     return picks
+
+
+def window_ids(doc, first_ids: np.ndarray, offset: int, length: int, first_tokenizer, tokenizer,
+               vocab_size: int) -> np.ndarray:
+    """At most ``length`` ids of ``tokenizer`` for the text where the first tokenizer's window at ``offset``
+    starts (token arrays are shared by every model: the same slice)."""
+    if isinstance(doc, np.ndarray):
+        text, add_bos = doc[offset:], None
+    elif offset == 0:
+        text, add_bos = doc, None
+    else:   # the window's text to the document's end: its first L tokens do not depend on where a cut would fall
+        text, add_bos = first_tokenizer.decode(first_ids[offset:]), False
+    return tokenize_checked([text], tokenizer, vocab_size, add_bos=add_bos)[0][:length]
 
 
 def state_meta(settings: dict, labels: list[str], samples: list[list[np.ndarray]]) -> dict:
@@ -184,11 +226,11 @@ def load_state(path: Path, meta: dict) -> dict[str, Reduction] | None:
         raise RopeliteError(f"{path} is not an analyze.py attention state file; use another --out") from None
 
 
-def measure(entries: list[Variant], reference: Variant, samples: list, state_path: Path, meta: dict,
+def measure(entries: list[Variant], reference: Variant, samples: list[Sample], state_path: Path, meta: dict,
             bar) -> dict[str, Reduction]:
     """The running sums of every entry over the samples of one length, resumed from ``state_path`` when it holds
     a prefix of this run; rewritten there after every sample. ``bar`` counts tokens read."""
-    L, count = len(samples[0][0]), len(samples)
+    L, count = len(samples[0].ids[0]), len(samples)
     red = load_state(state_path, meta)
     if red is None:
         red = {v.label: Reduction(v.config.num_hidden_layers, v.config.num_attention_heads, L) for v in entries}
@@ -197,11 +239,11 @@ def measure(entries: list[Variant], reference: Variant, samples: list, state_pat
         print(f"attention: L={L}: {done} of {count} samples already in {state_path}", file=sys.stderr)
     bar.update(L * done * len(entries))
     for s in range(done, count):
-        ref_rows = last_rows(reference, samples[s][reference.tokens])   # first: every variant is paired with it
+        ref_rows = last_rows(reference, samples[s].ids[reference.tokens])   # first: every variant is paired with it
         bar.update(L)
         for v in entries:
             if v is not reference:
-                red[v.label].add(last_rows(v, samples[s][v.tokens]), ref_rows)
+                red[v.label].add(last_rows(v, samples[s].ids[v.tokens]), ref_rows)
                 bar.update(L)
         red[reference.label].add(ref_rows, None)
         save_state(state_path, {**meta, "sample_hashes": meta["sample_hashes"][:s + 1]}, red)

@@ -3,6 +3,7 @@ computation from full (eager, every row) attention matrices of separately loaded
 against a direct evaluation of B_m; frequency maps against hand values; one-line errors.
 """
 
+import argparse
 import json
 import math
 
@@ -161,6 +162,67 @@ def test_reference_model(setup, tmp_path, tiny_llama):
             assert rows["rope"]["js_per_distribution_nats"] is None
 
 
+def test_one_long_document_gives_several_windows(tmp_path, tiny_llama):
+    model = tiny_llama(rope=RopeConfig(theta=1e4, original_max_position_embeddings=ORIGINAL))
+    save_model(model, tmp_path / "model")
+    book = np.random.default_rng(1).integers(0, 97, 80).astype(np.int64)
+    np.save(tmp_path / "book.npy", book)
+    out = tmp_path / "out"
+    analyze.main(["attention", "--model", str(tmp_path / "model"), "--rope", "rope", "--lengths", "24",
+                  "--samples", "3", "--data", str(tmp_path / "book.npy"), "--out", str(out)])
+    result = json.loads((out / "attention.json").read_text())
+    assert result["windows"] == {"24": [{"document": 0, "name": None, "token_offset": o} for o in (0, 24, 48)]}
+    assert result["rows"][0]["samples"] == 3 and result["rows"][0]["documents"] == 1
+    windows = np.stack([full_last_rows(load_model(tmp_path / "model").eval(), book[o:o + 24]) for o in (0, 24, 48)])
+    state = np.load(out / "attention_L24.npz")
+    np.testing.assert_allclose(state["0/per_head_sum"], windows.sum(0), rtol=1e-5, atol=1e-8)  # those windows ran
+
+
+def test_books_are_the_default_and_named(setup, tmp_path, monkeypatch):
+    path, _, docs = setup
+    import ropelite.books
+    monkeypatch.setattr(ropelite.books, "load_books", lambda: [docs[n] for n in "abcd"])  # no download
+    assert analyze.parse_args(["attention"]).builtin == "books"
+    out = tmp_path / "out"
+    analyze.main(["attention", "--model", str(path), "--rope", "rope", "--lengths", "24", "--samples", "4",
+                  "--out", str(out)])
+    result = json.loads((out / "attention.json").read_text())
+    assert result["settings"]["data"] == "builtin:books"
+    names = ropelite.books.document_names()
+    # a (10 tokens) has no window of 24; b, c, d first, then b's and d's second windows
+    assert [(w["name"], w["token_offset"]) for w in result["windows"]["24"]] == [
+        (names[1], 0), (names[2], 0), (names[3], 0), (names[1], 24)]
+    for name in ("one.txt", "two.md"):
+        (tmp_path / name).write_text("text")
+    files = argparse.Namespace(data=[str(tmp_path / "one.txt"), str(tmp_path / "two.md")], builtin="books")
+    assert analyze.corpus_names(files, 2)[1] == ["one.txt", "two.md"]       # a text file is one document
+    assert analyze.corpus_names(files, 1)[1] == [None]                      # one was empty: no names to guess
+
+
+def test_figures_have_keys(tmp_path):
+    per_head = np.full((3, 2, 16), 1 / 16)                                    # (layers, heads, L)
+    fig = analyze.distribution_figure([("rope", per_head), ("pi x4", per_head)], 16, 10, "t")
+    bars = [ax for ax in fig.axes if ax.get_ylabel().startswith("layer")]   # the colorbar's axes
+    assert len(bars) == 1 and bars[0].get_ylim() == (0, 2)
+    assert fig.axes[0].get_legend().get_texts()[0].get_text().startswith("mean over samples, layers, heads")
+    rows = [{"rope": rope, "length": L, "entropy": e, "entropy_per_layer": [e, e]}
+            for rope in ("rope", "yarn x4") for L, e in ((24, 2.0), (40, 2.5))]
+    fig = analyze.entropy_figure(rows)
+    per_layer, by_length = fig.axes
+    notes = [t.get_text() for t in per_layer.texts]
+    assert notes == [f"ln 24 = {math.log(24):.2f} (uniform)", f"ln 40 = {math.log(40):.2f} (uniform)"]
+    lines = {line.get_label(): line for line in by_length.get_lines()}
+    assert list(lines) == ["rope", "yarn x4", "ln L: uniform attention"]
+    assert list(lines["rope"].get_xdata()) == [24, 40] and list(lines["rope"].get_ydata()) == [2.0, 2.5]
+    np.testing.assert_allclose(lines["ln L: uniform attention"].get_ydata(), np.log([24, 40]))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["rope", "yarn x4", "L = 24", "L = 40",
+                                                                  "ln L: uniform attention"]
+    assert by_length.get_xlabel() == "sequence length L (tokens)" and "nats" in by_length.get_ylabel()
+    assert lines["rope"].get_color() != lines["yarn x4"].get_color()
+    styles = {line.get_linestyle() for line in per_layer.get_lines()[:4]}   # one style per length
+    assert len(styles) == 2
+
+
 def test_resume_after_a_kill(setup, tmp_path, count_calls):
     path, data, _ = setup
     argv = ["attention", "--model", str(path), "--rope", "rope", "pi", "--lengths", "24", "40", "--samples", "2",
@@ -287,7 +349,9 @@ def test_freqs_reads_only_the_config(tmp_path, tiny_llama):
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["attention", "--samples", "3", "--lengths", "40"], "error: only 2 documents have at least 40 tokens"),
+    (["attention", "--samples", "3", "--lengths", "40"],
+     "error: only 2 non-overlapping windows of 40 tokens in 4 documents, --samples asks for 3: use --samples 2 or "
+     "fewer, shorter --lengths, or --data with longer or more documents"),
     (["attention", "--lengths", "1"], "error: --lengths must be at least 2"),
     (["attention", "--lengths", "2k"], "error: bad --lengths value '2k'"),
     (["attention", "--lengths", "24.5"], "error: bad --lengths value '24.5': give whole numbers"),

@@ -88,6 +88,50 @@ def test_reduction_against_another_architecture_has_no_pairs():
 # The state a killed run resumes from
 # ---------------------------------------------------------------------------------------------------------------
 
+class Pairs:
+    """A second tokenizer: one token per two characters, so a text has half as many tokens as bytes."""
+
+    def encode(self, text, add_bos=None):
+        data = text.encode("utf-8")
+        return [data[i] * 256 + (data[i + 1] if i + 1 < len(data) else 0) for i in range(0, len(data), 2)]
+
+
+def test_samples_come_from_distinct_documents_first_then_non_overlapping_windows():
+    docs = [np.arange(n) + 1000 * i for i, n in enumerate([10, 50, 30, 50])]
+    picks = attention.pick_samples(docs, [None], [None], [20, 25], 5)
+    assert [(s.document, s.offset) for s in picks[20]] == [(1, 0), (2, 0), (3, 0), (1, 20), (3, 20)]
+    assert [(s.document, s.offset) for s in picks[25]] == [(1, 0), (2, 0), (3, 0), (1, 25), (3, 25)]
+    for samples in picks.values():
+        for s in samples:
+            L = len(s.ids[0])
+            np.testing.assert_array_equal(s.ids[0], docs[s.document][s.offset:s.offset + L])
+        spans = sorted((s.document, s.offset, s.offset + len(s.ids[0])) for s in samples)
+        assert all(a[0] != b[0] or a[2] <= b[1] for a, b in zip(spans, spans[1:]))      # no two overlap
+    with pytest.raises(RopeliteError, match="only 5 non-overlapping windows of 20 tokens in 4 documents, "
+                                            "--samples asks for 6: use --samples 5 or fewer"):
+        attention.pick_samples(docs, [None], [None], [20], 6)
+
+
+def test_samples_tokenise_only_the_documents_they_need(count_calls):
+    from ropelite.tokenizer import ByteTokenizer
+    calls = count_calls(ByteTokenizer, "encode")
+    picks = attention.pick_samples(["x" * 30, "y" * 5, "z" * 40, "w" * 40], [ByteTokenizer()], [257], [20], 2)
+    assert [(s.document, s.offset) for s in picks[20]] == [(0, 0), (2, 0)] and len(calls) == 3
+
+
+def test_another_tokenizer_reads_the_same_text():
+    from ropelite.tokenizer import ByteTokenizer
+    text = "".join(chr(97 + i % 26) for i in range(100))
+    picks = attention.pick_samples([text], [ByteTokenizer(), Pairs()], [257, 65536], [20], 4)
+    # Pairs has (100 - offset) / 2 tokens from a window's start: >= 20 only up to offset 60
+    assert [s.offset for s in picks[20]] == [0, 20, 40, 60]
+    for s in picks[20]:
+        assert s.ids[0].tolist() == list(text[s.offset:s.offset + 20].encode())
+        assert s.ids[1].tolist() == Pairs().encode(text[s.offset:s.offset + 40])
+    with pytest.raises(RopeliteError, match="only 4 non-overlapping windows of 20 tokens under every tokenizer"):
+        attention.pick_samples([text], [ByteTokenizer(), Pairs()], [257, 65536], [20], 5)
+
+
 def test_state_round_trip_and_what_it_must_match(tmp_path):
     samples = [[np.arange(8)], [np.arange(8) + 1], [np.arange(8) + 2]]
     meta = attention.state_meta({"model": "m", "ropes": {"pi x4": {"factor": 4.0}}, "length": 8}, ["a", "b"], samples)
