@@ -58,6 +58,8 @@ from ropelite.errors import RopeliteError
 from ropelite.io import append_jsonl, truncate_jsonl
 from ropelite.hf import config_to_hf, load_model, model_from_state, read_config
 from ropelite.model import Llama, LlamaConfig
+from ropelite.parallel import (compile_blocks, lean_weights, make_optimizer, set_gradient_sync, set_learning_rate,
+                               shard, sync_flags)
 from ropelite.rope import VARIANTS, RopeConfig
 from ropelite.tokenizer import ByteTokenizer, first_id, load_tokenizer
 from ropelite.training import (OPTIMIZER_STATE, SCHEDULES, accumulate_gradients, clip_gradients, evaluate_nll,
@@ -112,6 +114,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "backward (default on; --no-grad-ckpt skips the recompute: ~1/3 less compute, L times the "
                         "activation memory; see benchmarks/memory_estimate.py)")
     g.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
+    g = p.add_argument_group("GPU speed and memory")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each block (the first steps compile; off by default)")
+    g.add_argument("--lean", action="store_true",
+                   help="one GPU, little memory: bf16 weights and gradients and torchao's 8-bit AdamW with "
+                        "stochastic bf16 rounding, ~6 bytes per parameter instead of 16 (a LLaMa-2-7B at 32K fits "
+                        "80 GB; see benchmarks/memory_estimate.py --lean); needs pip install 'ropelite[lean]'")
     add_data_args(p, "mixed")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/train/MODEL-ROPE-LEN)")
@@ -259,15 +268,6 @@ def copy_tokenizer_files(source: Path, out: Path) -> None:
             shutil.copy2(f, out / f.name)
 
 
-def shard(model: Llama, mesh) -> None:
-    """FSDP2: one all-gather/reduce-scatter group per block, then the root (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    register_fsdp_forward_method(model, "nll")  # the loss is model.nll, not forward: unshard the root for it
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Preparing the run: everything that bad input can fail, before any weight is loaded
 # --------------------------------------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def build_model(run: Run, dist: Dist) -> Llama:
         full = source_model(run, "cpu").state_dict() if dist.main else {}
         with torch.device("meta"):
             model = Llama(run.config)
-        shard(model, dist.mesh)
+        shard(model, dist.mesh, run.dtype)  # bf16 all-gathers and compute, fp32 gradient reduction
         model.to_empty(device=dist.device)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
@@ -475,14 +475,16 @@ def optimizer_step(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> 
     before the weights change."""
     args = run.args
     lr = learning_rate(step, args.lr, args.warmup, run.steps, args.schedule)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr)
     per_rank = run.per_step // dist.world
     first = step * run.per_step + dist.rank * per_rank  # this rank's sequences of the global step
     batches = [run.sequences.batch(first + i, args.micro_batch).to(dist.device)
                for i in range(0, per_rank, args.micro_batch)]
     n_predicted = run.per_step * (args.len - 1)  # next-token targets in one step (the last token predicts nothing)
-    nll = accumulate_gradients(model, batches, n_predicted, run.dtype, scale=dist.world)
+    nll = 0
+    for ids, sync in zip(batches, sync_flags(len(batches))):
+        set_gradient_sync(model, sync)  # FSDP: reduce-scatter once per step, after the last micro-batch
+        nll = nll + accumulate_gradients(model, [ids], n_predicted, run.dtype, scale=dist.world)
     if dist.mesh is not None:
         torch.distributed.all_reduce(nll)
     loss = nll.item() / n_predicted
@@ -540,7 +542,11 @@ def train(args, dist: Dist) -> Path:
     """Prepare, build (or restore) the model, then fit; returns --out."""
     run = prepare(args, dist)
     model = build_model(run, dist)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.wd)
+    if args.lean:
+        model = lean_weights(model, dist.world)
+    if args.compile:
+        compile_blocks(model)
+    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.wd, dist.device, lean=args.lean)
     start = restore(run, model, optimizer, dist)
     if dist.main:
         truncate_jsonl(run.out / METRICS, start)
