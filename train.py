@@ -120,7 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lean", action="store_true",
                    help="one GPU, little memory: bf16 weights and gradients and torchao's 8-bit AdamW with "
                         "stochastic bf16 rounding, ~6 bytes per parameter instead of 16 (a LLaMa-2-7B at 32K fits "
-                        "80 GB; see benchmarks/memory_estimate.py --lean); needs pip install 'ropelite[lean]'")
+                        "80 GB: benchmarks/memory_estimate.py, column total_1gpu_lean_GiB); needs "
+                        "pip install 'ropelite[lean]'")
     add_data_args(p, "mixed")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/train/MODEL-ROPE-LEN)")

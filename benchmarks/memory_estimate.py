@@ -97,6 +97,19 @@ def estimate(c: LlamaConfig, length: int, micro_batch: int = 1, dtype: str = "bf
             "total": states + in_flight + max(casts + activations, optimizer_step)}
 
 
+def eval_estimate(c: LlamaConfig, length: int, loss_chunk: int = LOSS_CHUNK) -> dict:
+    """Peak memory in bytes of the chunked loss ``model.nll`` without gradients, bf16 weights (evaluation on
+    CUDA). Live at once: the weights, the residual stream and one block's transients (RMSNorm's fp32 copy, q/k/v
+    and the attention output with RoPE's fp32 temporaries, SwiGLU's gate/up/product), then the final hidden
+    states and one chunk's logits (bf16, their fp32 copy and the log-softmax)."""
+    C, F, H, Hkv, d, V = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                          c.head_dim, c.vocab_size)
+    weights = 2 * param_count(c)
+    block = length * (2 * C + 4 * C + 2 * (2 * H + 2 * Hkv) * d + 4 * 2 * H * d + 3 * 2 * F)
+    loss = length * 2 * C + min(loss_chunk, length) * V * (2 + 4 + 4)
+    return {"weights": weights, "activations": max(block, loss), "total": weights + 2 * length * C + max(block, loss)}
+
+
 def table_rows(models: dict[str, LlamaConfig], lengths, gpus_list, micro_batch: int, dtype: str) -> list[dict]:
     rows = []
     for name, config in models.items():

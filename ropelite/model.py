@@ -119,7 +119,7 @@ def choose_kernel(device_type: str, dtype: torch.dtype, n_heads: int, n_kv: int,
     """The attention kernel for q of ``dtype`` on ``device_type`` with ``n_heads`` query and ``n_kv`` key heads;
     ``causal``: the square causal mask (a prefill or training), else a boolean (T, S) mask (a cached step)."""
     if device_type != "cuda":
-        return KernelChoice(None, False, f"{device_type}: PyTorch's choice")
+        return KernelChoice(None, False, "PyTorch's choice")
     gqa = n_heads != n_kv
     if dtype in (torch.float16, torch.bfloat16) and causal:
         return KernelChoice(O_L_BACKENDS, False, "flash/cuDNN/memory-efficient" + (", native GQA" if gqa else ""))

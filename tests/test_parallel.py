@@ -22,6 +22,7 @@ from ropelite.model import (Attention, KernelChoice, Llama, LlamaConfig, attenti
 from ropelite.parallel import compile_blocks, set_learning_rate, sync_flags
 from ropelite.presets import preset
 from ropelite.rope import RopeConfig
+from ropelite.training import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -129,8 +130,7 @@ def test_mixed_precision_fsdp_on_two_processes_matches_one_process(tmp_path):
     """bf16 on 2 gloo processes (FSDP2 MixedPrecisionPolicy: bf16 all-gather and compute, fp32 reduce-scatter,
     2 micro-batches per rank so the first skips its gradient sync) against 1 process (bf16 autocast over fp32
     weights): the same losses within bf16's precision."""
-    torch.manual_seed(0)
-    save_model(Llama(tiny_config(tie_word_embeddings=True)), tmp_path / "base")
+    save_model(random_model(tiny_config(tie_word_embeddings=True), seed=0), tmp_path / "base")
     np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 63, 2000))
     args = ["--model", str(tmp_path / "base"), "--data", str(tmp_path / "tokens.npy"), "--rope", "pi",
             "--len", "32", "--tokens", "512", "--batch-tokens", "128", "--lr", "1e-3", "--warmup", "1",
@@ -142,7 +142,7 @@ def test_mixed_precision_fsdp_on_two_processes_matches_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(tmp_path / "two")]
     assert len(a) == len(b) == 4 and a[0] == pytest.approx(math.log(64), abs=0.1)
-    np.testing.assert_allclose(b, a, rtol=2e-2)   # bf16 has 8 significant bits: 2^-8 = 0.4% per rounding
+    np.testing.assert_allclose(b, a, rtol=4e-3)   # bf16 has 8 significant bits: 2^-8 = 0.4% per rounding
 
 
 # ---------------------------------------------------------------- the lean mode
