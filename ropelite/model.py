@@ -210,7 +210,7 @@ class Attention(nn.Module):
             raise RopeliteError(
                 f"no O(L)-memory attention kernel ({kernel.name}) takes {q.dtype} q {tuple(q.shape)} on "
                 f"{q.device}, and PyTorch's math kernel would build the {T} x {S} scores per head; run in bf16 "
-                f"(--dtype bf16) or report the shapes") from None
+                f"(--dtype bf16; flash takes head_dim <= 256) or report the shapes") from None
 
     def _eager(self, q, k, v, q_pos, observer):
         """Softmax written out, a block of query rows at a time so memory stays O(rows * S * H)."""
