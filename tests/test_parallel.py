@@ -126,10 +126,11 @@ def test_compiled_blocks_give_the_eager_loss():
 
 
 @pytest.mark.slow
-def test_mixed_precision_fsdp_on_two_processes_matches_one_process(tmp_path):
+@pytest.mark.parametrize("compiled", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_mixed_precision_fsdp_on_two_processes_matches_one_process(tmp_path, compiled):
     """bf16 on 2 gloo processes (FSDP2 MixedPrecisionPolicy: bf16 all-gather and compute, fp32 reduce-scatter,
-    2 micro-batches per rank so the first skips its gradient sync) against 1 process (bf16 autocast over fp32
-    weights): the same losses within bf16's precision."""
+    2 micro-batches per rank so the first skips its gradient sync; eager or with compiled blocks) against 1 eager
+    process (bf16 autocast over fp32 weights): the same losses within bf16's precision."""
     save_model(random_model(tiny_config(tie_word_embeddings=True), seed=0), tmp_path / "base")
     np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 63, 2000))
     args = ["--model", str(tmp_path / "base"), "--data", str(tmp_path / "tokens.npy"), "--rope", "pi",
@@ -137,7 +138,7 @@ def test_mixed_precision_fsdp_on_two_processes_matches_one_process(tmp_path):
             "--device", "cpu", "--dtype", "bf16", "--quiet", "--save-every", "0", "--eval-tokens", "0"]  # 4 steps
     one = train.main(args + ["--out", str(tmp_path / "one")])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(ROOT / "train.py"), *args, "--out", str(tmp_path / "two")]
+                str(ROOT / "train.py"), *args, *compiled, "--out", str(tmp_path / "two")]
     done = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(tmp_path / "two")]
