@@ -58,8 +58,8 @@ from ropelite.errors import RopeliteError
 from ropelite.io import append_jsonl, truncate_jsonl
 from ropelite.hf import config_to_hf, load_model, model_from_state, read_config
 from ropelite.model import Llama, LlamaConfig
-from ropelite.parallel import (compile_blocks, lean_weights, make_optimizer, set_gradient_sync, set_learning_rate,
-                               shard, sync_flags)
+from ropelite.parallel import (compile_blocks, lean_weights, make_optimizer, set_learning_rate, shard,
+                               sync_on_last_micro_batch)
 from ropelite.rope import VARIANTS, RopeConfig
 from ropelite.tokenizer import ByteTokenizer, first_id, load_tokenizer
 from ropelite.training import (OPTIMIZER_STATE, SCHEDULES, accumulate_gradients, clip_gradients, evaluate_nll,
@@ -482,10 +482,8 @@ def optimizer_step(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> 
     batches = [run.sequences.batch(first + i, args.micro_batch).to(dist.device)
                for i in range(0, per_rank, args.micro_batch)]
     n_predicted = run.per_step * (args.len - 1)  # next-token targets in one step (the last token predicts nothing)
-    nll = 0
-    for ids, sync in zip(batches, sync_flags(len(batches))):
-        set_gradient_sync(model, sync)  # FSDP: reduce-scatter once per step, after the last micro-batch
-        nll = nll + accumulate_gradients(model, [ids], n_predicted, run.dtype, scale=dist.world)
+    with sync_on_last_micro_batch(model, len(batches)):  # FSDP: one reduce-scatter per step
+        nll = accumulate_gradients(model, batches, n_predicted, run.dtype, scale=dist.world)
     if dist.mesh is not None:
         torch.distributed.all_reduce(nll)
     loss = nll.item() / n_predicted

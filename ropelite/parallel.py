@@ -15,6 +15,8 @@ stochastic rounding keeps them right on average.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -48,13 +50,27 @@ def shard(model: Llama, mesh, dtype: torch.dtype = torch.float32) -> None:
     register_fsdp_forward_method(model, "nll")  # the loss is model.nll, not forward: unshard the root for it
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Whether the next backward reduce-scatters gradients (FSDP2; nothing to do without it). Off for all
-    micro-batches but the last: the unsharded gradients accumulate locally (in fp32, FSDP's reduce dtype: 4
-    bytes per parameter more while they do) and are reduced once per optimizer step."""
+@contextlib.contextmanager
+def sync_on_last_micro_batch(model: nn.Module, n_micro_batches: int):
+    """Within it, the backward of only the last of ``n_micro_batches`` forwards reduce-scatters gradients
+    (FSDP2; nothing to do without it): the others accumulate the unsharded gradients locally (in fp32, FSDP's
+    reduce dtype: 4 bytes per parameter more while they do), reduced once per optimizer step.
+
+    The i-th forward is seen by a pre-hook on the embedding, which runs once per forward (it is outside the
+    checkpointed blocks, so backward's recomputation does not run it again), and sets the sync flag before that
+    micro-batch's backward."""
     from torch.distributed.fsdp import FSDPModule
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    flags = iter(sync_flags(n_micro_batches))
+    handle = model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: model.set_requires_gradient_sync(next(flags)))
+    try:
+        yield
+    finally:
+        handle.remove()
+        model.set_requires_gradient_sync(True)  # evaluation and the next step start from FSDP's default
 
 
 def sync_flags(n_micro_batches: int) -> list[bool]:

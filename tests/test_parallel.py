@@ -19,7 +19,7 @@ from ropelite.errors import RopeliteError
 from ropelite.hf import save_model
 from ropelite.model import (Attention, KernelChoice, Llama, LlamaConfig, attention_kernel_note, attention_probs,
                             choose_kernel)
-from ropelite.parallel import compile_blocks, set_learning_rate, sync_flags
+from ropelite.parallel import compile_blocks, set_learning_rate, shard, sync_flags, sync_on_last_micro_batch
 from ropelite.presets import preset
 from ropelite.rope import RopeConfig
 from ropelite.training import random_model
@@ -87,6 +87,37 @@ def test_no_o_l_kernel_is_an_error_naming_the_fix():
 def test_only_the_last_micro_batch_syncs_gradients():
     assert sync_flags(1) == [True]
     assert sync_flags(4) == [False, False, False, True]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this process alone, and its device mesh, for FSDP2 in-process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_reduces_gradients_only_after_the_last_micro_batch(one_process_group):
+    """Under FSDP2 the sharded .grad appears only when a backward reduce-scatters: not after micro-batches 1 and
+    2 of 3, then after the 3rd, holding the sum of all three (checkpointing on: its recomputation must not count
+    as a micro-batch)."""
+    torch.manual_seed(0)
+    plain = random_model(tiny_config(), seed=0)
+    sharded = random_model(tiny_config(), seed=0)
+    shard(sharded, one_process_group, torch.float32)
+    sharded.gradient_checkpointing = plain.gradient_checkpointing = True
+    batches = [torch.randint(0, 64, (1, 16)) for _ in range(3)]
+    with sync_on_last_micro_batch(sharded, 3):
+        for i, ids in enumerate(batches):
+            sharded.nll(ids)[0].backward()
+            plain.nll(ids)[0].backward()
+            assert all((p.grad is not None) == (i == 2) for p in sharded.parameters()), i
+    for (name, a), b in zip(plain.named_parameters(), sharded.parameters()):
+        torch.testing.assert_close(b.grad.full_tensor(), a.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_learning_rate_is_set_in_place_when_it_is_a_tensor():
