@@ -70,6 +70,8 @@ from ropelite.errors import RopeliteError
 from ropelite.io import append_jsonl, lock_out, truncate_jsonl, write_json
 from ropelite.hf import config_to_hf, load_model, model_from_state, read_config
 from ropelite.model import Llama, LlamaConfig
+from ropelite.parallel import (compile_blocks, lean_weights, make_optimizer, set_learning_rate, shard,
+                               sync_on_last_micro_batch)
 from ropelite.rope import VARIANTS, RopeConfig
 from ropelite.tokenizer import ByteTokenizer, first_id, load_tokenizer
 from ropelite.training import (OPTIMIZER_STATE, SCHEDULES, accumulate_gradients, clip_gradients, evaluate_nll,
@@ -80,7 +82,7 @@ from ropelite.training import (OPTIMIZER_STATE, SCHEDULES, accumulate_gradients,
 # itself, and those that do not change the numbers the run computes, which may be given anew (--micro-batch
 # regroups the same sum: equal up to float rounding). Any other flag given must equal the checkpoint's.
 PER_INVOCATION = {"resume", "out", "stop_after", "quiet", "device"}
-MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok"}
+MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok", "compile"}
 DAY_S = 86400  # a run estimated longer than this on this device gets a notice up front
 METRICS, EVAL_LOG = "metrics.jsonl", "eval.jsonl"  # in --out: one row per step; one per held-out evaluation
 
@@ -135,6 +137,14 @@ def build_parser() -> ArgumentParser:
                         "backward (default on; --no-grad-ckpt skips the recompute: ~1/3 less compute, L times the "
                         "activation memory; see benchmarks/memory_estimate.py)")
     g.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
+    g = p.add_argument_group("GPU speed and memory")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each block (the first steps compile; off by default)")
+    g.add_argument("--lean", action="store_true",
+                   help="one GPU, little memory: bf16 weights and gradients and torchao's 8-bit AdamW with "
+                        "stochastic bf16 rounding, ~6 bytes per parameter instead of 16 (a LLaMa-2-7B at 32K fits "
+                        "80 GB: benchmarks/memory_estimate.py, column total_1gpu_lean_GiB); needs "
+                        "pip install 'ropelite[lean]'")
     add_data_args(p, "mixed")
     p.add_argument("--epochs-ok", action="store_true",
                    help="allow a --tokens budget larger than the training data, read more than once (otherwise "
@@ -338,15 +348,6 @@ def copy_tokenizer_files(source: Path, out: Path) -> None:
             shutil.copy2(f, out / f.name)
 
 
-def shard(model: Llama, mesh) -> None:
-    """FSDP2: one all-gather/reduce-scatter group per block, then the root (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    register_fsdp_forward_method(model, "nll")  # the loss is model.nll, not forward: unshard the root for it
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Preparing the run: everything that bad input can fail, before any weight is loaded
 # --------------------------------------------------------------------------------------------------------------
@@ -515,7 +516,7 @@ def build_model(run: Run, dist: Dist) -> Llama:
         full = source_model(run, "cpu").state_dict() if dist.main else {}
         with torch.device("meta"):
             model = Llama(run.config)
-        shard(model, dist.mesh)
+        shard(model, dist.mesh, run.dtype)  # bf16 all-gathers and compute, fp32 gradient reduction
         model.to_empty(device=dist.device)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
@@ -593,14 +594,14 @@ def optimizer_step(run: Run, model: Llama, optimizer, step: int, dist: Dist,
     non-finite loss or norm stops the run here, before the weights change."""
     args = run.args
     lr = learning_rate(step, args.lr, args.warmup, run.steps, args.schedule)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr)
     per_rank = run.per_step // dist.world
     first = step * run.per_step + dist.rank * per_rank  # this rank's sequences of the global step
     batches = [run.sequences.batch(first + i, args.micro_batch).to(dist.device)
                for i in range(0, per_rank, args.micro_batch)]
     n_predicted = run.per_step * (args.len - 1)  # next-token targets in one step (the last token predicts nothing)
-    nll = accumulate_gradients(model, batches, n_predicted, run.dtype, scale=dist.world, progress=progress)
+    with sync_on_last_micro_batch(model, len(batches)):  # FSDP: one reduce-scatter per step
+        nll = accumulate_gradients(model, batches, n_predicted, run.dtype, scale=dist.world, progress=progress)
     if dist.mesh is not None:
         torch.distributed.all_reduce(nll)
     loss = nll.item() / n_predicted
@@ -736,7 +737,11 @@ def train(args, dist: Dist, given: set[str] = frozenset()) -> Path:
     the others a resumed run takes from its checkpoint."""
     run = prepare(args, given, dist)
     model = build_model(run, dist)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.wd)
+    if args.lean:
+        model = lean_weights(model, dist.world)
+    if args.compile:
+        compile_blocks(model)
+    optimizer = make_optimizer(model, args.lr, tuple(args.betas), args.wd, dist.device, lean=args.lean)
     start = restore(run, model, optimizer, dist)
     if dist.main:
         truncate_jsonl(run.out / METRICS, start)

@@ -9,7 +9,7 @@ the measured memory; and (--vs-transformers) one training step side by side with
 
 Each (len, checkpointing) configuration runs in a fresh Python subprocess, so that its peak resident memory
 (VmHWM, see measure.py) is its own. The subprocess builds a random model and AdamW exactly as train.py does
-(ropelite.train_utils), notes its resident memory, then runs --steps optimizer steps of one sequence of --len
+(ropelite.training), notes its resident memory, then runs --steps optimizer steps of one sequence of --len
 tokens (fp32, the CPU recipe), then one more step under torch's MemTracker. Reported:
 - tokens/s of the fastest step after the first (warm-up; the CPU is shared, the minimum is the least disturbed),
   and that step's CPU time (all threads; other processes on a shared CPU do not inflate it, so the cost of
@@ -69,7 +69,7 @@ def child(spec: dict) -> dict:
     """One configuration, in this (fresh) process."""
     import torch
 
-    from ropelite.train_utils import accumulate_gradients, clip_gradients, random_model
+    from ropelite.training import accumulate_gradients, clip_gradients, random_model
     config = LlamaConfig(**{**spec["config"], "rope": RopeConfig(**spec["config"]["rope"])})
     model = random_model(config, seed=0).train()
     model.gradient_checkpointing = spec["grad_ckpt"]
@@ -113,7 +113,7 @@ def side_by_side_child(spec: dict) -> dict:
     import torch
 
     from bench_forward import smollm2_config, transformers_model
-    from ropelite.train_utils import random_model
+    from ropelite.training import random_model
     config = smollm2_config()
     model = random_model(config, seed=0).train()
     if spec["impl"] == "transformers":

@@ -7,7 +7,10 @@ The recipe is train.py's: AdamW with fp32 master weights, fp32 gradients and two
 parameter), bf16 autocast compute (fp32 residual stream: the embedding output and the residual adds stay fp32
 under autocast), gradient checkpointing per block, flash attention (O(len) memory: q, k, v, the output and the
 log-sum-exp), and the loss made 1024 positions at a time. Under FSDP the 16 bytes per parameter are divided by
-the number of GPUs, plus the unsharded fp32 weights and gradients of the groups in flight.
+the number of GPUs, plus the unsharded weights (bf16 with --dtype bf16: FSDP2's MixedPrecisionPolicy, which also
+makes the residual stream bf16 and needs no autocast copies) and fp32 gradients of the groups in flight. With
+several micro-batches per rank, FSDP keeps the unsharded fp32 gradients between them (no reduce-scatter but the
+last micro-batch's): 4 bytes per parameter more, not counted here (the default 32K run on 8 GPUs has one).
 
 Activations per token of one block (C hidden, F SwiGLU inner, H/Hkv heads of d, r = 4 bytes of the residual
 stream, a = 2 bytes (bf16) or 4 (fp32) of matmul outputs), i.e. what autograd keeps for backward:
@@ -20,6 +23,11 @@ time in backward, and its gradients in flight add about 3aF + 2rC per token. Wit
 The loss keeps the final hidden states and their gradient (3rC + rC per token) and, per chunk, fp32 logits,
 log-softmax and their gradient (12 bytes x chunk x vocab, plus the bf16 matmul output); its backward comes before
 the blocks', so the activation peak is the kept inputs + the larger of the loss peak and one block's peak.
+The lean mode (train.py --lean, one GPU): bf16 weights (2 bytes) and gradients (2) and torchao's AdamW8bit moments,
+two 8-bit codes per parameter plus one fp32 scale per block of 256 (2 + 8/256), about 6 bytes per parameter; no
+bf16 casts (the weights are bf16) and a bf16 residual stream (r = 2 for the kept block inputs). Its optimizer
+step works one parameter at a time in fp32 (weight, gradient, two moments: 16 bytes x the largest parameter),
+after backward has freed the activations, so it is the larger of the two, not their sum.
 Not counted: the CUDA context and the caching allocator's slack (add ~1-2 GiB), NCCL buffers.
 benchmarks/bench_train.py checks this against CPU-measured peak memory on small configs.
 """
@@ -54,19 +62,27 @@ def param_count(c: LlamaConfig) -> int:
     return c.num_hidden_layers * block_params(c) + root_params(c)
 
 
+LEAN_BYTES_PER_PARAM = 2 + 2 + 2 * (1 + 4 / 256)  # bf16 weight + bf16 gradient + AdamW8bit's m, v with scales
+
+
 def estimate(c: LlamaConfig, length: int, micro_batch: int = 1, dtype: str = "bf16", grad_ckpt: bool = True,
-             gpus: int = 1, loss_chunk: int = LOSS_CHUNK) -> dict:
-    """Peak training memory in bytes, by part, for one process of ``gpus``."""
+             gpus: int = 1, loss_chunk: int = LOSS_CHUNK, lean: bool = False) -> dict:
+    """Peak training memory in bytes, by part, for one process of ``gpus`` (``lean``: train.py --lean, 1 GPU)."""
     C, F, H, Hkv, d, L, V = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
                              c.head_dim, c.num_hidden_layers, c.vocab_size)
-    r, a = 4, (2 if dtype == "bf16" else 4)
+    if lean and (gpus != 1 or dtype != "bf16"):
+        raise RopeliteError("the lean mode is bf16 on one GPU")
+    # bf16 weights (lean, or FSDP2's bf16 parameters) make a bf16 residual stream and need no autocast copies
+    bf16_weights = dtype == "bf16" and (lean or gpus > 1)
+    r, a = (2 if bf16_weights else 4), (2 if dtype == "bf16" else 4)
     n = micro_batch * length                                        # tokens in one forward
     P = param_count(c)
-    states = 16 * P / gpus                                          # fp32 weights + grads + AdamW m, v
-    # FSDP: a block is all-gathered (fp32) for the current and the prefetched one, with its unsharded gradient;
-    # the root group stays gathered through the loss.
-    in_flight = 0 if gpus == 1 else 2 * 2 * 4 * block_params(c) + 2 * 4 * root_params(c)
-    casts = (2 * block_params(c) + 2 * V * C) if dtype == "bf16" else 0   # one layer's / lm_head's bf16 copies
+    states = (LEAN_BYTES_PER_PARAM if lean else 16) * P / gpus      # fp32 weights + grads + AdamW m, v, or lean
+    # FSDP: a block is all-gathered (in the compute dtype) for the current and the prefetched one, with its
+    # unsharded gradient (fp32 for the reduce-scatter); the root group stays gathered through the loss.
+    gathered = (2 if bf16_weights else 4) + 4
+    in_flight = 0 if gpus == 1 else 2 * gathered * block_params(c) + gathered * root_params(c)
+    casts = (2 * block_params(c) + 2 * V * C) if dtype == "bf16" and not bf16_weights else 0  # autocast's copies
     saved_block = 5 * r * C + (2 * a * C if dtype == "bf16" else 0) + a * (3 * H + 2 * Hkv) * d + 4 * H + 4 * a * F
     backward_block = 3 * a * F + 2 * r * C                          # gradients in flight, incl. d(block input)
     kept = n * L * r * C if grad_ckpt else n * L * (r * C + saved_block)
@@ -75,8 +91,23 @@ def estimate(c: LlamaConfig, length: int, micro_batch: int = 1, dtype: str = "bf
     loss_peak = n * 4 * r * C + micro_batch * min(loss_chunk, length) * V * (12 + (2 if dtype == "bf16" else 0))
     block_peak = n * (backward_block + (saved_block if grad_ckpt else 0))
     activations = kept + max(loss_peak, block_peak)
+    optimizer_step = 16 * max(V * C, c.hidden_size * c.intermediate_size) if lean else 0
     return {"params": P, "states": states, "fsdp_in_flight": in_flight, "casts": casts,
-            "activations": activations, "total": states + in_flight + casts + activations}
+            "activations": activations, "optimizer_step": optimizer_step,
+            "total": states + in_flight + max(casts + activations, optimizer_step)}
+
+
+def eval_estimate(c: LlamaConfig, length: int, loss_chunk: int = LOSS_CHUNK) -> dict:
+    """Peak memory in bytes of the chunked loss ``model.nll`` without gradients, bf16 weights (evaluation on
+    CUDA). Live at once: the weights, the residual stream and one block's transients (RMSNorm's fp32 copy, q/k/v
+    and the attention output with RoPE's fp32 temporaries, SwiGLU's gate/up/product), then the final hidden
+    states and one chunk's logits (bf16, their fp32 copy and the log-softmax)."""
+    C, F, H, Hkv, d, V = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                          c.head_dim, c.vocab_size)
+    weights = 2 * param_count(c)
+    block = length * (2 * C + 4 * C + 2 * (2 * H + 2 * Hkv) * d + 4 * 2 * H * d + 3 * 2 * F)
+    loss = length * 2 * C + min(loss_chunk, length) * V * (2 + 4 + 4)
+    return {"weights": weights, "activations": max(block, loss), "total": weights + 2 * length * C + max(block, loss)}
 
 
 def table_rows(models: dict[str, LlamaConfig], lengths, gpus_list, micro_batch: int, dtype: str) -> list[dict]:
@@ -93,6 +124,10 @@ def table_rows(models: dict[str, LlamaConfig], lengths, gpus_list, micro_batch: 
                 row[f"total_{gpus}gpu_GiB"] = round(total / GIB, 2)
             no_ckpt = estimate(config, length, micro_batch, dtype, False, 1)["total"]
             row["total_1gpu_no_ckpt_GiB"] = round(no_ckpt / GIB, 2)
+            if dtype == "bf16":
+                lean = estimate(config, length, micro_batch, dtype, True, 1, lean=True)
+                row["lean_states_GiB"] = round(lean["states"] / GIB, 2)
+                row["total_1gpu_lean_GiB"] = round(lean["total"] / GIB, 2)
             row["note"] = "computed, not measured"
             rows.append(row)
     return rows

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from .errors import RopeliteError
 from .rope import RopeConfig, apply_rope, rope_cos_sin
 
 # One observed attention row block: (layer index, absolute query positions (t,), probabilities (B, H, t, S)).
@@ -98,6 +100,44 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> to
     return scores.masked_fill_(future, float("-inf")).softmax(-1).view(B, H, t, S)
 
 
+# Which scaled_dot_product_attention kernels may run. On CUDA only the O(L)-memory ones are allowed, so that the
+# math kernel's L x L score matrix per head (144 GiB per layer at 64K for SmolLM2 in fp32) is an error, not a
+# silent allocation. Flash takes fp16/bf16 with a causal or no mask and grouped-query attention natively; the
+# memory-efficient kernel also takes fp32 and a boolean mask, but not enable_gqa, so k/v are expanded to the query
+# heads for it (O(L) memory: H/Hkv times the cache's k/v). CPU: PyTorch's own choice (its flash kernel takes
+# fp32, and the masked decode step is one row).
+O_L_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    backends: tuple | None  # the SDPBackends allowed; None = PyTorch chooses
+    expand_kv: bool         # repeat k/v to the query heads instead of enable_gqa
+    name: str               # for the log line
+
+
+def choose_kernel(device_type: str, dtype: torch.dtype, n_heads: int, n_kv: int, causal: bool) -> KernelChoice:
+    """The attention kernel for q of ``dtype`` on ``device_type`` with ``n_heads`` query and ``n_kv`` key heads;
+    ``causal``: the square causal mask (a prefill or training), else a boolean (T, S) mask (a cached step)."""
+    if device_type != "cuda":
+        return KernelChoice(None, False, "PyTorch's choice")
+    gqa = n_heads != n_kv
+    if dtype in (torch.float16, torch.bfloat16) and causal:
+        return KernelChoice(O_L_BACKENDS, False, "flash/cuDNN/memory-efficient" + (", native GQA" if gqa else ""))
+    return KernelChoice((SDPBackend.EFFICIENT_ATTENTION,), gqa,
+                        "memory-efficient" + (f", k/v expanded {n_kv} -> {n_heads} heads" if gqa else ""))
+
+
+def attention_kernel_note(config: "LlamaConfig", device: torch.device | str, dtype: torch.dtype) -> str:
+    """One line for a run's log: the attention kernel(s) of the prefill/training and of a cached decoding step."""
+    device_type = torch.device(device).type
+    H, Hkv = config.num_attention_heads, config.num_key_value_heads
+    full, step = (choose_kernel(device_type, dtype, H, Hkv, causal) for causal in (True, False))
+    dtype_name = str(dtype).removeprefix("torch.")
+    return (f"attention ({dtype_name}, {device_type}): {full.name}" +
+            ("" if step == full else f"; cached decoding steps: {step.name}"))
+
+
 class Observer:
     """What the caller wants to see of the attention: which query rows (absolute positions; None = all),
     delivered layer by layer to ``callback`` so that nothing O(L^2 * layers) is ever kept."""
@@ -150,12 +190,28 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))                    # (B, T, H*d)
 
     @staticmethod
-    def _sdpa(q, k, v, q_pos):
+    def _sdpa(q, k, v, q_pos, kernel: "KernelChoice | None" = None):
         T, S = q.shape[2], k.shape[2]
+        kernel = kernel or choose_kernel(q.device.type, q.dtype, q.shape[1], k.shape[1], causal=T == S)
+        if kernel.expand_kv:  # query head h reads key head h // rep, as enable_gqa does, for kernels without it
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)       # (B, H, S, d)
         if T == S:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]            # (T, S), True = attend
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            args = dict(is_causal=True)
+        else:
+            args = dict(attn_mask=torch.arange(S, device=q.device)[None, :] <= q_pos[:, None])  # (T, S), True = attend
+        if kernel.backends is None:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=not kernel.expand_kv, **args)
+        try:
+            with sdpa_kernel(list(kernel.backends)):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=not kernel.expand_kv, **args)
+        except RuntimeError as e:
+            if "No available kernel" not in str(e) and "No viable backend" not in str(e):
+                raise
+            raise RopeliteError(
+                f"no O(L)-memory attention kernel ({kernel.name}) takes {q.dtype} q {tuple(q.shape)} on "
+                f"{q.device}, and PyTorch's math kernel would build the {T} x {S} scores per head; run in bf16 "
+                f"(--dtype bf16; flash takes head_dim <= 256) or report the shapes") from None
 
     def _eager(self, q, k, v, q_pos, observer):
         """Softmax written out, a block of query rows at a time so memory stays O(rows * S * H)."""
