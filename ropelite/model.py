@@ -339,7 +339,8 @@ class Llama(nn.Module):
             rope: RopeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token negative log-likelihood with ``rope`` (default: the model's own): (sum over predicted
         tokens, number of them). Labels default to the inputs; -100 is ignored. Logits are made ``chunk_size``
-        positions at a time and, when training, recomputed in backward, so the (T, V) logits never exist at once."""
+        positions at a time, with their gradients in the same pass when training (``LinearCrossEntropy``), so the
+        (T, V) logits never exist at once and each chunk's are made once."""
         masked = labels is not None  # only given labels can hold -100: the inputs' own never do
         labels = input_ids if labels is None else labels
         h = self.hidden_states(input_ids, rope=rope)[:, :-1]                                    # (B, T-1, C)
