@@ -31,8 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ropelite.attention import DEFINITIONS, Variant, measure, pick_samples, state_meta, summarize
-from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, parse_grid,
-                          rope_overrides, run, token_bar)
+from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, load_for, parse_grid,
+                          run, token_bar, variant_config)
 from ropelite.data import TEXT_SUFFIXES, load_documents
 from ropelite.errors import RopeliteError
 from ropelite.hf import read_config
@@ -186,13 +186,11 @@ def entropy_figure(rows: list[dict]):
 
 def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
     """(variants, reference, tokenizers, vocabulary sizes). The variants share one loaded model."""
-    import ropelite
-
-    model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_for(args)
     base = model.config
     variants = []
     for rope in dict.fromkeys(args.rope):
-        config = base.with_rope(**rope_overrides(rope, args.factor, args.base, args.rope))
+        config = variant_config(base, rope, args.factor, args.base, args.rope)
         variants.append(Variant(config.rope.describe(), model, config, 0))
     tokenizers, vocab = [tokenizer], [base.vocab_size]
     if args.reference_model is None:
@@ -200,7 +198,7 @@ def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
         found = [v for v in variants if v.config == config]
         reference = found[0] if found else Variant("rope (reference)", model, config, 0)
     else:
-        ref_model, ref_tok = ropelite.load(args.reference_model, dtype=DTYPES[args.dtype], device=args.device)
+        ref_model, ref_tok = load_for(args, args.reference_model)
         name = Path(args.reference_model).name or args.reference_model
         reference = Variant(f"{name} {ref_model.config.rope.describe()} (reference)", ref_model, ref_model.config, 1)
         tokenizers.append(ref_tok)
@@ -451,7 +449,7 @@ def freqs_main(args) -> None:
     original = rope_inv_freq(dim, theta)
     rows, summary = [], []
     for name in dict.fromkeys(args.rope):
-        rope = config.with_rope(**rope_overrides(name, factor, args.base, args.rope)).rope
+        rope = variant_config(config, name, factor, args.base, args.rope).rope
         inv_freq, attention_factor = rope.frequencies(dim, length)
         label = rope.describe()
         summary.append({"rope": label, "config": dataclasses.asdict(rope), "attention_factor": attention_factor})

@@ -37,9 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-import ropelite
-from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, parse_grid,
-                          run, token_bar, variant_config)
+from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, load_for, parse_grid, run,
+                          token_bar, variant_config)
 from ropelite.data import corpus_name, document_names, load_documents, tokenize_checked
 from ropelite.hf import trained_length
 from ropelite.hub import resolve_model
@@ -242,7 +241,7 @@ def main(argv=None) -> None:
     validate(args)
     out = lock_out(args.out)  # a second run on this --out stops here, in one line
     docs = load_documents(args.data, args.builtin, min_chars=CHARS_PER_TOKEN * max(args.lengths))
-    model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_for(args)
     pretrained = model.config
     # Every variant is built (and so checked) before anything runs.
     variants = [variant_config(pretrained, r, args.factor, args.base, args.rope) for r in args.rope]

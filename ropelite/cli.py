@@ -42,7 +42,10 @@ def add_model_args(parser: argparse.ArgumentParser, several_ropes: bool = False,
     add("--base", type=float, default=None,
         help="ntk only: an explicit new base, e.g. 1000000 (the seed paper's 1e4 -> 1e6); "
              "without it ntk uses b * s^(d/(d-2))")
-    add("--dtype", default="fp32", choices=DTYPES, help="weights and activations (default fp32)")
+    add("--dtype", default=None, choices=DTYPES,
+        help="weights and activations (default: bf16 on CUDA, as YaRN's evaluation, so attention takes an O(L) "
+             "kernel; fp32 elsewhere; fp32 on CUDA runs the memory-efficient kernel with k/v expanded to the "
+             "query heads)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda when available, else cpu)")
 
@@ -53,6 +56,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise RopeliteError(f"{self.prog}: {message}")
+
+
+def load_for(args, model: str | None = None, **rope_kwargs):
+    """(model, tokenizer) for a script's --model (or ``model``), --dtype and --device. A --dtype left out becomes
+    bf16 on CUDA and fp32 elsewhere (written back to ``args.dtype``, so results record it); on CUDA the attention
+    kernel is logged once, as the quadratic fallback is what a run must not hit silently."""
+    import ropelite
+    from .model import attention_kernel_note
+    if args.dtype is None:
+        args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+    loaded = ropelite.load(model or args.model, dtype=DTYPES[args.dtype], device=args.device, **rope_kwargs)
+    if torch.device(args.device).type == "cuda":
+        print(attention_kernel_note(loaded[0].config, args.device, DTYPES[args.dtype]), file=sys.stderr)
+    return loaded
 
 
 def rope_overrides(rope: str | None, factor: float | None, base: float | None,
