@@ -208,7 +208,7 @@ def prompt_parts(tokenizer, template: str, question: str, answer_prefix: str,
 @dataclasses.dataclass
 class Haystack:
     tokenizer: object
-    ids: np.ndarray          # haystack tokens, at least the longest context + 1
+    ids: np.ndarray          # haystack tokens, more than the longest context
     starts: np.ndarray       # sentence boundaries, see sentence_starts
     pieces: list[Piece]      # where the haystack tokens come from
     before: list[int]        # prompt tokens before the context
@@ -233,9 +233,8 @@ class Haystack:
     def prompt(self, length: int, depth: float, needle: str) -> tuple[list[int], int, int, int]:
         """(prompt ids, needle's index in them, context tokens, needle's index in the context)."""
         budget = self.budget(length, needle)
-        if budget < 1 or budget >= len(self.ids):
-            raise RopeliteError(f"length {length} does not fit this haystack (room for {budget} haystack tokens, "
-                                f"{len(self.ids)} built)")
+        if budget < 1:
+            raise RopeliteError(f"length {length} leaves no room for the haystack next to this needle")
         end, pos = place_needle(self.starts, budget, depth)
         context = [*self.ids[:pos].tolist(), *self.needle_ids(needle, pos), *self.ids[pos:end].tolist()]
         return [*self.before, *context, *self.after], len(self.before) + pos, end, pos
@@ -252,7 +251,9 @@ def build_haystack(make, tokenizer, lengths: list[int], template: str, question:
     if short:
         raise RopeliteError(f"length {short[0]} is too short: template, question and needle take "
                             f"{fixed - max_new_tokens} tokens and the answer {max_new_tokens} more (use > {fixed})")
-    ids, pieces = make(max(lengths) - fixed + 2)  # +2: a boundary at the cut
+    # As long as the longest context would be without the needle (so any needle fits), +1: a boundary at the cut
+    # needs the token after it.
+    ids, pieces = make(max(lengths) - len(before) - len(after) - max_new_tokens + 1)
     return Haystack(tokenizer, ids, sentence_starts(ids, tokenizer), pieces, before, after, max_new_tokens)
 
 
@@ -299,7 +300,7 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
                              sharey=True, squeeze=False, layout="constrained")
     for ax, (name, rows, train_len) in zip(axes[0], panels):
         image = _draw_panel(ax, rows, lengths, depths, train_len, cmap, small)
-        ax.set_title(f"{name}\ntraining length {train_len}", fontsize=9)
+        ax.set_title(f"{name}\n{panel_summary(rows, lengths, depths, train_len)}", fontsize=9)
         ax.set_xlabel("context length (tokens)")
     axes[0][0].set_ylabel("needle depth (%)")
     dashed = Line2D([], [], color="black", linestyle="--", label="training length")
@@ -309,10 +310,23 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
     else:
         handles = [Patch(color=PASS, label="pass"), Patch(color=FAIL, label="fail"),
                    Patch(color=NOT_RUN, label="not run"), dashed]
-    fig.suptitle((title + "\n" if title else "") + "numbers: mean attention entropy of the answer (nats)",
-                 fontsize=9)
+    numbers = "k/n: trials passed; " * rated + "number: mean attention entropy of the answer's tokens (nats)"
+    fig.suptitle((title + "\n" if title else "") + numbers, fontsize=9)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     save_figure(fig, path)
+
+
+def panel_summary(rows: list[dict], lengths: list[int], depths: list, train_len: int) -> str:
+    """'training length 4096, 7/12 pass' (needle) or '..., mean pass rate 0.58' (passkey), saying when the
+    training length lies outside the grid (no dashed line then)."""
+    shown = [r for r in rows if r["length"] in lengths and r["depth"] in depths]
+    where = "" if boundary_x(lengths, train_len) is not None else (
+        " (above the grid)" if train_len >= lengths[-1] else " (below the grid)")
+    if any(r.get("trials", 1) > 1 for r in shown):
+        score = f"mean pass rate {np.mean([r['pass_rate'] for r in shown]):.2f}"
+    else:
+        score = f"{sum(r['pass_rate'] == 1 for r in shown)}/{len(shown)} pass"
+    return f"training length {train_len}{where}, {score}"
 
 
 def _draw_panel(ax, rows: list[dict], lengths: list[int], depths: list, train_len: int, cmap, small: bool):
