@@ -45,7 +45,7 @@ PASSKEY_PREFIX = "The pass key is"
 STOP_WORDS = frozenset("a an the and or of in on at to is are was be it its for with by as from that this".split())
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")  # a sentence's last token, closing quotes or brackets allowed
 CLOSER = re.compile(r"[\"')\]]+$")
-PASS, FAIL, NOT_RUN = "#0072B2", "#E69F00", "#dddddd"  # Okabe-Ito blue / orange: safe for colour-blind readers
+PASS, FAIL, NOT_RUN = "#0072B2", "#E69F00", "#b8b8b8"  # Okabe-Ito blue / orange: safe for colour-blind readers
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,14 +302,13 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
         image = _draw_panel(ax, rows, lengths, depths, train_len, cmap, small)
         ax.set_title(f"{name}\n{panel_summary(rows, lengths, depths, train_len)}", fontsize=9)
         ax.set_xlabel("context length (tokens)")
-    axes[0][0].set_ylabel("needle depth (%)")
-    dashed = Line2D([], [], color="black", linestyle="--", label="training length")
+    axes[0][0].set_ylabel("depth (% of the context)")
+    handles = [] if rated else [Patch(color=PASS, label="pass"), Patch(color=FAIL, label="fail")]
+    handles.append(Patch(color=NOT_RUN, label="not run"))
+    if any(boundary_x(lengths, train_len) is not None for *_, train_len in panels):
+        handles.append(Line2D([], [], color="black", linestyle="--", label="training length"))
     if rated:
         fig.colorbar(image, ax=list(axes[0]), label="pass rate", shrink=0.9)
-        handles = [dashed, Patch(color=NOT_RUN, label="not run")]
-    else:
-        handles = [Patch(color=PASS, label="pass"), Patch(color=FAIL, label="fail"),
-                   Patch(color=NOT_RUN, label="not run"), dashed]
     numbers = "k/n: trials passed; " * rated + "number: mean attention entropy of the answer's tokens (nats)"
     fig.suptitle((title + "\n" if title else "") + numbers, fontsize=9)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
@@ -321,7 +320,7 @@ def panel_summary(rows: list[dict], lengths: list[int], depths: list, train_len:
     training length lies outside the grid (no dashed line then)."""
     shown = [r for r in rows if r["length"] in lengths and r["depth"] in depths]
     where = "" if boundary_x(lengths, train_len) is not None else (
-        " (above the grid)" if train_len >= lengths[-1] else " (below the grid)")
+        " (longer than the grid)" if train_len >= lengths[-1] else " (shorter than the grid)")
     if any(r.get("trials", 1) > 1 for r in shown):
         score = f"mean pass rate {np.mean([r['pass_rate'] for r in shown]):.2f}"
     else:

@@ -273,7 +273,7 @@ def test_heatmap_panels_each_dash_their_own_training_length(monkeypatch, tmp_pat
     assert [[list(x) for x in d] for d in dashed] == [[[2.5, 2.5]], [], [[3.5, 3.5]]]
     titles = [ax.get_title() for ax in axes]
     assert titles[0].startswith("4K model\ntraining length 4096, ")
-    assert titles[1].startswith("32K model\ntraining length 32768 (above the grid), ")
+    assert titles[1].startswith("32K model\ntraining length 32768 (longer than the grid), ")
     assert titles[2].startswith("8K model\ntraining length 8192, ")
     assert titles[0].endswith("9/15 pass" if trials == 1 else "mean pass rate 0.36")
     assert "nats" in fig._suptitle.get_text()
@@ -281,9 +281,16 @@ def test_heatmap_panels_each_dash_their_own_training_length(monkeypatch, tmp_pat
     if trials == 1:
         assert labels == ["pass", "fail", "not run", "training length"]
     else:
-        assert labels == ["training length", "not run"]
+        assert labels == ["not run", "training length"]
         assert any(ax.get_label() == "<colorbar>" and ax.get_ylabel() == "pass rate" for ax in fig.axes)
         assert "3/5\n2.50" in [t.get_text() for t in axes[0].texts]
     # not-run cells of the third panel are masked (grey), run ones carry their rate
     image = axes[2].get_images()[0].get_array()
     assert image.mask.sum() == len(rows) - 6 and not image.mask[:, :2].any()
+
+
+def test_no_training_length_in_the_legend_without_a_dashed_line(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(hs, "save_figure", lambda fig, path: figures.append(fig))
+    hs.draw_heatmaps([("m", cells([1000, 2000], [50], lambda n, d: 1.0), 8192)], [1000, 2000], [50], tmp_path / "h")
+    assert [t.get_text() for legend in figures[0].legends for t in legend.get_texts()] == ["pass", "fail", "not run"]
