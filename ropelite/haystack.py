@@ -320,7 +320,7 @@ def panel_summary(rows: list[dict], lengths: list[int], depths: list, train_len:
     training length lies outside the grid (no dashed line then)."""
     shown = [r for r in rows if r["length"] in lengths and r["depth"] in depths]
     where = "" if boundary_x(lengths, train_len) is not None else (
-        " (longer than the grid)" if train_len >= lengths[-1] else " (shorter than the grid)")
+        " (no column above it)" if train_len >= lengths[-1] else " (every column above it)")
     if any(r.get("trials", 1) > 1 for r in shown):
         score = f"mean pass rate {np.mean([r['pass_rate'] for r in shown]):.2f}"
     else:
