@@ -1,4 +1,4 @@
-"""Needle in a haystack or passkey retrieval, with attention entropy per cell: the seed paper's Figure 4 and Algorithm 1.
+"""Needle in a haystack or passkey retrieval with attention entropy per cell: the seed paper's Figure 4, Algorithm 1.
 
     python needle.py                                         # small CPU grid: SmolLM2, 3 lengths x 5 depths
     python needle.py --rope yarn --factor 4 --lengths 1000 8000 16000 --depths 0 50 100
