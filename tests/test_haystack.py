@@ -289,8 +289,8 @@ def test_heatmap_panels_each_dash_their_own_training_length(monkeypatch, tmp_pat
     assert image.mask.sum() == len(rows) - 6 and not image.mask[:, :2].any()
 
 
-def test_no_training_length_in_the_legend_without_a_dashed_line(monkeypatch, tmp_path):
+def test_legend_names_only_what_is_drawn(monkeypatch, tmp_path):
     figures = []
     monkeypatch.setattr(hs, "save_figure", lambda fig, path: figures.append(fig))
     hs.draw_heatmaps([("m", cells([1000, 2000], [50], lambda n, d: 1.0), 8192)], [1000, 2000], [50], tmp_path / "h")
-    assert [t.get_text() for legend in figures[0].legends for t in legend.get_texts()] == ["pass", "fail", "not run"]
+    assert [t.get_text() for legend in figures[0].legends for t in legend.get_texts()] == ["pass", "fail"]
