@@ -305,14 +305,14 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
     axes[0][0].set_ylabel("depth (% of the context)")
     handles = [] if rated else [Patch(color=PASS, label="pass"), Patch(color=FAIL, label="fail")]
     complete = [{(r["length"], r["depth"]) for r in rows} >= {(n, d) for n in lengths for d in depths}
-             for _, rows, _ in panels]
+                for _, rows, _ in panels]
     if not all(complete):
         handles.append(Patch(color=NOT_RUN, label="not run"))
     if any(boundary_x(lengths, train_len) is not None for *_, train_len in panels):
         handles.append(Line2D([], [], color="black", linestyle="--", label="training length"))
     if rated:
         fig.colorbar(image, ax=list(axes[0]), label="pass rate", shrink=0.9)
-    numbers = ["k/n: trials passed"] * rated + ["number: mean attention entropy of the answer (nats)"]
+    numbers = ["k/n: trials passed"] * (rated and not small) + ["number: mean attention entropy of the answer (nats)"]
     fig.suptitle("\n".join([title] * bool(title) + numbers), fontsize=9)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     save_figure(fig, path)
