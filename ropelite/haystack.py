@@ -314,7 +314,8 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
         fig.colorbar(image, ax=list(axes[0]), label="pass rate", shrink=0.9)
     numbers = ["k/n: trials passed"] * (rated and not small) + ["number: mean attention entropy of the answer (nats)"]
     fig.suptitle("\n".join([title] * bool(title) + numbers), fontsize=9)
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    if handles:  # a complete passkey grid inside the training length has nothing to key but the colorbar
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     save_figure(fig, path)
 
 

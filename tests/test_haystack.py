@@ -294,3 +294,7 @@ def test_legend_names_only_what_is_drawn(monkeypatch, tmp_path):
     monkeypatch.setattr(hs, "save_figure", lambda fig, path: figures.append(fig))
     hs.draw_heatmaps([("m", cells([1000, 2000], [50], lambda n, d: 1.0), 8192)], [1000, 2000], [50], tmp_path / "h")
     assert [t.get_text() for legend in figures[0].legends for t in legend.get_texts()] == ["pass", "fail"]
+    figures.clear()
+    hs.draw_heatmaps([("m", cells([1000, 2000], [50], lambda n, d: 0.5, trials=2), 8192)], [1000, 2000], [50],
+                     tmp_path / "h")
+    assert figures[0].legends == [] and "pass rate" in [ax.get_ylabel() for ax in figures[0].axes]
