@@ -1,54 +1,32 @@
-"""needle.py: needle placement at sentence boundaries, scoring, the entropy of a whole cell against its closed
-form, resume after a completed and a killed run, one-line errors. (The grid grammar is tested in test_cli.py, the
-entropy meter in test_attention.py.)
+"""needle.py, both tasks: the entropy of a whole cell against its closed form, what each row records (corpus,
+pieces, chat, keys, training length), resume after a completed and a killed run, one-line errors. (Placement
+and scoring are tested in test_haystack.py, the grid grammar in test_cli.py, the entropy meter in
+test_attention.py.)
 
-The model is a tiny random LLaMa with a byte-level tokenizer (one token per ASCII character), so token indices
-are character indices and placements can be checked on the text itself.
+The model is a tiny random LLaMa with a byte-level tokenizer (one token per ASCII character).
 """
 
 import json
 import math
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from test_haystack import SENTENCES, VOCAB, write_byte_tokenizer
 
 import needle
 from ropelite.cli import run
-from ropelite.errors import RopeliteError
-from ropelite.hf import save_model
-from ropelite.tokenizer import load_tokenizer
+from ropelite.haystack import first_integer, passkeys
+from ropelite.hf import config_to_hf, save_model
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-VOCAB = 256 + len(SPECIALS)
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SENTENCES = ["Use os.path to join paths.", "It works!", "Does it really?", "Yes, version 3.14 does.",
-             "Short.", "A much longer sentence follows here, with commas, clauses and no end in sight."]
+# The built-in books stand-in: needle.py's default haystack without a download (ropelite.books is tested in
+# test_books.py). "tiny" is too short for any context here, so the sample rule must pick "long".
+BOOKS = [("tiny", "Too short. "), ("long", " ".join(SENTENCES * 60))]
 
 
-def write_byte_tokenizer(path: Path) -> None:
-    """Byte-level BPE without merges: every byte is a token; ChatML special tokens; a chat template."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": CHAT}))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    write_byte_tokenizer(path)
-    return load_tokenizer(path)
+@pytest.fixture(autouse=True)
+def books_stand_in(monkeypatch):
+    monkeypatch.setattr(needle.books, "documents", lambda: BOOKS)
 
 
 @pytest.fixture
@@ -67,87 +45,12 @@ def model_dir(tmp_path, tiny_llama):
     return make
 
 
-@pytest.fixture
-def haystack_file(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "hay.txt"
-    path.write_text(" ".join(SENTENCES[i] for i in rng.integers(0, len(SENTENCES), 400)))
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Scoring
-# ---------------------------------------------------------------------------------------------------------------
-
-def test_answer_words_and_recall():
-    expected = needle.answer_words(needle.NEEDLE, needle.ANSWER_PREFIX)
-    assert expected == ["eat", "sandwich", "sit", "dolores", "park", "sunny", "day"]
-    assert needle.recall(" eat a sandwich and sit in Dolores Park on a sunny day.", expected) == 1.0
-    assert needle.recall(" to EAT a Sandwich!", expected) == pytest.approx(2 / 7)
-    assert needle.recall(" eat, sit; park... day", expected) == pytest.approx(4 / 7)   # >= 0.5: passes
-    assert needle.recall(" sandwiches in the park", expected) == pytest.approx(1 / 7)  # whole words only
-    assert needle.recall("", expected) == 0.0
-    assert needle.answer_words("x", "y", answer="The Eiffel tower, in Paris.") == ["eiffel", "tower", "paris"]
-    with pytest.raises(RopeliteError, match="give --answer"):
-        needle.answer_words("Paris is lovely.", needle.ANSWER_PREFIX)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Needle placement
-# ---------------------------------------------------------------------------------------------------------------
-
-def test_sentence_starts(tokenizer):
-    text = "Use os.path now. It works! Really? \"Yes.\" v3.14 is it."
-    ids = np.array(tokenizer.encode(text))
-    assert len(ids) == len(text)
-    starts = np.flatnonzero(needle.sentence_starts(ids, tokenizer)).tolist()
-    # before the space that follows '.', '!', '?' or '."'; never inside os.path or 3.14; the very end counts
-    assert starts == [0, text.index(" It"), text.index(" Really"), text.index(" \"Yes"), text.index(" v3"),
-                      len(text)]
-
-
-@pytest.mark.parametrize("depth", [0, 10, 25, 50, 75, 90, 100])
-def test_needle_lands_at_depth_on_a_sentence_boundary(tokenizer, haystack_file, depth):
-    length, max_new = 2000, 8
-    docs = needle.load_documents([str(haystack_file)])
-    hay = needle.build_haystack(docs, tokenizer, [1000, length], needle.NEEDLE, needle.QUESTION,
-                                needle.ANSWER_PREFIX, max_new)
-    ids, needle_at, context, pos = hay.prompt(length, depth)
-    text = tokenizer.decode(ids)
-    assert len(ids) + max_new <= length
-    assert len(ids) + max_new > length - max(map(len, SENTENCES)) - 2  # only the last partial sentence is cut
-    assert text.endswith(needle.ANSWER_PREFIX) and needle.QUESTION in text
-    # the needle sits at needle_at, i.e. pos tokens into the context, right after a complete sentence
-    assert tokenizer.decode(ids[needle_at:needle_at + len(hay.needle)]) == " " + needle.NEEDLE
-    haystack = haystack_file.read_text()
-    before = tokenizer.decode(ids[needle_at - pos:needle_at])
-    assert haystack.startswith(before)
-    assert pos == 0 or (before[-1] in ".!?" and haystack[pos] == " ")
-    # ... and it is the last sentence boundary at or before depth% of the context (found here on the text)
-    target = round(depth / 100 * context)
-    boundaries = [0] + [m.start() + 1 for m in re.finditer(r"[.!?] ", haystack)]
-    assert pos == max(b for b in boundaries if b <= target)
-    assert target - pos < max(map(len, SENTENCES)) + 1
-    assert haystack[context - 1] in ".!?" and haystack[context] == " "  # the context ends with a whole sentence
-    if depth == 100:
-        assert pos == context
-
-
-def test_short_haystack_is_repeated(tokenizer, tmp_path, capsys):
-    (tmp_path / "tiny.txt").write_text("One sentence. Two sentences.")
-    docs = needle.load_documents([str(tmp_path / "tiny.txt")])
-    hay = needle.build_haystack(docs, tokenizer, [600], needle.NEEDLE, needle.QUESTION, needle.ANSWER_PREFIX, 4)
-    assert "repeating it" in capsys.readouterr().err
-    ids, *_ = hay.prompt(600, 50)
-    assert "Two sentences.\n\nOne sentence." in tokenizer.decode(ids)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The script: outputs, hand entropy per cell, resume, errors
 # ---------------------------------------------------------------------------------------------------------------
 
-def read(out: Path) -> list[dict]:
-    return json.loads((out / "needle.json").read_text())
+def read(out: Path, task: str = "needle") -> list[dict]:
+    return json.loads((out / f"{task}.json").read_text())
 
 
 def test_cell_entropy_is_the_hand_value(model_dir, tmp_path):
@@ -159,6 +62,41 @@ def test_cell_entropy_is_the_hand_value(model_dir, tmp_path):
     assert row["entropy"] == pytest.approx(hand, rel=1e-6)
     assert row["entropy_per_layer"] == pytest.approx([hand] * 2, rel=1e-6)
     assert row["rope"] == "yarn x4" and row["tokens"] + 5 <= 500
+    # the default haystack: the built-in books, by the sample rule the first one long enough, from its start
+    assert row["corpus"] == "books" and row["haystack"] == [["long", 0, row["context_tokens"]]]
+    assert row["chat"] is True and row["train_len"] == 64 and row["pass_rate"] in (0.0, 1.0)
+
+
+def test_passkey_cell(model_dir, tmp_path):
+    out = tmp_path / "out"
+    needle.main(["--model", str(model_dir(zero_q=True)), "--task", "passkey", "--trials", "3", "--no-chat",
+                 "--lengths", "500", "--depths", "50", "--max-new-tokens", "4", "--out", str(out)])
+    (row,) = read(out, "passkey")
+    assert row["keys"] == passkeys(0, 500, 50, 3) and row["trials"] == 3 and len(row["answers"]) == 3
+    assert row["found"] == [first_integer(a) for a in row["answers"]]
+    assert row["passed"] == sum(f == k for f, k in zip(row["found"], row["keys"]))
+    assert row["pass_rate"] == row["passed"] / 3
+    hands = [sum(math.log(n + j) for j in range(g)) / g for n, g in zip(row["tokens"], row["generated"])]
+    assert row["entropy_trials"] == pytest.approx(hands, rel=1e-6)
+    assert row["entropy"] == pytest.approx(sum(hands) / 3, rel=1e-6)
+    assert row["entropy_per_layer"] == pytest.approx([sum(hands) / 3] * 2, rel=1e-6)
+    assert row["chat"] is False and row["corpus"] == "filler" and row["haystack"][0][:2] == ["filler", 0]
+    assert all(n + 4 <= 500 for n in row["tokens"])
+    sentence = max(map(len, needle.FILLER.split(". "))) + 2  # tokens: one filler sentence
+    assert all(0 <= 50 - d <= 100 * sentence / c for d, c in zip(row["key_depth"], row["context_tokens"]))
+    (png,) = out.glob("passkey_rope_*.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dashed_line_at_the_length_ropelite_trained_at(tiny_llama, tmp_path):
+    model = tiny_llama(vocab_size=VOCAB, eos_token_id=VOCAB - 1)
+    record = {**config_to_hf(model.config)["ropelite"], "trained": {"len": 300, "step": 1}}
+    path = save_model(model, tmp_path / "trained", extra_config={"ropelite": record})
+    write_byte_tokenizer(path)
+    out = tmp_path / "out"
+    needle.main(["--model", str(path), "--lengths", "450", "--depths", "50", "--max-new-tokens", "2",
+                 "--out", str(out)])
+    assert read(out)[0]["train_len"] == 300
 
 
 def test_resume_skips_done_cells_and_survives_a_kill(model_dir, tmp_path, count_calls):
@@ -198,6 +136,30 @@ def test_resume_skips_done_cells_and_survives_a_kill(model_dir, tmp_path, count_
     assert len(set(json.loads((out / "needle_settings.json").read_text()))) == 2
 
 
+def test_passkey_cells_resume(model_dir, tmp_path, count_calls):
+    argv = ["--model", str(model_dir()), "--task", "passkey", "--trials", "2", "--lengths", "450", "600",
+            "--depths", "0", "100", "--max-new-tokens", "3"]
+    calls = count_calls(needle, "answer_with_entropy")
+    out = tmp_path / "full"
+    needle.main(argv + ["--out", str(out)])
+    full = read(out, "passkey")
+    assert len(calls) == 8 and len(full) == 4  # one call per trial, one row per cell
+    calls.clear()
+    needle.main(argv + ["--out", str(out)])
+    assert calls == [] and read(out, "passkey") == full
+
+    calls.clear()
+    calls.kill_at, out = 6, tmp_path / "killed"  # in the third cell's second trial
+    with pytest.raises(KeyboardInterrupt):
+        needle.main(argv + ["--out", str(out)])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read(out, "passkey")) == strip(full[:2])
+    calls.clear()
+    calls.kill_at = 0
+    needle.main(argv + ["--out", str(out)])
+    assert len(calls) == 4 and strip(read(out, "passkey")) == strip(full)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--lengths", "100"], "error: length 100 is too short"),
     (["--model", "/nonexistent/model"], "error: model not found"),
@@ -207,6 +169,11 @@ def test_resume_skips_done_cells_and_survives_a_kill(model_dir, tmp_path, count_
     (["--rope", "yarn", "--base", "1e6"], "error: a new base is an NTK setting; rope 'yarn' does not take one"),
     (["--base", "1e6"], "error: a new base is an NTK setting; rope 'rope' does not take one"),
     (["--rope", "pi", "--factor", "0.5"], "error: rope factor must be >= 1"),
+    (["--task", "passkey", "--needle", "x"], "error: --needle is a --task needle flag"),
+    (["--task", "passkey", "--pass-recall", "0.3"], "error: --pass-recall is a --task needle flag"),
+    (["--task", "passkey", "--trials", "0"], "error: --trials must be at least 1"),
+    (["--task", "passkey", "--lengths", "150"], "error: length 150 is too short"),
+    (["--haystack", "/nonexistent/hay.txt"], "error: data not found: /nonexistent/hay.txt"),
 ])
 def test_bad_input_is_one_line(model_dir, tmp_path, capsys, extra, message):
     argv = ["--model", str(model_dir()), "--out", str(tmp_path / "o"), *extra]
@@ -215,3 +182,10 @@ def test_bad_input_is_one_line(model_dir, tmp_path, capsys, extra, message):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
+
+
+def test_out_that_is_a_file_is_one_line(model_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        run(lambda: needle.main(["--model", str(model_dir()), "--out", str(tmp_path / "file")]))
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'file'} exists and is not a folder"

@@ -1,0 +1,368 @@
+"""Needle in a haystack and passkey retrieval as library code: the haystack, sentence boundaries, where the
+needle goes, the prompt around it, the scoring rules and the heatmap (needle.py is the script around it).
+
+- Needle (Fu et al. 2024, the harness the seed paper follows): a sentence hidden at a depth of a long text, a
+  question about it, the answer primed with the question's stem; scored by answer-word recall.
+- Passkey (landmark attention, YaRN, LongLoRA): an instruction, filler text, "The pass key is K. Remember it.
+  K is the pass key." at the depth, more filler, "What is the pass key? The pass key is"; scored by the first
+  integer of the answer. Landmark's code cuts the filler by characters and puts the key on its own line; here
+  the key goes in as sentences at a sentence boundary, exactly as the needle does, so both tasks share one
+  placement rule.
+
+Every context is a prefix of one haystack (token ids), so contexts of different lengths share their text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ropelite.data import sample_windows, tokenize_checked
+from ropelite.errors import RopeliteError
+from ropelite.io import pyplot, save_figure
+
+NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+QUESTION = "What is the best thing to do in San Francisco?"
+ANSWER_PREFIX = "The best thing to do in San Francisco is"
+# The user turn (Fu et al.'s wording, with "document" for "story book").
+NEEDLE_TEMPLATE = ("This is a long document: <document>\n{context}\n</document>\n"
+                   "Based on the content of the document, Question: {question}")
+
+# Landmark attention's passkey test, word for word (their grammar included).
+PASSKEY_TEMPLATE = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                    "I will quiz you about the important information there.\n{context}\n{question}")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key?"
+PASSKEY_PREFIX = "The pass key is"
+
+STOP_WORDS = frozenset("a an the and or of in on at to is are was be it its for with by as from that this".split())
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")  # a sentence's last token, closing quotes or brackets allowed
+CLOSER = re.compile(r"[\"')\]]+$")
+PASS, FAIL, NOT_RUN = "#0072B2", "#E69F00", "#b8b8b8"  # Okabe-Ito blue / orange: safe for colour-blind readers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------------------
+
+def words(text: str) -> list[str]:
+    """Lower-cased words, punctuation stripped (the needle scoring's normal form)."""
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+def answer_words(needle: str, answer_prefix: str, answer: str | None = None) -> list[str]:
+    """The words a correct answer must contain: those of ``answer`` if given, else of the needle after the
+    answer prefix (the question's stem); stop words dropped."""
+    if answer is None:
+        stem, said = words(answer_prefix), words(needle)
+        if said[:len(stem)] != stem:
+            raise RopeliteError("the needle does not start with the answer prefix, so the expected answer cannot "
+                                "be derived from it: give --answer")
+        answer = " ".join(said[len(stem):])
+    kept = list(dict.fromkeys(w for w in words(answer) if w not in STOP_WORDS))
+    if not kept:
+        raise RopeliteError(f"the expected answer '{answer}' has no words besides stop words")
+    return kept
+
+
+def recall(text: str, expected: list[str]) -> float:
+    """Fraction of the expected answer words that occur in ``text``."""
+    said = set(words(text))
+    return sum(w in said for w in expected) / len(expected)
+
+
+def first_integer(text: str) -> int | None:
+    """The passkey rule: the first run of ASCII digits in the answer, as a number (None when there is none).
+    ' 1234 5' -> 1234: a key broken by a space is a wrong key."""
+    found = re.search(r"[0-9]+", text)
+    return int(found.group()) if found else None
+
+
+def passkeys(seed: int, length: int, depth: float, trials: int) -> list[int]:
+    """``trials`` distinct 5-digit keys for the cell (length, depth), uniform over 10000..99999. Deterministic:
+    Python's Random seeded with a string hashes it with SHA-512 (no PYTHONHASHSEED dependence), and trial t's key
+    depends only on (seed, length, depth, t), so asking for more trials keeps the first ones."""
+    rng = random.Random(f"passkey {seed} {length} {depth:g}")
+    keys: list[int] = []
+    while len(keys) < trials:
+        key = rng.randint(10_000, 99_999)
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The haystack
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """``tokens`` tokens of ``document`` from its token ``offset``, at haystack position ``at``."""
+    document: str
+    offset: int
+    tokens: int
+    at: int = 0
+
+
+def haystack_ids(docs: list, names: list[str], tokenizer, vocab_size: int,
+                 need: int) -> tuple[np.ndarray, list[Piece]]:
+    """``need`` haystack tokens and the pieces they came from. The sample rule (``sample_windows``, one window):
+    the first document with at least ``need`` tokens, from its start. When none is that long, the documents in
+    order, blank-line separated, repeated (with a notice) until they reach ``need``. Documents are tokenised
+    (without BOS: they are mid-sequence) only until one is long enough; ids are checked against the model's
+    vocabulary."""
+    sizes, parts = [], []
+    for doc in docs:
+        (ids,) = tokenize_checked([doc], tokenizer, vocab_size, add_bos=False)
+        parts.append(ids)
+        sizes.append(ids.size)
+        if ids.size >= need:
+            ((doc_index, offset),) = sample_windows(sizes, 1, need)
+            return parts[doc_index][offset:offset + need], [Piece(names[doc_index], offset, need)]
+    if not sum(sizes):
+        raise RopeliteError("the haystack is empty")
+    (blank,) = tokenize_checked(["\n\n"], tokenizer, vocab_size, add_bos=False)
+    stream, pieces, at = [], [], 0
+    while at < need:
+        for name, ids in zip(names, parts):
+            stream += [ids, blank]
+            pieces.append(Piece(name, 0, ids.size, at))
+            at += ids.size + blank.size
+    print(f"haystack: the documents hold {sum(sizes)} tokens; repeating them to reach {need}", file=sys.stderr)
+    return np.concatenate(stream)[:need], [p for p in pieces if p.at < need]
+
+
+def filler_ids(tokenizer, need: int) -> tuple[np.ndarray, list[Piece]]:
+    """``need`` tokens of the passkey filler repeated, as the text ' '.join([FILLER] * n) tokenises: the first
+    copy without its leading space, the others with it."""
+    first = tokenizer.encode(FILLER, add_bos=False)
+    rest = tokenizer.encode(" " + FILLER, add_bos=False)
+    ids = np.array(first + rest * (-(-max(need - len(first), 0) // len(rest))), dtype=np.int64)
+    return ids[:need], [Piece("filler", 0, need)]
+
+
+def used_pieces(pieces: list[Piece], tokens: int) -> list[list]:
+    """[document, offset, tokens] of the pieces that the first ``tokens`` haystack tokens come from."""
+    return [[p.document, p.offset, min(p.tokens, tokens - p.at)] for p in pieces if p.at < tokens]
+
+
+def sentence_starts(ids: np.ndarray, tokenizer) -> np.ndarray:
+    """starts[i] (i = 0..len(ids)) is True when a sentence may begin before token i: i = 0, or token i-1 ends
+    a sentence and token i starts with whitespace (so 'os.path' and '3.14' are not boundaries)."""
+    text = {int(t): tokenizer.decode([int(t)]) for t in np.unique(ids)}
+    ends = np.zeros(len(ids) + 1, dtype=bool)
+    for i, t in enumerate(ids.tolist()):  # a lone closing quote after a sentence end still ends it
+        ends[i] = bool(SENTENCE_END.search(text[t])) or (i > 0 and ends[i - 1] and bool(CLOSER.match(text[t])))
+    spaced = np.array([True] + [text[int(t)][:1].isspace() for t in ids[1:]] + [True])
+    starts = np.concatenate([[True], ends[:-1]]) & spaced
+    starts[0] = True
+    return starts
+
+
+def last_start(starts: np.ndarray, at: int) -> int:
+    """The nearest sentence boundary at or before token index ``at``."""
+    return int(np.flatnonzero(starts[:at + 1])[-1])
+
+
+def place_needle(starts: np.ndarray, budget: int, depth: float) -> tuple[int, int]:
+    """(context end, needle position) in haystack tokens: the context is the first ``budget`` tokens cut back
+    to a sentence end (kept whole when it has no boundary), the needle goes at depth % of it, moved back to the
+    nearest sentence boundary (Fu et al.)."""
+    end = last_start(starts, budget) or budget
+    return end, last_start(starts, round(depth / 100 * end))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prompt
+# ----------------------------------------------------------------------------------------------------------------
+
+def render(tokenizer, user: str, answer_prefix: str, chat: bool) -> str:
+    """The prompt text of one user turn and the primed answer: inside the chat template (instruct models), or
+    plain, 'user answer_prefix' (base models: '... What is the pass key? The pass key is')."""
+    if not chat:
+        return f"{user} {answer_prefix}"
+    if tokenizer.chat_template is None:
+        raise RopeliteError("--chat: this tokenizer has no chat template (use --no-chat)")
+    return tokenizer.chat(user, answer_prefix)
+
+
+def prompt_parts(tokenizer, template: str, question: str, answer_prefix: str,
+                 chat: bool) -> tuple[list[int], list[int]]:
+    """Token ids before and after the context in the prompt. The haystack is inserted as tokens, so its
+    placement is exact; the text around it is rendered once."""
+    marker = "\x00CONTEXT\x00"
+    text = render(tokenizer, template.format(context=marker, question=question), answer_prefix, chat)
+    if text.count(marker) != 1:
+        raise RopeliteError("the chat template does not keep the user's message verbatim")
+    before, after = text.split(marker)
+    return tokenizer.encode(before), tokenizer.encode(after, add_bos=False)
+
+
+@dataclasses.dataclass
+class Haystack:
+    tokenizer: object
+    ids: np.ndarray          # haystack tokens, more than the longest context
+    starts: np.ndarray       # sentence boundaries, see sentence_starts
+    pieces: list[Piece]      # where the haystack tokens come from
+    before: list[int]        # prompt tokens before the context
+    after: list[int]         # prompt tokens after it (question, answer prefix)
+    max_new_tokens: int
+
+    def needle_ids(self, needle: str, pos: int) -> list[int]:
+        """The needle's tokens at haystack position ``pos``: after a sentence end it starts with a space; at the
+        context start it follows the template's newline and, when the haystack's first token does not start with
+        whitespace, a newline separates it from that sentence (no 'sunny day.Chapter I')."""
+        if pos > 0:
+            return self.tokenizer.encode(" " + needle.strip(), add_bos=False)
+        glued = not self.tokenizer.decode([int(self.ids[0])])[:1].isspace()
+        return self.tokenizer.encode(needle.strip() + ("\n" if glued else ""), add_bos=False)
+
+    def budget(self, length: int, needle: str) -> int:
+        """Haystack tokens that fit in a context of ``length``: the rest is template, question, needle (its
+        longer form) and the answer (Fu et al. leave a fixed ~200-token buffer; we measure it)."""
+        longest = max(len(self.needle_ids(needle, 0)), len(self.needle_ids(needle, 1)))
+        return length - len(self.before) - len(self.after) - longest - self.max_new_tokens
+
+    def prompt(self, length: int, depth: float, needle: str) -> tuple[list[int], int, int, int]:
+        """(prompt ids, needle's index in them, context tokens, needle's index in the context)."""
+        budget = self.budget(length, needle)
+        if budget < 1:
+            raise RopeliteError(f"length {length} leaves no room for the haystack next to this needle")
+        end, pos = place_needle(self.starts, budget, depth)
+        context = [*self.ids[:pos].tolist(), *self.needle_ids(needle, pos), *self.ids[pos:end].tolist()]
+        return [*self.before, *context, *self.after], len(self.before) + pos, end, pos
+
+
+def build_haystack(make, tokenizer, lengths: list[int], template: str, question: str, answer_prefix: str,
+                   needle: str, max_new_tokens: int, chat: bool) -> Haystack:
+    """The haystack for contexts up to max(lengths). ``make(need) -> (ids, pieces)`` builds ``need`` tokens
+    (haystack_ids or filler_ids, bound to their documents); ``needle`` is a representative needle for the
+    too-short check (a passkey's length barely depends on its key; ``Haystack.prompt`` checks each one)."""
+    before, after = prompt_parts(tokenizer, template, question, answer_prefix, chat)
+    fixed = len(before) + len(after) + len(tokenizer.encode(" " + needle, add_bos=False)) + max_new_tokens
+    short = [n for n in lengths if n <= fixed]
+    if short:
+        raise RopeliteError(f"length {short[0]} is too short: template, question and needle take "
+                            f"{fixed - max_new_tokens} tokens and the answer {max_new_tokens} more (use > {fixed})")
+    # As long as the longest context would be without the needle (so any needle fits), +1: a boundary at the cut
+    # needs the token after it.
+    ids, pieces = make(max(lengths) - len(before) - len(after) - max_new_tokens + 1)
+    return Haystack(tokenizer, ids, sentence_starts(ids, tokenizer), pieces, before, after, max_new_tokens)
+
+
+def trained_length(model_dir: Path, original: int) -> tuple[int, str]:
+    """(length the model was trained at, where that comes from): train.py's record in config.json
+    ("ropelite": {"trained": {"len": ...}}) for a model ropelite finetuned, else the RoPE's pretrained length
+    (original_max_position_embeddings), which is what a checkpoint of someone else's training says."""
+    config = Path(model_dir) / "config.json"
+    record = json.loads(config.read_text()).get("ropelite") if config.is_file() else None
+    trained = (record or {}).get("trained") or {}
+    if isinstance(trained.get("len"), int):
+        return trained["len"], "ropelite.trained.len in config.json"
+    return original, "original_max_position_embeddings"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Heatmaps
+# ----------------------------------------------------------------------------------------------------------------
+
+def boundary_x(lengths: list[int], train_len: int) -> float | None:
+    """x of the dashed training-length line, columns being at x = 0..n-1: on the edge between the last column at
+    or below ``train_len`` and the first above it. None when every column is on one side (a line on the plot's
+    edge would say nothing; the panel's title gives the length)."""
+    inside = sum(n <= train_len for n in lengths)
+    return inside - 0.5 if 0 < inside < len(lengths) else None
+
+
+def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int], depths: list, path: Path,
+                  title: str | None = None) -> None:
+    """Figure 4 of the seed paper, one panel per (title, rows, train_len), side by side with shared axes: colour =
+    pass rate per (length, depth) cell (needle: pass blue / fail orange; passkey: a blue-orange scale over its
+    trials), the cell's mean attention entropy in nats written in it, and a dashed line at each panel's own
+    training length (``boundary_x``). Rows carry length, depth, pass_rate, trials and entropy."""
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    plt = pyplot()
+    rated = any(r.get("trials", 1) > 1 for _, rows, _ in panels for r in rows)
+    cmap = LinearSegmentedColormap.from_list("pass_rate", [FAIL, "#f4f4f4", PASS]).with_extremes(bad=NOT_RUN)
+    small = len(lengths) > 12
+    width = max(3.5, 1.2 + 0.55 * len(lengths))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1.5, 2.6 + 0.4 * len(depths)),
+                             sharey=True, squeeze=False, layout="constrained")
+    for ax, (name, rows, train_len) in zip(axes[0], panels):
+        image = _draw_panel(ax, rows, lengths, depths, train_len, cmap, small)
+        ax.set_title(f"{name}\n{panel_summary(rows, lengths, depths, train_len)}", fontsize=9)
+        ax.set_xlabel("context length (tokens)")
+    axes[0][0].set_ylabel("depth (% of the context)")
+    handles = [] if rated else [Patch(color=PASS, label="pass"), Patch(color=FAIL, label="fail")]
+    complete = [{(r["length"], r["depth"]) for r in rows} >= {(n, d) for n in lengths for d in depths}
+                for _, rows, _ in panels]
+    if not all(complete):
+        handles.append(Patch(color=NOT_RUN, label="not run"))
+    if any(boundary_x(lengths, train_len) is not None for *_, train_len in panels):
+        handles.append(Line2D([], [], color="black", linestyle="--", label="training length"))
+    if rated:
+        fig.colorbar(image, ax=list(axes[0]), label="pass rate", shrink=0.9)
+    numbers = ["k/n: trials passed"] * (rated and not small) + ["number: mean attention entropy of the answer (nats)"]
+    fig.suptitle("\n".join([title] * bool(title) + numbers), fontsize=9)
+    if handles:  # a complete passkey grid inside the training length has nothing to key but the colorbar
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    save_figure(fig, path)
+
+
+def panel_summary(rows: list[dict], lengths: list[int], depths: list, train_len: int) -> str:
+    """'training length 4096, 7/12 pass' (needle) or '..., mean pass rate 0.58' (passkey), saying when the
+    training length lies outside the grid (no dashed line then)."""
+    shown = [r for r in rows if r["length"] in lengths and r["depth"] in depths]
+    where = "" if boundary_x(lengths, train_len) is not None else (
+        " (no column above it)" if train_len >= lengths[-1] else " (every column above it)")
+    if any(r.get("trials", 1) > 1 for r in shown):
+        score = f"mean pass rate {np.mean([r['pass_rate'] for r in shown]):.2f}"
+    else:
+        score = f"{sum(r['pass_rate'] == 1 for r in shown)}/{len(shown)} pass"
+    return f"training length {train_len}{where}, {score}"
+
+
+def _draw_panel(ax, rows: list[dict], lengths: list[int], depths: list, train_len: int, cmap, small: bool):
+    """One heatmap panel; returns its image (for the colorbar)."""
+    rate = np.full((len(depths), len(lengths)), np.nan)
+    for r in rows:
+        if r["length"] in lengths and r["depth"] in depths:
+            i, j = depths.index(r["depth"]), lengths.index(r["length"])
+            rate[i, j] = r["pass_rate"]
+            label = f"{r['entropy']:.{1 if small else 2}f}"
+            if r.get("trials", 1) > 1 and not small:
+                label = f"{round(r['pass_rate'] * r['trials'])}/{r['trials']}\n{label}"
+            ax.text(j, i, label, ha="center", va="center", fontsize=6 if small else 8,
+                    color="white" if r["pass_rate"] > 0.65 else "black")
+    image = ax.imshow(np.ma.masked_invalid(rate), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=90 if small else 0,
+                  fontsize=7 if small else 9)
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    x = boundary_x(lengths, train_len)
+    if x is not None:
+        ax.axvline(x, color="black", linestyle="--", linewidth=2)
+    return image
+
+
+def text_grid(rows: list[dict], lengths: list[int], depths: list) -> str:
+    """The heatmap as text: 'P 5.21' / 'F 7.80' per needle cell, '3/5 5.21' per passkey cell, '-' not run."""
+    def cell(r: dict) -> str:
+        if r.get("trials", 1) > 1:
+            return f"{round(r['pass_rate'] * r['trials'])}/{r['trials']} {r['entropy']:.2f}"
+        return f"{'P' if r['pass_rate'] == 1 else 'F'} {r['entropy']:.2f}"
+
+    cells = {(r["length"], r["depth"]): cell(r) for r in rows}
+    lines = ["depth\\len " + " ".join(f"{n:>9}" for n in lengths)]
+    for d in depths:
+        lines.append(f"{d:>9g} " + " ".join(f"{cells.get((n, d), '-'):>9}" for n in lengths))
+    return "\n".join(lines)
