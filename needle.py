@@ -50,16 +50,16 @@ from pathlib import Path
 
 import numpy as np
 
-import ropelite
 from ropelite import books
 from ropelite.attention import answer_with_entropy
-from ropelite.cli import (DTYPES, GRID_HELP, ArgumentParser, add_model_args, check, parse_grid, rope_overrides, run,
-                          token_bar)
+from ropelite.cli import (GRID_HELP, ArgumentParser, add_model_args, check, check_factor, load_for, parse_grid,
+                          rope_overrides, run, token_bar)
 from ropelite.data import KINDS, load_documents
 from ropelite.haystack import (ANSWER_PREFIX, FILLER, NEEDLE, NEEDLE_TEMPLATE, PASSKEY_LINE, PASSKEY_PREFIX,
                                PASSKEY_QUESTION, PASSKEY_TEMPLATE, QUESTION, STOP_WORDS, answer_words, build_haystack,
                                draw_heatmaps, filler_ids, first_integer, haystack_ids, passkeys, recall, text_grid,
-                               trained_length, used_pieces)
+                               used_pieces)
+from ropelite.hf import read_config, trained_length
 from ropelite.hub import resolve_model
 from ropelite.io import read_rows, record_settings, settings_id, write_results
 
@@ -212,13 +212,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     lengths, depths = check_args(args)
     expected = answer_words(args.needle, args.answer_prefix, args.answer) if args.task == "needle" else None
-    model, tokenizer = ropelite.load(args.model, dtype=DTYPES[args.dtype], device=args.device,
-                                     **rope_overrides(args.rope, args.factor, args.base, [args.rope]))
+    path = resolve_model(args.model)
+    check_factor(read_config(path).rope, args.rope, args.factor, args.base)
+    model, tokenizer = load_for(args, **rope_overrides(args.rope, args.factor, args.base, [args.rope]))
     check(tokenizer is not None, f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model)")
     rope = model.config.rope
     chat = getattr(tokenizer, "chat_template", None) is not None if args.chat is None else args.chat
     train_len, train_from = ((args.train_len, "--train-len") if args.train_len else
-                             trained_length(resolve_model(args.model), rope.original_max_position_embeddings))
+                             (trained_length(path), "the model's config.json"))
     make, corpus = haystack_maker(args, tokenizer, model.config.vocab_size)
     template = NEEDLE_TEMPLATE if args.task == "needle" else PASSKEY_TEMPLATE
     hay = build_haystack(make, tokenizer, lengths, template, args.question, args.answer_prefix,

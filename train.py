@@ -551,7 +551,7 @@ def save(run: Run, model: Llama, optimizer, step: int, dist: Dist) -> None:
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     if dist.main:
         args = run.args
-        record = {**config_to_hf(run.config)["ropelite"], "train_len": args.len,
+        record = {**config_to_hf(run.config)["ropelite"],
                   "trained": {"len": args.len, "step": step, "steps": run.steps, "tokens": step * run.step_tokens,
                               "batch_tokens": run.step_tokens, "init": args.init,
                               "model": args.model if args.init == "pretrained" else None}}

@@ -93,11 +93,16 @@ def variant_config(pretrained, rope: str | None, factor: float | None, base: flo
     """The LlamaConfig of variant ``rope`` (None: the checkpoint's own) in a run of ``ropes``, by FACTOR_RULE:
     a scaling variant that the checkpoint does not run has no factor to inherit, and a silent factor 1 would be
     plain RoPE under another name, so it needs --factor (NTK given an explicit --base needs none)."""
-    own = rope is None or rope == pretrained.rope.type
-    if factor is None and not own and VARIANTS[rope].scales_by_factor and not (rope == "ntk" and base is not None):
-        raise RopeliteError(f"--rope {rope} needs --factor: the checkpoint runs {pretrained.rope.describe()}, "
-                            f"so there is no {rope} factor to take from it")
+    check_factor(pretrained.rope, rope, factor, base)
     return pretrained.with_rope(**rope_overrides(rope, factor, base, ropes))
+
+
+def check_factor(checkpoint, rope: str | None, factor: float | None, base: float | None) -> None:
+    """FACTOR_RULE for variant ``rope`` of a checkpoint whose RoPE is ``checkpoint`` (a RopeConfig)."""
+    own = rope is None or rope == checkpoint.type
+    if factor is None and not own and VARIANTS[rope].scales_by_factor and not (rope == "ntk" and base is not None):
+        raise RopeliteError(f"--rope {rope} needs --factor: the checkpoint runs {checkpoint.describe()}, "
+                            f"so there is no {rope} factor to take from it")
 
 
 GRID_HELP = ("each a number, START:STOP (the powers of two START, 2 START, 4 START, ... up to STOP) or "

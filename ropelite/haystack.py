@@ -15,7 +15,6 @@ Every context is a prefix of one haystack (token ids), so contexts of different 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 import sys
@@ -255,18 +254,6 @@ def build_haystack(make, tokenizer, lengths: list[int], template: str, question:
     # needs the token after it.
     ids, pieces = make(max(lengths) - len(before) - len(after) - max_new_tokens + 1)
     return Haystack(tokenizer, ids, sentence_starts(ids, tokenizer), pieces, before, after, max_new_tokens)
-
-
-def trained_length(model_dir: Path, original: int) -> tuple[int, str]:
-    """(length the model was trained at, where that comes from): train.py's record in config.json
-    ("ropelite": {"trained": {"len": ...}}) for a model ropelite finetuned, else the RoPE's pretrained length
-    (original_max_position_embeddings), which is what a checkpoint of someone else's training says."""
-    config = Path(model_dir) / "config.json"
-    record = json.loads(config.read_text()).get("ropelite") if config.is_file() else None
-    trained = (record or {}).get("trained") or {}
-    if isinstance(trained.get("len"), int):
-        return trained["len"], "ropelite.trained.len in config.json"
-    return original, "original_max_position_embeddings"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -132,9 +132,9 @@ def trained_length(path: Path) -> int:
     """The length the model was last trained at: the --len of a ropelite finetune (its config's ``ropelite``
     record), else the pretrained length L. Figures draw their "training length" line here."""
     d = _config_dict(Path(path))
-    record = d.get("ropelite") or {}
-    if record.get("train_len"):
-        return int(record["train_len"])
+    trained = (d.get("ropelite") or {}).get("trained") or {}
+    if trained.get("len"):
+        return int(trained["len"])
     return config_from_hf(d).rope.original_max_position_embeddings
 
 

@@ -342,7 +342,7 @@ def test_trained_length_is_a_finetunes_own_len(tiny_llama, tmp_path):
     model = tiny_llama()
     save_model(model, tmp_path / "pre")
     assert trained_length(tmp_path / "pre") == 64
-    record = {**config_to_hf(model.config)["ropelite"], "train_len": 256}  # what train.py records
+    record = {**config_to_hf(model.config)["ropelite"], "trained": {"len": 256}}  # as train.py records it
     save_model(model, tmp_path / "ft", extra_config={"ropelite": record})
     assert trained_length(tmp_path / "ft") == 256
 

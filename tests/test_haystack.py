@@ -239,13 +239,6 @@ def test_too_short_length_is_an_error(tokenizer):
 # Trained length, heatmaps
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_trained_length_from_the_ropelite_record(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"ropelite": {"rope": "yarn", "trained": {"len": 32768}}}))
-    assert hs.trained_length(tmp_path, 8192) == (32768, "ropelite.trained.len in config.json")
-    (tmp_path / "config.json").write_text(json.dumps({"ropelite": {"rope": "yarn"}}))
-    assert hs.trained_length(tmp_path, 8192) == (8192, "original_max_position_embeddings")
-
-
 def test_boundary_x():
     lengths = [1000, 2000, 4000, 8192, 10000]
     assert hs.boundary_x(lengths, 8192) == 3.5  # between the 8192 column and the 10000 one, not inside 10000
