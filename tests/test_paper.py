@@ -77,3 +77,21 @@ def test_new_results_or_a_failure_take_the_new_time(tmp_path):
     assert pieces["ppl"] == {"code": 0, "seconds": 50.0, "fingerprint": paper.fingerprint(tmp_path)}
     paper.record(pieces, step, 3, 1.0)                       # a failure always shows
     assert pieces["ppl"]["code"] == 3 and pieces["ppl"]["seconds"] == 1.0
+
+
+def test_summary_states_each_finding_in_the_measured_numbers(tmp_path):
+    (tmp_path / "ppl").mkdir()
+    (tmp_path / "ppl" / "ppl.json").write_text(paper.json.dumps([
+        {"label": "rope", "length": 2048, "ppl": 10.0, "docs": 4}, {"label": "rope", "length": 16384, "ppl": 31.1,
+                                                                    "docs": 4},
+        {"label": "yarn x4", "length": 16384, "ppl": 11.2, "docs": 4}]))
+    (tmp_path / "needle-rope").mkdir()
+    (tmp_path / "needle-rope" / "needle.json").write_text(paper.json.dumps([
+        {"rope": "rope", "pass_rate": 1.0, "entropy": 2.5}, {"rope": "rope", "pass_rate": 0.0, "entropy": 4.25}]))
+    steps = [{"key": "ppl", "argv": ["eval_ppl.py", "--out", str(tmp_path / "ppl")]},
+             {"key": "needle-rope", "argv": ["needle.py", "--out", str(tmp_path / "needle-rope")]},
+             {"key": "attention", "argv": ["analyze.py", "--out", str(tmp_path / "missing")]}]
+    lines = paper.summary(steps)
+    assert "at 16384 tokens rope 31.10, yarn x4 11.20 (4 document(s), training-free)." in lines[0]
+    assert "1/2 cells pass; mean entropy 2.50 nats where they pass, 4.25 where they fail." in lines[1]
+    assert len([line for line in lines if line.startswith("- ")]) == 2   # nothing for a piece without results
