@@ -26,7 +26,9 @@ Training is full finetuning with AdamW (defaults: YaRN's and PI's recipe, betas 
 lr 2e-5), a linear warmup from 0 then --schedule, gradient clipping, the chunked loss
 (no len x vocab logits), scaled_dot_product_attention (flash on GPU), gradient checkpointing per block
 (--no-grad-ckpt to turn it off) and, with --dtype bf16 (the default on CUDA), bf16 autocast compute over fp32
-master weights and AdamW states; RoPE angles are fp32 in every case.
+master weights and AdamW states in one process, or FSDP2's bf16 parameters with fp32 gradient reduction under
+torchrun (ropelite/parallel.py); --lean keeps bf16 weights with torchao's 8-bit AdamW (stochastic bf16 rounding),
+which fits a LLaMa-2-7B at 32K on one 80 GB GPU by the estimator; RoPE angles are fp32 in every case.
 
 --out holds the trained model as a folder that ropelite and transformers both load unchanged (config.json, whose
 rope_scaling and "ropelite" record say which RoPE, factor, theta, original and new length it was trained with;
@@ -760,7 +762,10 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     dist = setup_distributed(args.device)
     try:
-        return train(args, dist, flags_given(argv))
+        out = train(args, dist, flags_given(argv))
+        if dist.mesh is not None:
+            torch.distributed.barrier()  # every rank done before the group is torn down (gloo aborts otherwise)
+        return out
     finally:
         if dist.mesh is not None:
             torch.distributed.destroy_process_group()

@@ -230,13 +230,17 @@ def train_case(name: str, length: int, lean: bool, scaled: bool, device: torch.d
 
 def extrapolate(figures: list[dict], depths, layers: int) -> tuple[float, float | None]:
     """Seconds and peak GiB at ``layers`` blocks, linear in the depth through the two measured ones (or the one
-    measured at full depth)."""
+    measured at full depth). A block cannot cost less than nothing: when noise makes the deeper measurement the
+    cheaper one, each block is charged the deeper run's whole cost per block (b / kb), an overestimate."""
     if len(figures) == 1:
         return figures[0]["seconds"], figures[0]["peak_GiB"]
     (a, b), (ka, kb) = figures, depths
 
     def at(key):
-        return None if a[key] is None else b[key] + (b[key] - a[key]) / (kb - ka) * (layers - kb)
+        if a[key] is None:
+            return None
+        per_block = (b[key] - a[key]) / (kb - ka)
+        return b[key] + (per_block if per_block > 0 else b[key] / kb) * (layers - kb)
     return at("seconds"), at("peak_GiB")
 
 

@@ -26,6 +26,8 @@ def test_extrapolation_is_linear_in_the_depth():
     figures = [{"seconds": 1.0, "peak_GiB": 10.0}, {"seconds": 1.5, "peak_GiB": 12.0}]     # at 2 and 4 blocks
     assert gpu.extrapolate(figures, (2, 4), 32) == (1.5 + 0.25 * 28, 12.0 + 1.0 * 28)
     assert gpu.extrapolate([{"seconds": 2.0, "peak_GiB": None}], (30,), 30) == (2.0, None)
+    noisy = [{"seconds": 1.5, "peak_GiB": 10.0}, {"seconds": 1.0, "peak_GiB": 12.0}]      # 4 blocks ran faster
+    assert gpu.extrapolate(noisy, (2, 4), 32) == (1.0 + 0.25 * 28, 12.0 + 1.0 * 28)
 
 
 @pytest.mark.slow
