@@ -36,7 +36,7 @@ from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_ar
 from ropelite.data import TEXT_SUFFIXES, load_documents
 from ropelite.errors import RopeliteError
 from ropelite.hf import read_config
-from ropelite.io import pyplot, save_figure, write_csv, write_json
+from ropelite.io import lock_out, pyplot, save_figure, write_csv, write_json
 from ropelite.model import LlamaConfig
 from ropelite.presets import PRESETS, preset
 from ropelite.rope import (MEN_RESOLUTION, RopeConfig, bulk_base_for_context, context_of_base, first_negative_B,
@@ -569,6 +569,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    lock_out(args.out)  # a second run on this --out stops here, in one line
     {"attention": attention_main, "bound": bound_main, "freqs": freqs_main}[args.command](args)
 
 

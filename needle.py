@@ -61,7 +61,7 @@ from ropelite.haystack import (ANSWER_PREFIX, FILLER, NEEDLE, NEEDLE_TEMPLATE, P
                                used_pieces)
 from ropelite.hf import read_config, trained_length
 from ropelite.hub import resolve_model
-from ropelite.io import read_rows, record_settings, settings_id, write_results
+from ropelite.io import lock_out, read_rows, record_settings, settings_id, write_results
 
 TASKS = ("needle", "passkey")
 MAX_NEW_TOKENS = {"needle": 32, "passkey": 10}
@@ -232,8 +232,7 @@ def main(argv=None) -> None:
                 **({"needle": args.needle, "answer_words": expected, "pass_recall": args.pass_recall}
                    if args.task == "needle" else {"key_line": args.needle, "trials": args.trials, "seed": args.seed})}
     sid = settings_id(settings)
-    out, name = Path(args.out), args.task
-    check(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
+    out, name = lock_out(args.out), args.task  # a second run on this --out stops here, in one line
     rows = read_rows(out, name, keys=("settings", "length", "depth"))
     record_settings(out, name, {sid: settings})
     label = rope.describe()

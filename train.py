@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ropelite.cli import DTYPES, ArgumentParser, add_data_args, add_model_args, check, run, token_bar
+from ropelite.cli import DTYPES, ArgumentParser, add_data_args, add_model_args, check, run, token_bar, torch_device
 from ropelite.data import PackedSequences, load_documents, pack_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import append_jsonl, lock_out, truncate_jsonl, write_json
@@ -225,13 +225,7 @@ class Dist:
 def setup_distributed(device: str) -> Dist:
     """Under torchrun (WORLD_SIZE > 1): one process per GPU with NCCL, or per CPU process with gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise RopeliteError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RopeliteError("--device cuda: " + ("this torch is built without CUDA" if torch.version.cuda is None
-                                                 else "no CUDA GPU is visible") + "; use --device cpu")
+    device = torch_device(device)
     if world == 1:
         return Dist(device=device)
     from torch.distributed.device_mesh import init_device_mesh

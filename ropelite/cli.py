@@ -58,16 +58,29 @@ class ArgumentParser(argparse.ArgumentParser):
         raise RopeliteError(f"{self.prog}: {message}")
 
 
+def torch_device(name: str) -> torch.device:
+    """--device as a torch device, or one line saying why it cannot be used here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RopeliteError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RopeliteError("--device cuda: " + ("this torch is built without CUDA" if torch.version.cuda is None
+                                                 else "no CUDA GPU is visible") + "; use --device cpu")
+    return device
+
+
 def load_for(args, model: str | None = None, **rope_kwargs):
     """(model, tokenizer) for a script's --model (or ``model``), --dtype and --device. A --dtype left out becomes
     bf16 on CUDA and fp32 elsewhere (written back to ``args.dtype``, so results record it); on CUDA the attention
     kernel is logged once, as the quadratic fallback is what a run must not hit silently."""
     import ropelite
     from .model import attention_kernel_note
+    device = torch_device(args.device)
     if args.dtype is None:
-        args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
-    loaded = ropelite.load(model or args.model, dtype=DTYPES[args.dtype], device=args.device, **rope_kwargs)
-    if torch.device(args.device).type == "cuda":
+        args.dtype = "bf16" if device.type == "cuda" else "fp32"
+    loaded = ropelite.load(model or args.model, dtype=DTYPES[args.dtype], device=device, **rope_kwargs)
+    if device.type == "cuda":
         print(attention_kernel_note(loaded[0].config, args.device, DTYPES[args.dtype]), file=sys.stderr)
     return loaded
 

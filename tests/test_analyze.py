@@ -388,3 +388,11 @@ def test_token_ids_outside_the_vocabulary_are_one_line(setup, tmp_path, capsys):
                                   "--samples", "1", "--out", str(tmp_path / "o")]))
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == "error: token id 200 outside the model's vocabulary (97 ids)"
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        run(lambda: analyze.main(["bound", "--lengths", "1024", "--out", str(tmp_path / "file")]))
+    expected = f"error: --out {tmp_path / 'file'} is a file, not a folder; choose another --out"
+    assert capsys.readouterr().err.strip() == expected

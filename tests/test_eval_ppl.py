@@ -266,6 +266,8 @@ def test_some_documents_too_short_warns_with_the_count(setup, capsys):
     (["--base", "1e6"], "error: a new base is an NTK setting; rope 'rope' does not take one"),
     (["--lengths", "1"], "error: --lengths must be at least 2"),
     (["--rope", "pi", "--lengths", "16"], "error: --rope pi needs --factor: the checkpoint runs rope"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"],
+     "error: --device cuda: " if not torch.cuda.is_available() else "error: --device 'nonsense' is not a torch"),
     (["--rope", "longrope", "--lengths", "16"], "error: rope 'longrope' needs short_factor and long_factor lists"),
 ])
 def test_bad_input_is_one_line(setup, capsys, extra, message):

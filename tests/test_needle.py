@@ -190,4 +190,5 @@ def test_out_that_is_a_file_is_one_line(model_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit):
         run(lambda: needle.main(["--model", str(model_dir()), "--out", str(tmp_path / "file")]))
-    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'file'} exists and is not a folder"
+    expected = f"error: --out {tmp_path / 'file'} is a file, not a folder; choose another --out"
+    assert capsys.readouterr().err.strip() == expected
