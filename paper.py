@@ -114,14 +114,17 @@ def pivot(rows: list[dict], index: str, column: str, value: str) -> list[dict]:
 def result_tables(folder: Path) -> list[tuple[str, list[dict]]]:
     """Every JSON file in ``folder`` that holds rows: a list of dicts, or a dict with such a list under "rows"
     (settings files hold a plain dict and are skipped)."""
-    tables = []
-    for f in sorted(folder.glob("*.json")):
-        data = json.loads(f.read_text())
-        if isinstance(data, dict):
-            data = data.get("rows")
-        if isinstance(data, list) and data and isinstance(data[0], dict):
-            tables.append((f.name, data))
-    return tables
+    return [(f.name, rows) for f in sorted(folder.glob("*.json")) if (rows := json_rows(f))]
+
+
+def json_rows(path: Path) -> list[dict]:
+    """The rows a results file holds (a list of dicts, or a dict with one under "rows"); [] for anything else."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        data = data.get("rows")
+    return data if isinstance(data, list) and data and isinstance(data[0], dict) else []
 
 
 PIECES_FILE = "pieces.json"   # per piece: exit status, seconds, and a fingerprint of the results it left
@@ -205,27 +208,19 @@ def piece_section(out: Path, step: dict, piece: dict | None) -> str:
     return "\n".join(parts)
 
 
-def _rows(folder: Path, name: str) -> list[dict]:
-    path = folder / name
-    if not path.is_file():
-        return []
-    data = json.loads(path.read_text())
-    return data.get("rows", []) if isinstance(data, dict) else data
-
-
 def summary(steps: list[dict]) -> list[str]:
     """One line per finding: what it looks like in this run's numbers, beside what the paper claims."""
     lines = []
     for step in steps:
         folder, key = out_folder(step), step["key"]
-        if key == "ppl" and (rows := [r for r in _rows(folder, "ppl.json") if r.get("ppl")]):
+        if key == "ppl" and (rows := [r for r in json_rows(folder / "ppl.json") if r.get("ppl")]):
             top = max(r["length"] for r in rows)
             at = {r["label"]: r["ppl"] for r in rows if r["length"] == top}
             docs = max(r["docs"] for r in rows if r["length"] == top)
             lines.append(f"- **Perplexity past the training length** (paper, Fig. 1: plain RoPE fails past L, NTK "
                          f"and YaRN hold): at {top} tokens " + ", ".join(f"{k} {v:.2f}" for k, v in at.items())
                          + f" ({docs} document(s), training-free).")
-        elif key == "attention" and (rows := _rows(folder, "attention.json")):
+        elif key == "attention" and (rows := json_rows(folder / "attention.json")):
             by_length = {}
             for r in rows:
                 by_length.setdefault(r["length"], []).append(f"{r['rope']} {r['js_mean_nats']:.4f}")
@@ -234,14 +229,14 @@ def summary(steps: list[dict]) -> list[str]:
                          "NTK and YaRN barely do): JS of mean distributions vs plain RoPE, nats: "
                          + "; ".join(f"L={L}: " + ", ".join(v) for L, v in by_length.items())
                          + f" ({samples} samples per length; the paper's 10).")
-        elif key.startswith("needle") and (rows := _rows(folder, "needle.json")):
+        elif key.startswith("needle") and (rows := json_rows(folder / "needle.json")):
             passed = sum(r["pass_rate"] == 1 for r in rows)
             entropy = {p: [r["entropy"] for r in rows if (r["pass_rate"] == 1) == p] for p in (True, False)}
             mean = {p: f"{sum(v) / len(v):.2f}" if v else "-" for p, v in entropy.items()}
             lines.append(f"- **Needle, {rows[0]['rope']}** (paper, Fig. 4: failures go with high attention "
                          f"entropy): {passed}/{len(rows)} cells pass; mean entropy {mean[True]} nats where they "
                          f"pass, {mean[False]} where they fail.")
-        elif key == "bound" and (rows := _rows(folder, "bound.json")):
+        elif key == "bound" and (rows := json_rows(folder / "bound.json")):
             off = [r for r in rows if r.get("paper_base") and r.get("paper_base_reaches") is False]
             lines.append(f"- **Men et al.'s bound**: {len(rows)} lengths; the paper's printed base fails its own "
                          f"criterion at {len(off)} of them (table below, with the context each reaches).")

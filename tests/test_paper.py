@@ -1,7 +1,6 @@
 """paper.py: the report names each piece's command, shows its tables (pivoted where asked) and figures, and a
 failed piece is reported as failed and makes the run end in a one-line error."""
 
-import sys
 from pathlib import Path
 
 import pytest
