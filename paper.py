@@ -14,6 +14,8 @@ the command that report.md prints for it):
                                     RoPE (Figure 2, Table 1)
   needle     needle.py              needle-in-a-haystack grids with attention entropy (Figure 4), RoPE and YaRN
   train      train.py               a short YaRN finetune: training and held-out loss
+  ablation   ablation.py            the third finding: NTK / YaRN x8 finetuned at L and at 8L with the same
+                                    tokens, on a small LLaMa trained here (Figure 4 e-f; SmolLM2 at --scale paper)
 
 Every script resumes from its own output folder, so a killed paper.py continues where it stopped when run
 again with the same --out. The report is rewritten after every piece.
@@ -36,7 +38,7 @@ from ropelite.io import atomic_path, lock_out, read_jsonl, write_json
 from ropelite.training import latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
-PIECES = ("bound", "freqs", "ppl", "attention", "needle", "train")
+PIECES = ("bound", "freqs", "ppl", "attention", "needle", "train", "ablation")
 
 
 def plan(args) -> list[dict]:
@@ -75,6 +77,9 @@ def plan(args) -> list[dict]:
                                        "--eval-tokens", "4096", "--eval-every", "4"]),
                    "--out", str(out / "train"),
                    *(["--resume"] if latest_checkpoint(out / "train") else [])]),  # train.py resumes on request only
+        dict(name="ablation", title="Token-matched finetuning at L vs 8L: attention entropy and retrieval "
+                                    "(seed paper Figure 4 e-f)",
+             argv=["ablation.py", "--scale", args.scale, *(m if paper else []), "--out", str(out / "ablation")]),
     ]
     for step in steps:
         step.setdefault("key", step["name"])
@@ -129,6 +134,7 @@ def json_rows(path: Path) -> list[dict]:
 
 PIECES_FILE = "pieces.json"   # per piece: exit status, seconds, and a fingerprint of the results it left
 PRINTED = "printed.txt"        # what the piece printed on stdout: the compact tables the script itself shows
+SECTION = "section.md"         # or the tables a piece wrote for the report itself
 
 
 def out_folder(step: dict) -> Path:
@@ -190,7 +196,9 @@ def piece_section(out: Path, step: dict, piece: dict | None) -> str:
     parts = [f"## {step['title']}\n\n```\n{command_line(step['argv'])}\n```\n\n{status_line(piece)}\n"]
     if not folder.is_dir():
         return "\n".join(parts)
-    if (folder / PRINTED).is_file() and (folder / PRINTED).read_text().strip():
+    if (folder / SECTION).is_file():  # a piece that writes its own tables (ablation.py) prints only a summary
+        parts.append((folder / SECTION).read_text())
+    elif (folder / PRINTED).is_file() and (folder / PRINTED).read_text().strip():
         parts.append("What it printed:\n\n```\n" + (folder / PRINTED).read_text().rstrip() + "\n```\n")
     if "pivot" in step:
         index, column, value = step["pivot"]
@@ -236,6 +244,10 @@ def summary(steps: list[dict]) -> list[str]:
             lines.append(f"- **Needle, {rows[0]['rope']}** (paper, Fig. 4: failures go with high attention "
                          f"entropy): {passed}/{len(rows)} cells pass; mean entropy {mean[True]} nats where they "
                          f"pass, {mean[False]} where they fail.")
+        elif key == "ablation" and (folder / "summary.json").is_file():
+            found = json.loads((folder / "summary.json").read_text())
+            lines.append(f"- **Longer finetuning contexts, same tokens** (paper, §4.3: {found['claim']}): as "
+                         f"measured here, {found['finding']}.")
         elif key == "bound" and (rows := json_rows(folder / "bound.json")):
             off = [r for r in rows if r.get("paper_base") and r.get("paper_base_reaches") is False]
             lines.append(f"- **Men et al.'s bound**: {len(rows)} lengths; the paper's printed base fails its own "
