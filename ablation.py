@@ -97,6 +97,7 @@ MODELS = {
     "yarn-L": ("yarn-L", None, "YaRN x8, finetuned at L"),
     "yarn-8L": ("yarn-8L", None, "YaRN x8, finetuned at 8L"),
 }
+ROPE_NAMES = {"ntk": "NTK", "yarn": "YaRN"}
 FINETUNES = {name: (name.split("-")[0], 8 if name.endswith("8L") else 1) for name in MODELS if name[-1] == "L"}
 
 
@@ -250,7 +251,7 @@ def draw_curves(results: dict, key: str, ylabel: str, path: Path, L: int, log_y:
                 reference: bool = False) -> None:
     """One line per model of rows[key] against length, the training lengths L and 8L marked."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9, 4.2), layout="constrained")
     styles = {"rope": ("black", "o", "-"), "ntk": ("#0072B2", "s", None), "yarn": ("#D55E00", "^", None)}
     lengths = sorted({r["length"] for res in results.values() for r in res["rows"]})
     for name, res in results.items():
@@ -273,7 +274,7 @@ def draw_curves(results: dict, key: str, ylabel: str, path: Path, L: int, log_y:
         ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, ncol=2)
+    fig.legend(fontsize=7, loc="outside right upper")
     save_figure(fig, path)
 
 
@@ -303,7 +304,7 @@ def finding(results: dict, passkey: dict, L: int) -> str:
         tail = [results[n]["rows"][-1]["ppl_last_L"] for n in names]
         longest = results[names[0]]["rows"][-1]["length"]
         parts.append(
-            f"{rope.upper()} x8, 8L vs L finetune vs training-free: mean answer entropy past 2L "
+            f"{ROPE_NAMES[rope]} x8, 8L vs L finetune vs training-free: mean answer entropy past 2L "
             f"{entropy[0]:.2f} / {entropy[1]:.2f} / {entropy[2]:.2f} nats ({'lower' if entropy[0] < entropy[1] else 'NOT lower'}"
             f" after the 8L finetune), passkey pass rate past 2L {passed[0]:.2f} / {passed[1]:.2f} / {passed[2]:.2f}, "
             f"last-L perplexity at {longest} {tail[0]:.1f} / {tail[1]:.1f} / {tail[2]:.1f}")
@@ -336,7 +337,7 @@ def report(out: Path, cfg: Mini, results: dict, baseline: list[dict]) -> None:
     for group in ("ntk", "yarn"):
         names = ["rope", *[n for n in MODELS if n.startswith(group)]]
         draw_heatmaps(heatmap_panels(out, names), list(cfg.passkey_lengths), list(cfg.depths),
-                      out / f"heatmap_{group}.png", title=f"passkey, {group.upper()} x{cfg.factor:g} (L = {L})")
+                      out / f"heatmap_{group}.png", title=f"passkey, {ROPE_NAMES[group]} x{cfg.factor:g} (L = {L})")
     draw_curves(results, "ppl", "perplexity (truncate protocol)", out / "ppl.png", L, log_y=True)
     draw_curves(results, "ppl_last_L", f"perplexity of the last L = {L} tokens", out / "ppl_last_L.png", L, log_y=True)
     draw_curves({n: {"rows": passkey[n]} for n in results}, "entropy", "mean answer attention entropy (nats)",

@@ -253,7 +253,7 @@ def summary(steps: list[dict]) -> list[str]:
             lines.append(f"- **Men et al.'s bound**: {len(rows)} lengths; the paper's printed base fails its own "
                          f"criterion at {len(off)} of them (table below, with the context each reaches).")
     if lines:
-        lines += ["", "Caveats: everything but the finetune is training-free (the paper finetunes); \"ntk x4\" is "
+        lines += ["", "Caveats: everything but the train and ablation pieces is training-free (the paper finetunes); \"ntk x4\" is "
                   "the NTK-aware base b s^(d/(d-2)), \"ntk base B\" a fixed new base as the paper's 1e4 -> 1e6; "
                   "the mini run uses few documents and samples (counts above), so differences in the second "
                   "decimal are within noise."]
