@@ -32,6 +32,10 @@ Python and torch runtime, the weights and a full set of gradient buffers, which 
 end whatever its implementation) and above_floor_mb = peak_rss_mb - floor_mb (what the step's activations, loss
 and temporaries cost beyond that floor). --repeats rounds alternate the order of the implementations; the summary gives
 medians over rounds, the spread, and ratios ropelite / transformers taken within each round, then their median.
+The RSS peak is also glibc's: tensors under its dynamic mmap threshold (up to 32 MB: at 8K the (T, C) activations)
+come from the heap, whose freed holes stay resident; `MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_train.py
+...` (a glibc tunable, inherited by both implementations' workers) maps each of them and returns it on free, so that
+the RSS peak follows the tensors' own.
 --baseline DIR adds a third implementation, the ropelite in DIR (a checkout of another commit: its workers import
 ropelite from there). Results: bench_train_vs_transformers.json/.csv (every measurement) and
 bench_train_vs_transformers_summary.json/.csv in --out.
