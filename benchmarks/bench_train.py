@@ -25,9 +25,17 @@ Results: bench_train.json and .csv in --out.
 ropelite's state dict), the same --len random tokens, gradient checkpointing on both, fp32, one forward + backward
 of the mean next-token loss (ropelite: Llama.nll, the chunked loss; transformers: forward with labels). Each
 measurement is a fresh process (after a 128-token warm-up step whose gradients are freed, the VmHWM peak is
-restarted): step_s, peak_rss_mb (weights included) and step_added_mb (peak minus the RSS before the step:
-gradients, activations, logits). --repeats rounds alternate the order of the implementations; the summary gives
+restarted): step_s, step_cpu_s (the step's CPU time: with one thread, what other processes on shared cores
+inflate least), peak_rss_mb (weights included), step_added_mb (peak minus the RSS before the step:
+gradients, activations, logits), floor_mb (the RSS after the warm-up step, before its gradients are freed: the
+Python and torch runtime, the weights and a full set of gradient buffers, which every training step holds at its
+end whatever its implementation) and above_floor_mb = peak_rss_mb - floor_mb (what the step's activations, loss
+and temporaries cost beyond that floor). --repeats rounds alternate the order of the implementations; the summary gives
 medians over rounds, the spread, and ratios ropelite / transformers taken within each round, then their median.
+The RSS peak is also glibc's: tensors under its dynamic mmap threshold (up to 32 MB: at 8K the (T, C) activations)
+come from the heap, whose freed holes stay resident; `MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_train.py
+...` (a glibc tunable, inherited by both implementations' workers) maps each of them and returns it on free, so that
+the RSS peak follows the tensors' own.
 --baseline DIR adds a third implementation, the ropelite in DIR (a checkout of another commit: its workers import
 ropelite from there). Results: bench_train_vs_transformers.json/.csv (every measurement) and
 bench_train_vs_transformers_summary.json/.csv in --out.
@@ -127,17 +135,20 @@ def side_by_side_child(spec: dict) -> dict:
             return model.nll(ids)[0] / (ids.shape[1] - 1)
     ids = torch.randint(0, config.vocab_size, (1, spec["len"]), generator=torch.Generator().manual_seed(1))
     loss(ids[:, :128]).backward()                # warm-up: one-time allocations and kernel choices
+    floor = rss_mb()                             # runtime + weights + their gradients: what no step goes below
     model.zero_grad(set_to_none=True)
     reset = reset_peak_rss()
     before = rss_mb() if reset else peak_rss_mb()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     value = loss(ids)
     value.backward()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = peak_rss_mb()
     return {"impl": spec["impl"], "len": spec["len"], "loss": value.item(), "step_s": round(seconds, 2),
+            "step_cpu_s": round(cpu_seconds, 2),
             "tokens_per_s": round(spec["len"] / seconds, 1), "rss_before_mb": round(before),
-            "peak_rss_mb": round(peak), "step_added_mb": round(peak - before), "peak_reset": reset,
+            "peak_rss_mb": round(peak), "step_added_mb": round(peak - before), "floor_mb": round(floor),
+            "above_floor_mb": round(peak - floor), "peak_reset": reset,
             "threads": torch.get_num_threads()}
 
 
@@ -156,11 +167,15 @@ def side_by_side_summary(rows: list[dict], length: int, impls: list[str]) -> lis
         steps = [m["step_s"] for m in mine]
         row = {"len": length, "impl": impl, "rounds": len(mine), "step_s_median": statistics.median(steps),
                "step_s_min": min(steps), "step_s_max": max(steps),
+               "step_cpu_s_median": statistics.median(m["step_cpu_s"] for m in mine),
                "peak_rss_mb_median": statistics.median(m["peak_rss_mb"] for m in mine),
                "step_added_mb_median": statistics.median(m["step_added_mb"] for m in mine),
+               "floor_mb_median": statistics.median(m["floor_mb"] for m in mine),
+               "above_floor_mb_median": statistics.median(m["above_floor_mb"] for m in mine),
                "loss": mine[0]["loss"]}
-        for key, name in (("step_s", "speed"), ("peak_rss_mb", "peak"), ("step_added_mb", "added")):
-            ratios = [by_impl["transformers"][key] / by_impl[impl][key] if name == "speed" else
+        for key, name in (("step_s", "speed"), ("step_cpu_s", "cpu_speed"), ("peak_rss_mb", "peak"),
+                          ("step_added_mb", "added"), ("above_floor_mb", "above_floor")):
+            ratios = [by_impl["transformers"][key] / by_impl[impl][key] if name.endswith("speed") else
                       by_impl[impl][key] / by_impl["transformers"][key] for by_impl in complete]
             row[f"{name}_vs_transformers_median"] = round(statistics.median(ratios), 3)
             row[f"{name}_vs_transformers_all"] = [round(x, 3) for x in ratios]
@@ -192,9 +207,10 @@ def side_by_side(args) -> None:
     for row in summary:
         print(f"len {row['len']} {row['impl']:>12}: step {row['step_s_median']:.1f} s (median of {row['rounds']}, "
               f"{row['step_s_min']:.1f}-{row['step_s_max']:.1f}), peak {row['peak_rss_mb_median']:.0f} MB "
-              f"(step added {row['step_added_mb_median']:.0f}); vs transformers: speed "
-              f"{row['speed_vs_transformers_median']:.2f}x, peak {row['peak_vs_transformers_median']:.2f}x, "
-              f"added {row['added_vs_transformers_median']:.2f}x; loss {row['loss']:.6f}")
+              f"(floor {row['floor_mb_median']:.0f}, above it {row['above_floor_mb_median']:.0f}); vs transformers: "
+              f"speed {row['speed_vs_transformers_median']:.2f}x (CPU time {row['cpu_speed_vs_transformers_median']:.2f}x), "
+              f"peak {row['peak_vs_transformers_median']:.2f}x, "
+              f"above floor {row['above_floor_vs_transformers_median']:.2f}x; loss {row['loss']:.6f}")
     print(f"written: {args.out}/{SIDE_BY_SIDE}.json, _summary.json, .csv")
 
 

@@ -401,8 +401,10 @@ def _chunked_nll(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, c
             dlogits = dlogits.to(dtype)
             if want_dh:
                 dh[:, rows] = (dlogits @ w).view(B, -1, C)                           # (B, t, C)
-            if want_dw:
-                dw += dlogits.T @ hc                                                 # (V, C)
+            if want_dw and dtype == dw.dtype:
+                dw.addmm_(dlogits.T, hc)  # summed in place: no (V, C) product per chunk
+            elif want_dw:
+                dw += dlogits.T @ hc      # autocast: the product in its dtype, the sum in float32  (V, C)
     return total, dh, None if dw is None else dw.to(weight.dtype)
 
 
@@ -410,15 +412,21 @@ def _chunk_nll(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, wit
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sum_i [logsumexp(z_i) - z_i,y_i] over the rows i whose label y_i is not -100, z = h W^T in float32
     ((N, C) x (V, C) -> (N, V)), and with ``with_grad`` its gradient w.r.t. z:
-    d/dz_ij = softmax(z_i)_j - [j = y_i], zero on ignored rows. The gradient overwrites the logits."""
+    d/dz_ij = softmax(z_i)_j - [j = y_i], zero on ignored rows.
+
+    logsumexp(z) = m + log sum_j exp(z_j - m) with m = max_j z_j (no overflow); the exponentials overwrite the
+    logits and, divided by their sum, are the softmax: one (N, V) tensor and one exp pass for loss and gradient."""
     logits = (h @ weight.T).float()                                                   # (N, V)
     counted = targets != -100
     y = targets.clamp(min=0)  # any valid index on ignored rows, whose terms are dropped
-    lse = logits.logsumexp(-1)                                                        # (N,)
-    nll = torch.where(counted, lse - logits.gather(-1, y[:, None])[:, 0], 0).sum()
+    picked = logits.gather(-1, y[:, None])[:, 0]                                      # z_{i, y_i}  (N,)
+    top = logits.amax(-1, keepdim=True)                                               # (N, 1)
+    exps = logits.sub_(top).exp_()                                                    # exp(z - m), in place
+    sums = exps.sum(-1, keepdim=True)                                                 # (N, 1)
+    nll = torch.where(counted, top[:, 0] + sums[:, 0].log() - picked, 0).sum()
     if not with_grad:
         return nll, None
-    dlogits = logits.sub_(lse[:, None]).exp_()                                        # softmax(z), in place
+    dlogits = exps.div_(sums)                                                         # softmax(z), in place
     dlogits[torch.arange(len(y), device=y.device), y] -= 1
     return nll, dlogits.masked_fill_(~counted[:, None], 0)
 

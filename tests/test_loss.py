@@ -5,6 +5,8 @@ logits of each chunk are computed once per step, not again in backward), and not
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import ropelite.model
 from ropelite.model import LinearCrossEntropy
@@ -159,3 +161,29 @@ def test_evaluation_makes_no_gradients_and_skips_context_only_chunks(tiny_llama,
         want = full_logits_loss(model, ids, labels)
     close(total, want, 1e-6)
     assert calls == [False] * (10 - 2)                        # chunks [3, 6) and [6, 9) of 10 hold no target
+
+
+class NewTensors(TorchDispatchMode):
+    """Logs the shape of every tensor an op returns in new memory (not one of its inputs' storages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0]
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_each_chunk_makes_one_logits_sized_tensor_and_the_weight_gradient_is_summed_in_place():
+    """Memory, float32: a chunk's logits are made once and overwritten by the exponentials, then the softmax and
+    its gradient (no second (t, V) tensor); the (V, C) weight gradient is one accumulator, added to in place."""
+    h, w, targets = inputs()
+    with NewTensors() as log:
+        LinearCrossEntropy.apply(h, w, targets, 7, True)
+    chunks = [(2 * 7, V)] * 4 + [(2 * 1, V)]                                  # ceil(29 / 7) chunks of 2 x 7 rows
+    assert [s for s in log.shapes if len(s) == 2 and s[-1] == V] == chunks
+    assert log.shapes.count((V, C)) == 1
