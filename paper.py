@@ -52,7 +52,7 @@ def plan(args) -> list[dict]:
     needle_lengths = ["1000:131072:32"] if paper else ["2000", "10000"]
     steps = [
         dict(name="bound", title="Men et al. 2024: the base a context length needs",
-             argv=["analyze.py", "bound", *([] if paper else ["--lengths", "1024:65536"]), "--out", str(out / "bound")]),
+             argv=["analyze.py", "bound", *([] if paper else ["--lengths", "1024:16384"]), "--out", str(out / "bound")]),
         dict(name="freqs", title="How each variant rescales each RoPE dimension",
              argv=["analyze.py", "freqs", *m, "--rope", "rope", "pi", "ntk", "yarn", "dynamic", "llama3",
                    "--factor", "4", "--out", str(out / "freqs")],
