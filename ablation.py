@@ -1,7 +1,7 @@
 """The seed paper's third finding, token-matched finetuning at L vs 8L (Zhong et al. 2024, Figure 4 e-f), as one run.
 
     python ablation.py                              # the miniature on a CPU: ~15 minutes on 2 cores -> runs/ablation
-    python ablation.py --out runs/abl --threads 1   # one torch thread: what a shared machine wants
+    python ablation.py --out runs/abl --threads 1   # one torch thread: what cores shared with other jobs want
     python ablation.py --scale paper --device cuda  # SmolLM2 (trained at 8K): finetunes at 8K and 32K, grids to 64K
     python ablation.py --scale paper --dry-run      # print the paper-scale commands and stop
 
@@ -466,8 +466,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--scale paper: the finetuning text for train.py (default: the built-in books, read "
                         "many times over)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; mini runs on cpu)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for mini (default 1: on shared cores 2 threads ran ~7x slower)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help=f"torch threads for mini (default {torch.get_num_threads()}, torch's choice for this "
+                        "machine; give 1 on cores shared with other jobs, where 2 threads ran ~7x slower)")
     p.add_argument("--out", default="runs/ablation", help="run folder; a rerun skips finished stages "
                                                           "(default runs/ablation)")
     p.add_argument("--dry-run", action="store_true", help="--scale paper: print the commands and stop")

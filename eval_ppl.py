@@ -105,6 +105,13 @@ def select(doc_lengths: list[int], lengths: list[int], max_docs: int | None) -> 
 MARKERS = "osD^v<>ph*"
 
 
+def y_label_steps(values: list[float]) -> tuple[float, ...]:
+    """Where in each decade a log perplexity axis puts its labels: 1, 1.5, 2, 3, 5, 7 over at most ~1.5 decades of
+    data, 1-2-5 up to 3, then the decades alone (more would crowd the axis)."""
+    decades = math.log10(max(values) / min(values))
+    return (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades <= 1.5 else (1.0, 2.0, 5.0) if decades <= 3 else (1.0,)
+
+
 def draw(rows: list[dict], labels: dict[str, str], train_len: int, path: Path, title: str) -> None:
     """PPL vs length, one line per settings id (in ``labels``), log x, dashed at the training length.
 
@@ -131,8 +138,9 @@ def draw(rows: list[dict], labels: dict[str, str], train_len: int, path: Path, t
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(lengths, [str(n) for n in lengths])
-    # Labels at 1-2-5 steps of each decade, so values between 10 and 100 can be read off the axis.
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    # Labelled ticks dense enough to read values off the axis: PI's ~270 beside 23-30 leaves a 1-2-5 axis with no
+    # label under the other lines, so the span of the data picks the steps.
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=y_label_steps([r["ppl"] for r in finite])))
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
     ax.yaxis.set_minor_formatter(NullFormatter())

@@ -339,6 +339,14 @@ def test_rows_name_their_documents_and_lines_stay_apart(setup, monkeypatch):
     assert any(label for label in labels)                                    # the y axis is labelled
 
 
+def test_y_labels_reach_the_values_under_a_far_line():
+    # the mini report's case: PI x4 at ~270 beside the others at 23-30 must still leave labels at 20 and 30
+    steps = eval_ppl.y_label_steps([23.4, 30.3, 272.9])
+    assert {2.0, 3.0} <= set(steps)
+    assert eval_ppl.y_label_steps([20, 2000]) == (1.0, 2.0, 5.0)
+    assert eval_ppl.y_label_steps([2, 2e5]) == (1.0,)
+
+
 def test_trained_length_is_a_finetunes_own_len(tiny_llama, tmp_path):
     from ropelite.hf import config_to_hf, trained_length
     model = tiny_llama()
