@@ -1,6 +1,6 @@
 """The seed paper's third finding, token-matched finetuning at L vs 8L (Zhong et al. 2024, Figure 4 e-f), as one run.
 
-    python ablation.py                              # the miniature on a CPU: ~15 minutes on 2 cores -> runs/ablation
+    python ablation.py                              # the miniature on a CPU: ~10 minutes on 2 cores -> runs/ablation
     python ablation.py --out runs/abl --threads 1   # one torch thread: what cores shared with other jobs want
     python ablation.py --scale paper --device cuda  # SmolLM2 (trained at 8K): finetunes at 8K and 32K, grids to 64K
     python ablation.py --scale paper --dry-run      # print the paper-scale commands and stop

@@ -1,6 +1,6 @@
 """The seed paper in miniature: every experiment on one model, and one report with the command behind each.
 
-    python paper.py                           # SmolLM2-135M on CPU (16 minutes measured on 2 cores)
+    python paper.py                           # SmolLM2-135M on CPU (38.5 minutes measured on 2 cores)
     python paper.py --out runs/paper --only ppl needle
     python paper.py --model path/to/llama-2-7b --device cuda --scale paper   # the full-size protocol on a GPU
 
@@ -282,7 +282,7 @@ def main(argv=None) -> None:
                    help="'smollm2' (default), a Hugging Face LLaMa folder, or a .gguf file")
     p.add_argument("--device", default="cpu", help="torch device for every piece (default cpu)")
     p.add_argument("--scale", choices=("mini", "paper"), default="mini",
-                   help="mini: sizes that finish in about 16 minutes on 2 CPU cores (default); paper: the seed "
+                   help="mini: sizes that finish in about 40 minutes on 2 CPU cores (default); paper: the seed "
                         "paper's lengths, samples, needle grid and a 32K finetune, for a GPU")
     p.add_argument("--only", nargs="+", choices=PIECES, default=list(PIECES), metavar="PIECE",
                    help=f"run only these pieces: {', '.join(PIECES)} (default: all)")
