@@ -194,16 +194,15 @@ def finetune(out: Path, cfg: Mini, name: str, train_docs: list[str]) -> None:
         save_trained(model, tmp, out / "pretrained", log, recipe, clock)
 
 
-def evaluate(out: Path, cfg: Mini, name: str, held: dict) -> dict:
-    """eval/NAME.json: perplexities and last-query entropy per length; the passkey grid via needle.py."""
+def evaluate(out: Path, cfg: Mini, name: str, docs: list[np.ndarray]) -> dict:
+    """eval/NAME.json: perplexities and last-query entropy per length on ``docs`` (the held-out windows, in the
+    pretrained tokenizer that every model shares); the passkey grid via needle.py."""
     path = out / "eval" / f"{name}.json"
     folder, rope, label = MODELS[name]
     argv = ["--model", str(out / folder), *(["--rope", rope, "--factor", f"{cfg.factor:g}"] if rope else [])]
     if not path.is_file():
         clock = Clock()
         model = load_model(out / folder, rope=rope, factor=cfg.factor if rope else None)
-        tok = load_tokenizer(out / folder)
-        docs = lib.heldout_windows(held, tok, max(cfg.lengths), cfg.docs_per_kind)
         rows = lib.language_model_rows(model, docs, cfg.lengths, cfg.L)
         write_json(path, {"name": name, "label": label, "rope": model.config.rope.describe(), "docs": len(docs),
                           "rows": rows, "timing": clock.read()})
@@ -344,10 +343,10 @@ def report(out: Path, cfg: Mini, results: dict, baseline: list[dict]) -> None:
                 out / "passkey_entropy.png", L)
     draw_curves(results, "last_query_entropy", "last query's attention entropy (nats)", out / "last_query_entropy.png",
                 L, reference=True)
-    text = section(out, cfg, results, passkey, baseline, tokens)
-    (out / "section.md").write_text(text)
+    checks = sanity(results, passkey, baseline, L)
+    (out / "section.md").write_text(section(out, cfg, results, passkey, baseline, tokens, checks))
     write_json(out / "summary.json", {"claim": PAPER_CLAIM, "finding": finding(results, passkey, L),
-                                      "sanity": sanity(results, passkey, baseline, L)})
+                                      "sanity": checks})
 
 
 def sanity(results: dict, passkey: dict, baseline: list[dict], L: int) -> dict:
@@ -362,8 +361,9 @@ def sanity(results: dict, passkey: dict, baseline: list[dict], L: int) -> dict:
             "passkey_past_L": {r["length"]: r["pass_rate"] for r in passkey["rope"] if r["length"] > L}}
 
 
-def section(out: Path, cfg: Mini, results: dict, passkey: dict, baseline: list[dict], tokens: list[dict]) -> str:
-    L, s = cfg.L, sanity(results, passkey, baseline, cfg.L)
+def section(out: Path, cfg: Mini, results: dict, passkey: dict, baseline: list[dict], tokens: list[dict],
+            s: dict) -> str:
+    L = cfg.L
     docs = results["rope"]["docs"]
     shortest = lib.PasskeyDocuments(load_tokenizer(out / "pretrained"), L).shortest
     pk = lambda r: f"{r['pass_rate']:.2f} / {r['entropy']:.2f}"  # noqa: E731
@@ -408,9 +408,9 @@ def run_mini(out: Path, cfg: Mini = Mini()) -> dict:
     pretrain(out, cfg, train_docs)
     for name in FINETUNES:
         finetune(out, cfg, name, train_docs)
-    results = {name: evaluate(out, cfg, name, held) for name in MODELS}
-    tok = load_tokenizer(out / "pretrained")
+    tok = load_tokenizer(out / "pretrained")  # the finetunes' folders hold copies of it
     docs = lib.heldout_windows(held, tok, max(cfg.lengths), cfg.docs_per_kind)
+    results = {name: evaluate(out, cfg, name, docs) for name in MODELS}
     baseline = lib.count_model_rows(lib.token_stream(train_docs, tok), tok.vocab_size, docs, cfg.lengths)
     report(out, cfg, results, baseline)
     return results
