@@ -45,7 +45,7 @@ from ropelite import ablation as lib
 from ropelite.cli import ArgumentParser, check, run, token_bar
 from ropelite.hf import config_to_hf, load_model, save_model, trained_length
 from ropelite.haystack import draw_heatmaps
-from ropelite.io import lock_out, pyplot, save_figure, write_csv, write_json, write_results
+from ropelite.io import lock_out, markdown_table, pivot, pyplot, save_figure, write_csv, write_json, write_results
 from ropelite.model import LlamaConfig
 from ropelite.rope import RopeConfig
 from ropelite.tokenizer import load_tokenizer
@@ -277,17 +277,12 @@ def draw_curves(results: dict, key: str, ylabel: str, path: Path, L: int, log_y:
     save_figure(fig, path)
 
 
-def md_table(rows: list[dict], columns: list[str], fmt=lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def wide(results: dict, key: str, fmt) -> tuple[list[dict], list[str]]:
-    """Models as rows, lengths as columns, of one quantity."""
+def wide(results: dict, fmt) -> tuple[list[dict], list[str]]:
+    """Models as rows, lengths as columns, of one quantity (``fmt`` of each result row)."""
     lengths = sorted({r["length"] for res in results.values() for r in res["rows"]})
-    rows = [{"model": MODELS[n][2], **{str(r["length"]): fmt(r) for r in res["rows"]}} for n, res in results.items()]
-    return rows, ["model", *map(str, lengths)]
+    long = [{"model": MODELS[n][2], "length": r["length"], "value": fmt(r)} for n, res in results.items()
+            for r in res["rows"]]
+    return pivot(long, "model", "length", "value"), ["model", *map(str, lengths)]
 
 
 def finding(results: dict, passkey: dict, L: int) -> str:
@@ -367,10 +362,10 @@ def section(out: Path, cfg: Mini, results: dict, passkey: dict, baseline: list[d
     docs = results["rope"]["docs"]
     shortest = lib.PasskeyDocuments(load_tokenizer(out / "pretrained"), L).shortest
     pk = lambda r: f"{r['pass_rate']:.2f} / {r['entropy']:.2f}"  # noqa: E731
-    ppl_rows, ppl_cols = wide(results, "ppl", lambda r: f"{r['ppl']:.1f}")
-    tail_rows, _ = wide(results, "ppl_last_L", lambda r: f"{r['ppl_last_L']:.1f}")
-    ent_rows, _ = wide(results, "last_query_entropy", lambda r: f"{r['last_query_entropy']:.2f}")
-    pk_rows, pk_cols = wide({n: {"rows": rows} for n, rows in passkey.items()}, "pass_rate", pk)
+    ppl_rows, ppl_cols = wide(results, lambda r: f"{r['ppl']:.1f}")
+    tail_rows, _ = wide(results, lambda r: f"{r['ppl_last_L']:.1f}")
+    ent_rows, _ = wide(results, lambda r: f"{r['last_query_entropy']:.2f}")
+    pk_rows, pk_cols = wide({n: {"rows": rows} for n, rows in passkey.items()}, pk)
     within = ", ".join(f"{n}: {v:.2f}" for n, v in s["passkey_within_L"].items())
     past = ", ".join(f"{n}: {v:.2f}" for n, v in s["passkey_past_L"].items())
     tail = " -> ".join(f"{v:.1f} @{n}" for n, v in s["ppl_last_L"].items())
@@ -386,13 +381,13 @@ def section(out: Path, cfg: Mini, results: dict, passkey: dict, baseline: list[d
         f"{s['unigram_ppl_at_L']:.1f} on the same tokens; perplexity of the last L tokens {tail}; passkey pass rate "
         f"within L {within}, past L {past}.\n",
         "Tokens of each training run (the finetunes' budgets are equal by construction; the test checks it):\n",
-        md_table(tokens, ["model", "len", "sequences_per_step", "steps", "tokens", "cpu_s", "wall_s"]),
-        "Perplexity, truncate protocol (the first n tokens of each document):\n", md_table(ppl_rows, ppl_cols),
+        markdown_table(tokens, ["model", "len", "sequences_per_step", "steps", "tokens", "cpu_s", "wall_s"]),
+        "Perplexity, truncate protocol (the first n tokens of each document):\n", markdown_table(ppl_rows, ppl_cols),
         f"Perplexity of the last L = {L} tokens of each length (the whole prefix as context):\n",
-        md_table(tail_rows, ppl_cols),
+        markdown_table(tail_rows, ppl_cols),
         "Passkey pass rate / mean attention entropy of the answer (nats), per length over depths and trials:\n",
-        md_table(pk_rows, pk_cols),
-        "Last query's attention entropy (nats; uniform over n keys is ln n):\n", md_table(ent_rows, ppl_cols),
+        markdown_table(pk_rows, pk_cols),
+        "Last query's attention entropy (nats; uniform over n keys is ln n):\n", markdown_table(ent_rows, ppl_cols),
         f"Count-model floor (truncate protocol): " + ", ".join(
             f"{r['length']}: bigram {r['bigram_ppl']:.1f}, unigram {r['unigram_ppl']:.1f}" for r in baseline) + ".\n",
     ])

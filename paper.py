@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ropelite.cli import ArgumentParser, run
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, lock_out, read_jsonl, write_json
+from ropelite.io import atomic_path, lock_out, markdown_table, pivot, read_jsonl, write_json
 from ropelite.training import latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -88,32 +88,6 @@ def plan(args) -> list[dict]:
 
 def command_line(argv: list[str]) -> str:
     return "python " + " ".join(shlex.quote(a) for a in argv)
-
-
-def markdown_table(rows: list[dict], columns: list[str] | None = None, limit: int = 60) -> str:
-    """Rows of scalars as a Markdown table; list/dict cells are left out, floats shown with 4 significant digits."""
-    if not rows:
-        return "(no rows)\n"
-    columns = columns or [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
-    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else escape_cell(str(v)))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows[:limit]]
-    if len(rows) > limit:
-        lines.append(f"\n({len(rows) - limit} more rows in the JSON)")
-    return "\n".join(lines) + "\n"
-
-
-def escape_cell(text: str) -> str:
-    """A Markdown table cell: a newline or a pipe would end the cell or the row (generated answers hold both)."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
-
-
-def pivot(rows: list[dict], index: str, column: str, value: str) -> list[dict]:
-    """Long rows (one per index x column) as wide ones: a row per index value, a column per column value."""
-    wide: dict = {}
-    for r in rows:
-        wide.setdefault(r[index], {index: r[index]})[str(r[column])] = r[value]
-    return list(wide.values())
 
 
 def result_tables(folder: Path) -> list[tuple[str, list[dict]]]:

@@ -25,7 +25,8 @@ so whenever the factor is derived, since then runs at different --len train diff
 Training is full finetuning with AdamW (defaults: YaRN's and PI's recipe, betas 0.9 0.95, no weight decay,
 lr 2e-5), a linear warmup from 0 then --schedule, gradient clipping, the chunked loss
 (no len x vocab logits), scaled_dot_product_attention (flash on GPU), gradient checkpointing per block
-(--no-grad-ckpt to turn it off) and, with --dtype bf16 (the default on CUDA), bf16 autocast compute over fp32
+(--no-grad-ckpt to turn it off; --keep-attention keeps the attention outputs as well, so that backward does
+not recompute attention) and, with --dtype bf16 (the default on CUDA), bf16 autocast compute over fp32
 master weights and AdamW states in one process, or FSDP2's bf16 parameters with fp32 gradient reduction under
 torchrun (ropelite/parallel.py); --lean keeps bf16 weights with torchao's 8-bit AdamW (stochastic bf16 rounding),
 which fits a LLaMa-2-7B at 32K on one 80 GB GPU by the estimator; RoPE angles are fp32 in every case.
@@ -82,9 +83,10 @@ from ropelite.training import (OPTIMIZER_STATE, SCHEDULES, accumulate_gradients,
 
 # A resumed run must be the same run: --resume takes every flag from the checkpoint but these of the invocation
 # itself, and those that do not change the numbers the run computes, which may be given anew (--micro-batch
-# regroups the same sum: equal up to float rounding). Any other flag given must equal the checkpoint's.
+# regroups the same sum: equal up to float rounding; --keep-attention saves what it would recompute). Any other
+# flag given must equal the checkpoint's.
 PER_INVOCATION = {"resume", "out", "stop_after", "quiet", "device"}
-MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok", "compile"}
+MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok", "compile", "keep_attention"}
 DAY_S = 86400  # a run estimated longer than this on this device gets a notice up front
 METRICS, EVAL_LOG = "metrics.jsonl", "eval.jsonl"  # in --out: one row per step; one per held-out evaluation
 
@@ -138,6 +140,10 @@ def build_parser() -> ArgumentParser:
                    help="gradient checkpointing per block: keep each block's input, recompute the rest in "
                         "backward (default on; --no-grad-ckpt skips the recompute: ~1/3 less compute, L times the "
                         "activation memory; see benchmarks/memory_estimate.py)")
+    g.add_argument("--keep-attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --grad-ckpt, also keep each block's attention output so backward does not recompute "
+                        "attention, the O(len^2) part: one more len x hidden tensor per block, a faster step at long "
+                        "len (default off; the same gradients either way; see README, 'A training step')")
     g.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
     g = p.add_argument_group("GPU speed and memory")
     g.add_argument("--compile", action="store_true",
@@ -242,6 +248,8 @@ def check_flags(args) -> None:
     check(args.len >= 2, f"--len must be at least 2 tokens, got {args.len}")
     check(args.dtype != "fp16", "--dtype fp16 needs loss scaling, which train.py does not do: use bf16")
     check(args.micro_batch >= 1, f"--micro-batch must be >= 1, got {args.micro_batch}")
+    check(args.grad_ckpt or not args.keep_attention, "--keep-attention keeps attention under --grad-ckpt, which "
+          "--no-grad-ckpt turns off (everything is kept then)")
     check(args.lr > 0 and args.warmup >= 0 and args.clip >= 0, "--lr must be > 0, --warmup and --clip >= 0")
     check(args.save_every >= 0, f"--save-every must be >= 0, got {args.save_every}")
     check(args.stop_after is None or args.stop_after >= 1, "--stop-after must be >= 1")
@@ -475,7 +483,7 @@ def prepare(args, given: set[str], dist: Dist) -> Run:
     dist.say(f"train: {config.rope.describe()} (theta {config.rope.theta:g}, L {original} -> len {args.len}), "
              f"{steps} steps x {per_step} sequences x {args.len} tokens = {steps * step_tokens:,} tokens (of "
              f"--tokens {args.tokens:,}); {micro} micro-batch(es) of {args.micro_batch} x {dist.world} "
-             f"process(es); {args.dtype}, grad-ckpt {'on' if args.grad_ckpt else 'off'}")
+             f"process(es); {args.dtype}, grad-ckpt {'off' if not args.grad_ckpt else 'on, keeping attention' if args.keep_attention else 'on'}")
     dist.say(f"data: {stream.size:,} tokens from {used} of {len(docs)} documents; the run reads it "
              f"{steps * step_tokens / stream.size:.2f} times")
     check_epochs(args, steps * step_tokens, stream.size, dist)
@@ -516,7 +524,7 @@ def build_model(run: Run, dist: Dist) -> Llama:
         model.to_empty(device=dist.device)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
-    model.gradient_checkpointing = run.args.grad_ckpt
+    model.gradient_checkpointing, model.keep_attention = run.args.grad_ckpt, run.args.keep_attention
     model.train()
     return model
 

@@ -23,7 +23,8 @@ Results: bench_train.json and .csv in --out.
 
 --vs-transformers: a SmolLM2-135M-shaped model (random N(0, 0.02) weights, the same in both: transformers gets
 ropelite's state dict), the same --len random tokens, gradient checkpointing on both, fp32, one forward + backward
-of the mean next-token loss (ropelite: Llama.nll, the chunked loss; transformers: forward with labels). Each
+of the mean next-token loss (ropelite: Llama.nll, the chunked loss; transformers: forward with labels;
+ropelite-keep: ropelite with Llama.keep_attention, checkpointing that keeps the attention kernel's output). Each
 measurement is a fresh process (after a 128-token warm-up step whose gradients are freed, the VmHWM peak is
 restarted): step_s, step_cpu_s (the step's CPU time: with one thread, what other processes on shared cores
 inflate least), peak_rss_mb (weights included), step_added_mb (peak minus the RSS before the step:
@@ -117,7 +118,8 @@ def child(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 def side_by_side_child(spec: dict) -> dict:
-    """One step of one implementation ("ropelite", "baseline" = ropelite from ROPELITE_SRC, "transformers")."""
+    """One step of one implementation ("ropelite", "ropelite-keep" = with keep_attention, "baseline" = ropelite
+    from ROPELITE_SRC, "transformers")."""
     import torch
 
     from bench_forward import smollm2_config, transformers_model
@@ -131,6 +133,7 @@ def side_by_side_child(spec: dict) -> dict:
             return model(input_ids=ids, labels=ids, use_cache=False).loss
     else:
         model.gradient_checkpointing = True
+        model.keep_attention = spec["impl"] == "ropelite-keep"
         def loss(ids):
             return model.nll(ids)[0] / (ids.shape[1] - 1)
     ids = torch.randint(0, config.vocab_size, (1, spec["len"]), generator=torch.Generator().manual_seed(1))
@@ -185,7 +188,7 @@ def side_by_side_summary(rows: list[dict], length: int, impls: list[str]) -> lis
 
 def side_by_side(args) -> None:
     check(has_transformers(), "--vs-transformers: transformers is not installed")
-    impls = ["ropelite", "transformers"] + (["baseline"] if args.baseline else [])
+    impls = ["ropelite", "ropelite-keep", "transformers"] + (["baseline"] if args.baseline else [])
     if args.baseline:
         check((Path(args.baseline) / "ropelite" / "model.py").is_file(),
               f"--baseline {args.baseline}: no ropelite/model.py there")
@@ -205,7 +208,7 @@ def side_by_side(args) -> None:
         summary += side_by_side_summary(rows, length, impls)
         write_results(args.out, f"{SIDE_BY_SIDE}_summary", summary)
     for row in summary:
-        print(f"len {row['len']} {row['impl']:>12}: step {row['step_s_median']:.1f} s (median of {row['rounds']}, "
+        print(f"len {row['len']} {row['impl']:>13}: step {row['step_s_median']:.1f} s (median of {row['rounds']}, "
               f"{row['step_s_min']:.1f}-{row['step_s_max']:.1f}), peak {row['peak_rss_mb_median']:.0f} MB "
               f"(floor {row['floor_mb_median']:.0f}, above it {row['above_floor_mb_median']:.0f}); vs transformers: "
               f"speed {row['speed_vs_transformers_median']:.2f}x (CPU time {row['cpu_speed_vs_transformers_median']:.2f}x), "

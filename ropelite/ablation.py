@@ -240,14 +240,17 @@ def weighted_nll(model: Llama, ids: torch.Tensor, answer: torch.Tensor, weight: 
                  chunk_size: int = 1024) -> tuple[torch.Tensor, float]:
     """(loss to minimise, plain mean NLL): the mean next-token NLL with each passkey answer token's NLL counted
     ``weight`` times (more copy targets per token, so retrieval forms sooner). One pass through the blocks; the
-    answer term is ``model.py``'s chunked loss again on the answer positions only (-100 elsewhere)."""
+    answer term is ``model.py``'s chunked loss again on the answer positions only, gathered first so that no
+    logits are made for the other positions."""
     h = model.hidden_states(ids)[:, :-1]                                               # (B, T-1, C)
     targets = ids[:, 1:]                                                               # (B, T-1)
     plain = LinearCrossEntropy.apply(h, model.lm_head.weight, targets, chunk_size, False)
     loss = plain
-    if weight != 1 and bool(answer.any()):
-        only = targets.masked_fill(~answer[:, 1:], -100)
-        loss = loss + (weight - 1) * LinearCrossEntropy.apply(h, model.lm_head.weight, only, chunk_size, True)
+    counted = answer[:, 1:]                                                            # (B, T-1): predicts an answer token
+    if weight != 1 and bool(counted.any()):
+        h_answer, y_answer = h[counted][None], targets[counted][None]                   # (1, N, C), (1, N)
+        loss = loss + (weight - 1) * LinearCrossEntropy.apply(h_answer, model.lm_head.weight, y_answer, chunk_size,
+                                                              False)
     return loss / targets.numel(), float(plain.detach()) / targets.numel()
 
 

@@ -166,6 +166,32 @@ def truncate_jsonl(path, last_step: int) -> None:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def markdown_table(rows: list[dict], columns: list[str] | None = None, limit: int = 60) -> str:
+    """Rows of scalars as a Markdown table; list/dict cells are left out, floats shown with 4 significant digits."""
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
+    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else escape_cell(str(v)))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows[:limit]]
+    if len(rows) > limit:
+        lines.append(f"\n({len(rows) - limit} more rows in the JSON)")
+    return "\n".join(lines) + "\n"
+
+
+def escape_cell(text: str) -> str:
+    """A Markdown table cell: a newline or a pipe would end the cell or the row (generated answers hold both)."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def pivot(rows: list[dict], index: str, column: str, value: str) -> list[dict]:
+    """Long rows (one per index x column) as wide ones: a row per index value, a column per column value."""
+    wide: dict = {}
+    for r in rows:
+        wide.setdefault(r[index], {index: r[index]})[str(r[column])] = r[value]
+    return list(wide.values())
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed), imported only by what draws."""
     import matplotlib

@@ -8,6 +8,7 @@ names are Hugging Face's without the leading ``model.``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from .errors import RopeliteError
 from .rope import RopeConfig, apply_rope, rope_cos_sin
@@ -232,6 +233,16 @@ class Attention(nn.Module):
         return out
 
 
+# The fused attention kernels scaled_dot_product_attention dispatches to (CPU flash; CUDA flash, memory-efficient,
+# cuDNN): the ops whose results ``Llama.keep_attention`` saves under checkpointing. The math fallback is
+# recomputed: it only runs for inputs no fused kernel takes.
+ATTENTION_KERNELS = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                     torch.ops.aten._scaled_dot_product_flash_attention.default,
+                     torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                     torch.ops.aten._scaled_dot_product_cudnn_attention.default]
+KEEP_ATTENTION = functools.partial(create_selective_checkpoint_contexts, ATTENTION_KERNELS)  # save these, recompute the rest
+
+
 class Block(nn.Module):
     def __init__(self, c: LlamaConfig, layer: int):
         super().__init__()
@@ -290,7 +301,12 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Gradient checkpointing keeps each block's input and recomputes the block in backward; keep_attention
+        # also keeps what its attention kernel returned (the output (B, H, T, d) and log-sum-exp (B, H, T)), so
+        # the recompute skips the O(T^2) part: one more (T, C)-sized tensor per block, and at long T most of
+        # the recompute's time. Default off: it doubles the activations checkpointing keeps.
         self.gradient_checkpointing = False
+        self.keep_attention = False
 
     def new_cache(self, rope: RopeConfig | None = None) -> KVCache:
         """An empty cache for decoding with ``rope`` (default: the model's own); pass the same rope to every
@@ -316,7 +332,8 @@ class Llama(nn.Module):
         observer = None if on_attention is None else Observer(on_attention, attention_rows)
         for block in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)  # recompute activations in backward
+                x = checkpoint(block, x, cos, sin, use_reentrant=False,  # recompute activations in backward
+                               context_fn=KEEP_ATTENTION if self.keep_attention else noop_context_fn)
             else:
                 x = block(x, cos, sin, cache, eager, observer)
         return self.norm(x)

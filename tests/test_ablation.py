@@ -123,9 +123,16 @@ def test_weighted_loss_is_cross_entropy_with_the_answer_counted_w_times(tiny_lla
     logits = model(ids)[:, :-1]
     nll = F.cross_entropy(logits.reshape(-1, 97), ids[:, 1:].reshape(-1), reduction="none")
     weights = 1 + 2.0 * answer[:, 1:].reshape(-1).float()
+    reference = (nll * weights).mean()
+    reference.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
     loss, plain = lib.weighted_nll(model, ids, answer, 3.0, chunk_size=7)
-    assert float(loss.detach()) == pytest.approx(float((nll * weights).mean().detach()), rel=1e-5)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
     assert plain == pytest.approx(float(nll.detach().mean()), rel=1e-5)
+    for (name, p), g in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_heldout_and_training_text_do_not_overlap():

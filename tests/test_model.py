@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ropelite.hf import load_model, save_model
-from ropelite.model import KVCache, generate
+from ropelite.model import ATTENTION_KERNELS, KVCache, generate
 from ropelite.rope import RopeConfig
 
 L = 32  # pretrained length of the RoPE variants below; tests run past it
@@ -231,20 +232,37 @@ def test_chunked_nll_and_its_gradient(tiny_llama, tied):
         assert_close(model.nll(ids)[0], full_nll(model, ids, ids))   # labels default to the inputs
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama):
+class CountOps(TorchDispatchMode):
+    """Counts the calls of the ops in ``ops`` under it (forward, recompute and backward alike)."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops, self.calls = set(ops), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in self.ops
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("ckpt, keep_attention, block_runs, kernel_runs", [
+    (False, False, 1, 1),   # no checkpointing: each block and its attention run once
+    (True, False, 2, 2),    # checkpointing: the whole block again in backward
+    (True, True, 2, 1),     # keep_attention: the block again, its attention kernel not
+])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, ckpt, keep_attention, block_runs, kernel_runs):
     model = tiny_llama(rope=rope_config("yarn")).train()
     ids = ids_for(40, B=2)
+    model.nll(ids)[0].backward()
+    reference = [p.grad.clone() for p in model.parameters()]       # no checkpointing
     calls = []
     model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))  # recompute stops early: no post hook
-    grads = {}
-    for ckpt in (False, True):
-        model.gradient_checkpointing = ckpt
-        model.zero_grad()
-        calls.clear()
+    model.gradient_checkpointing, model.keep_attention = ckpt, keep_attention
+    model.zero_grad()
+    with CountOps(ATTENTION_KERNELS) as kernels:
         model.nll(ids)[0].backward()
-        grads[ckpt] = [p.grad.clone() for p in model.parameters()]
-        assert len(calls) == (2 if ckpt else 1)                   # recomputed in backward: checkpointing is on
-    for a, b in zip(grads[False], grads[True], strict=True):
+    assert len(calls) == block_runs
+    assert kernels.calls == kernel_runs * len(model.layers)         # the fused kernel is what runs on CPU
+    for a, b in zip(reference, [p.grad for p in model.parameters()], strict=True):
         assert_close(a, b, tol=1e-5)
 
 

@@ -8,15 +8,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 import paper  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
-from ropelite.hf import save_model
+from ropelite.hf import save_model  # noqa: E402
+from ropelite.io import markdown_table, pivot  # noqa: E402
 
 
 def test_pivot_turns_long_rows_wide():
     rows = [{"pair": 0, "rope": "rope", "scale": 1.0}, {"pair": 0, "rope": "pi x4", "scale": 4.0},
             {"pair": 1, "rope": "rope", "scale": 1.0}, {"pair": 1, "rope": "pi x4", "scale": 4.0}]
-    assert paper.pivot(rows, "pair", "rope", "scale") == [{"pair": 0, "rope": 1.0, "pi x4": 4.0},
+    assert pivot(rows, "pair", "rope", "scale") == [{"pair": 0, "rope": 1.0, "pi x4": 4.0},
                                                           {"pair": 1, "rope": 1.0, "pi x4": 4.0}]
-    table = paper.markdown_table(paper.pivot(rows, "pair", "rope", "scale"))
+    table = markdown_table(pivot(rows, "pair", "rope", "scale"))
     assert table.splitlines()[:3] == ["| pair | rope | pi x4 |", "|---|---|---|", "| 0 | 1 | 4 |"]
 
 
@@ -38,7 +39,7 @@ def test_report_of_a_piece_and_of_a_failed_one(tmp_path, tiny_llama):
 
 
 def test_cells_with_newlines_and_pipes_stay_in_their_row():
-    table = paper.markdown_table([{"answer": "The key is 4|2.\nBye", "pass": True}])
+    table = markdown_table([{"answer": "The key is 4|2.\nBye", "pass": True}])
     lines = table.splitlines()
     assert len(lines) == 3 and lines[2] == "| The key is 4\\|2.<br>Bye | True |"
 

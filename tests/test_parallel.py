@@ -101,15 +101,17 @@ def one_process_group(tmp_path):
         dist.destroy_process_group()
 
 
-def test_fsdp_reduces_gradients_only_after_the_last_micro_batch(one_process_group):
+@pytest.mark.parametrize("keep_attention", [False, True])
+def test_fsdp_reduces_gradients_only_after_the_last_micro_batch(one_process_group, keep_attention):
     """Under FSDP2 the sharded .grad appears only when a backward reduce-scatters: not after micro-batches 1 and
     2 of 3, then after the 3rd, holding the sum of all three (checkpointing on: its recomputation must not count
-    as a micro-batch)."""
+    as a micro-batch; with keep_attention the recompute reuses the saved attention of the unsharded weights)."""
     torch.manual_seed(0)
     plain = random_model(tiny_config(), seed=0)
     sharded = random_model(tiny_config(), seed=0)
     shard(sharded, one_process_group, torch.float32)
     sharded.gradient_checkpointing = plain.gradient_checkpointing = True
+    sharded.keep_attention = keep_attention
     batches = [torch.randint(0, 64, (1, 16)) for _ in range(3)]
     with sync_on_last_micro_batch(sharded, 3):
         for i, ids in enumerate(batches):
@@ -138,13 +140,16 @@ def tiny_config(**extra) -> LlamaConfig:
 
 
 @pytest.mark.slow
-def test_compiled_blocks_give_the_eager_loss():
-    """torch.compile with inductor on CPU (it needs a C++ compiler): same loss and gradients as eager."""
+@pytest.mark.parametrize("keep_attention", [False, True], ids=["plain", "checkpointed-keeping-attention"])
+def test_compiled_blocks_give_the_eager_loss(keep_attention):
+    """torch.compile with inductor on CPU (it needs a C++ compiler): same loss and gradients as eager, also when
+    compiled blocks are checkpointed with the selective policy of keep_attention."""
     torch.manual_seed(0)
     eager = Llama(tiny_config())
     compiled = Llama(tiny_config())
     compiled.load_state_dict(eager.state_dict())
     compile_blocks(compiled)
+    compiled.gradient_checkpointing = compiled.keep_attention = keep_attention
     ids = torch.randint(0, 64, (2, 24))
     losses = []
     for model in (eager, compiled):

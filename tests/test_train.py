@@ -113,6 +113,17 @@ def test_accumulated_gradients_equal_the_full_batch_mean_loss(tiny_llama):
 
 # ---------------------------------------------------------------- runs
 
+def test_keeping_attention_trains_the_same_weights_bit_for_bit(tmp_path):
+    """--keep-attention saves the attention kernel's output instead of recomputing it: the same numbers."""
+    for name, extra in (("recompute", []), ("keep", ["--keep-attention"])):
+        train.main(TINY + ["--tokens", "512", "--out", str(tmp_path / name), *extra])
+    a, b = weights(tmp_path / "recompute"), weights(tmp_path / "keep")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+
 def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
     args = TINY + ["--rope", "yarn", "--orig-len", "16", "--tokens", "768", "--save-every", "2",  # 6 steps, yarn x2
                    "--eval-every", "2"]
@@ -216,6 +227,7 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path):
     (["--micro-batch", "3"], "do not split into micro-batches"),
     (["--base", "1e6"], "^a new base is an NTK setting; rope 'rope' does not take one$"),   # the model's own rope
     (["--rope", "pi", "--base", "1e6"], "^a new base is an NTK setting; rope 'pi' does not take one$"),
+    (["--no-grad-ckpt", "--keep-attention"], "^--keep-attention keeps attention under --grad-ckpt"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, extra, message):
     with pytest.raises(RopeliteError, match=message):
