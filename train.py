@@ -480,10 +480,11 @@ def prepare(args, given: set[str], dist: Dist) -> Run:
     step_tokens = per_step * args.len
     stream, used = pack_documents(docs, tokenizer, eos, steps * step_tokens, config.vocab_size)
     micro = per_step // (args.micro_batch * dist.world)
+    checkpointing = "off" if not args.grad_ckpt else "on, keeping attention" if args.keep_attention else "on"
     dist.say(f"train: {config.rope.describe()} (theta {config.rope.theta:g}, L {original} -> len {args.len}), "
              f"{steps} steps x {per_step} sequences x {args.len} tokens = {steps * step_tokens:,} tokens (of "
              f"--tokens {args.tokens:,}); {micro} micro-batch(es) of {args.micro_batch} x {dist.world} "
-             f"process(es); {args.dtype}, grad-ckpt {'off' if not args.grad_ckpt else 'on, keeping attention' if args.keep_attention else 'on'}")
+             f"process(es); {args.dtype}, grad-ckpt {checkpointing}")
     dist.say(f"data: {stream.size:,} tokens from {used} of {len(docs)} documents; the run reads it "
              f"{steps * step_tokens / stream.size:.2f} times")
     check_epochs(args, steps * step_tokens, stream.size, dist)

@@ -246,7 +246,7 @@ def weighted_nll(model: Llama, ids: torch.Tensor, answer: torch.Tensor, weight: 
     targets = ids[:, 1:]                                                               # (B, T-1)
     plain = LinearCrossEntropy.apply(h, model.lm_head.weight, targets, chunk_size, False)
     loss = plain
-    counted = answer[:, 1:]                                                            # (B, T-1): predicts an answer token
+    counted = answer[:, 1:]                                                 # (B, T-1): predicts an answer token
     if weight != 1 and bool(counted.any()):
         h_answer, y_answer = h[counted][None], targets[counted][None]                   # (1, N, C), (1, N)
         loss = loss + (weight - 1) * LinearCrossEntropy.apply(h_answer, model.lm_head.weight, y_answer, chunk_size,

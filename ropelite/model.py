@@ -240,7 +240,7 @@ ATTENTION_KERNELS = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.
                      torch.ops.aten._scaled_dot_product_flash_attention.default,
                      torch.ops.aten._scaled_dot_product_efficient_attention.default,
                      torch.ops.aten._scaled_dot_product_cudnn_attention.default]
-KEEP_ATTENTION = functools.partial(create_selective_checkpoint_contexts, ATTENTION_KERNELS)  # save these, recompute the rest
+KEEP_ATTENTION = functools.partial(create_selective_checkpoint_contexts, ATTENTION_KERNELS)  # save these, redo the rest
 
 
 class Block(nn.Module):
@@ -303,7 +303,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # Gradient checkpointing keeps each block's input and recomputes the block in backward; keep_attention
         # also keeps what its attention kernel returned (the output (B, H, T, d) and log-sum-exp (B, H, T)), so
-        # the recompute skips the O(T^2) part: one more (T, C)-sized tensor per block, and at long T most of
+        # the recompute skips the O(T^2) part: one more (T, H*d) tensor per block, and at long T most of
         # the recompute's time. Default off: it doubles the activations checkpointing keeps.
         self.gradient_checkpointing = False
         self.keep_attention = False
