@@ -4,6 +4,7 @@ the measured memory; and (--vs-transformers) one training step side by side with
     python benchmarks/bench_train.py                              # hidden 256, 4 blocks, vocab 8192, len 1024 and 4096
     python benchmarks/bench_train.py --len 512 2048 --steps 3 --out runs/bench_train
     python benchmarks/bench_train.py --vs-transformers --len 2048 8192 --repeats 3
+    python benchmarks/bench_train.py --vs-transformers --len 8192 --impls ropelite-keep --repeats 2   # + transformers
     git archive HEAD~1 ropelite | tar -x -C /tmp/old && \
         python benchmarks/bench_train.py --vs-transformers --len 2048 --baseline /tmp/old   # + another commit's
 
@@ -65,6 +66,7 @@ from ropelite.rope import RopeConfig  # noqa: E402
 
 MIB = 2**20
 SIDE_BY_SIDE = "bench_train_vs_transformers"
+IMPLS = ["ropelite", "ropelite-keep", "transformers"]  # --vs-transformers: ropelite-keep = with keep_attention
 
 
 def small_config(args) -> LlamaConfig:
@@ -188,7 +190,7 @@ def side_by_side_summary(rows: list[dict], length: int, impls: list[str]) -> lis
 
 def side_by_side(args) -> None:
     check(has_transformers(), "--vs-transformers: transformers is not installed")
-    impls = ["ropelite", "ropelite-keep", "transformers"] + (["baseline"] if args.baseline else [])
+    impls = list(dict.fromkeys([*args.impls, "transformers"])) + (["baseline"] if args.baseline else [])
     if args.baseline:
         check((Path(args.baseline) / "ropelite" / "model.py").is_file(),
               f"--baseline {args.baseline}: no ropelite/model.py there")
@@ -234,6 +236,9 @@ def main() -> None:
                         "and in transformers' LlamaForCausalLM at each --len (use e.g. --len 2048 8192)")
     g.add_argument("--repeats", type=int, default=3, help="--vs-transformers rounds, the order of the "
                                                           "implementations rotated each round (default 3)")
+    g.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS,
+                   help="--vs-transformers: the implementations to measure; transformers, the reference of the "
+                        "ratios, always is (default: all)")
     g.add_argument("--baseline", metavar="DIR", help="--vs-transformers: also measure the ropelite package in DIR "
                                                      "(e.g. the parent commit, `git archive HEAD~1 ropelite`)")
     p.add_argument("--child", help=argparse.SUPPRESS)
