@@ -48,7 +48,7 @@ from ropelite.haystack import draw_heatmaps
 from ropelite.io import lock_out, markdown_table, pivot, pyplot, save_figure, write_csv, write_json, write_results
 from ropelite.model import LlamaConfig
 from ropelite.rope import RopeConfig
-from ropelite.tokenizer import load_tokenizer
+from ropelite.tokenizer import Tokenizer, load_tokenizer
 from ropelite.training import latest_checkpoint, random_model
 
 HERE = Path(__file__).resolve().parent
@@ -176,8 +176,9 @@ def pretrain(out: Path, cfg: Mini, train_docs: list[str]) -> None:
                       "parameters": sum(p.numel() for p in model.parameters())})
 
 
-def finetune(out: Path, cfg: Mini, name: str, train_docs: list[str]) -> None:
-    """NTK or YaRN at cfg.factor, trained at L or 8L with cfg.finetune's token budget."""
+def finetune(out: Path, cfg: Mini, name: str, tok: Tokenizer, stream: np.ndarray) -> None:
+    """NTK or YaRN at cfg.factor, trained at L or 8L with cfg.finetune's token budget, on ``stream`` (the
+    training text in the pretrained tokenizer ``tok``)."""
     folder = out / name
     if folder.is_dir():
         print(f"{name}: {folder} exists, skipped", file=sys.stderr)
@@ -187,9 +188,8 @@ def finetune(out: Path, cfg: Mini, name: str, train_docs: list[str]) -> None:
     with stage_folder(folder) as tmp:
         clock = Clock()
         model = load_model(out / "pretrained", rope=rope, factor=cfg.factor)
-        tok = load_tokenizer(out / "pretrained")
-        rows = lib.MixedRows(lib.token_stream(train_docs, tok), lib.PasskeyDocuments(tok, recipe.length),
-                             recipe.length, recipe.mix, recipe.seed)
+        rows = lib.MixedRows(stream, lib.PasskeyDocuments(tok, recipe.length), recipe.length, recipe.mix,
+                             recipe.seed)
         log = train_with_bar(model, rows, recipe, f"{name} ({rope} x{cfg.factor:g}, len {recipe.length})")
         save_trained(model, tmp, out / "pretrained", log, recipe, clock)
 
@@ -401,12 +401,13 @@ def run_mini(out: Path, cfg: Mini = Mini()) -> dict:
     """The whole miniature; stages already finished in ``out`` are skipped."""
     train_docs, held = lib.split_documents(cfg.kinds)
     pretrain(out, cfg, train_docs)
+    tok = load_tokenizer(out / "pretrained")  # every model's: the finetunes' folders hold copies of it
+    stream = lib.token_stream(train_docs, tok)  # tokenised once for the finetunes and the count models
     for name in FINETUNES:
-        finetune(out, cfg, name, train_docs)
-    tok = load_tokenizer(out / "pretrained")  # the finetunes' folders hold copies of it
+        finetune(out, cfg, name, tok, stream)
     docs = lib.heldout_windows(held, tok, max(cfg.lengths), cfg.docs_per_kind)
     results = {name: evaluate(out, cfg, name, docs) for name in MODELS}
-    baseline = lib.count_model_rows(lib.token_stream(train_docs, tok), tok.vocab_size, docs, cfg.lengths)
+    baseline = lib.count_model_rows(stream, tok.vocab_size, docs, cfg.lengths)
     report(out, cfg, results, baseline)
     return results
 

@@ -69,8 +69,9 @@ def split_documents(kinds: tuple[str, ...] = ("books", "prose", "code")) -> tupl
 
 def train_tokenizer(docs: list[str], out: Path, vocab_size: int) -> Tokenizer:
     """LLaMa-2's kind of tokenizer, trained on ``docs`` plus PROBE_COPIES copies of the passkey prompt (as many as
-    the training mix holds passkey documents: its words become whole pieces, and the shortest prompt shorter): sentencepiece BPE with byte fallback (newlines become <0x0A> as in LLaMa-2), digits split (a 5-digit
-    key is 5 tokens), text kept verbatim (identity normalisation, whitespace kept: code indentation),
+    the training mix holds passkey documents: its words become whole pieces, and the shortest prompt shorter):
+    sentencepiece BPE with byte fallback (newlines become <0x0A> as in LLaMa-2), digits split (a 5-digit key is
+    5 tokens), text kept verbatim (identity normalisation, whitespace kept: code indentation),
     unk/bos/eos = 0/1/2. Writes ``out/tokenizer.model`` and a ``tokenizer_config.json`` for transformers."""
     import sentencepiece as spm
 
