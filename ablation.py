@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ropelite import ablation as lib
-from ropelite.cli import ArgumentParser, check, run, token_bar
+from ropelite.cli import ArgumentParser, check, run_script, token_bar
 from ropelite.hf import config_to_hf, load_model, save_model, trained_length
 from ropelite.haystack import draw_heatmaps
 from ropelite.io import lock_out, markdown_table, pivot, pyplot, save_figure, write_csv, write_json, write_results
@@ -492,4 +492,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

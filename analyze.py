@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ropelite.attention import DEFINITIONS, Variant, measure, pick_samples, state_meta, summarize
 from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, load_for, parse_grid,
-                          run, token_bar, variant_config)
+                          run_script, token_bar, variant_config)
 from ropelite.data import TEXT_SUFFIXES, load_documents
 from ropelite.errors import RopeliteError
 from ropelite.hf import read_config
@@ -574,4 +574,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

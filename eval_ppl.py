@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, load_for, parse_grid, run,
+from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, load_for, parse_grid, run_script,
                           token_bar, variant_config)
 from ropelite.data import corpus_name, document_names, load_documents, tokenize_checked
 from ropelite.hf import trained_length
@@ -281,4 +281,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -53,7 +53,7 @@ import numpy as np
 from ropelite import books
 from ropelite.attention import answer_with_entropy
 from ropelite.cli import (GRID_HELP, ArgumentParser, add_model_args, check, check_factor, load_for, parse_grid,
-                          rope_overrides, run, token_bar)
+                          rope_overrides, run_script, token_bar)
 from ropelite.data import KINDS, load_documents
 from ropelite.haystack import (ANSWER_PREFIX, FILLER, NEEDLE, NEEDLE_TEMPLATE, PASSKEY_LINE, PASSKEY_PREFIX,
                                PASSKEY_QUESTION, PASSKEY_TEMPLATE, QUESTION, STOP_WORDS, answer_words, build_haystack,
@@ -275,4 +275,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

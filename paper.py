@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from ropelite.cli import ArgumentParser, run
+from ropelite.cli import ArgumentParser, run_script
 from ropelite.errors import RopeliteError
 from ropelite.io import atomic_path, lock_out, markdown_table, pivot, read_jsonl, write_json
 from ropelite.training import latest_checkpoint
@@ -278,4 +278,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

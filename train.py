@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ropelite.cli import DTYPES, ArgumentParser, add_data_args, add_model_args, check, run, token_bar, torch_device
+from ropelite.cli import DTYPES, ArgumentParser, add_data_args, add_model_args, check, run_script, token_bar, torch_device
 from ropelite.data import PackedSequences, load_documents, pack_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import append_jsonl, lock_out, truncate_jsonl, write_json
@@ -775,7 +775,7 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A torchrun worker whose run is complete, saved and whose process group is destroyed leaves without the
         # interpreter's own teardown, where gloo's threads now and then abort the process ("terminate called

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from measure import has_transformers, peak_rss_mb, reset_peak_rss, rss_mb, run_worker
 
-from ropelite.cli import ArgumentParser, check, run
+from ropelite.cli import ArgumentParser, check, run_script
 from ropelite.errors import RopeliteError
 from ropelite.io import write_json, write_results
 from ropelite.hf import config_to_hf, hf_name
@@ -250,4 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from measure import has_transformers, peak_rss_mb, rss_mb, run_worker
-from ropelite.cli import ArgumentParser, DTYPES, check, run
+from ropelite.cli import ArgumentParser, DTYPES, check, run_script
 from ropelite.io import write_results
 
 METHODS = ("ropelite", "transformers")
@@ -155,4 +155,4 @@ def add_ratios(rows: list[dict], length: int) -> None:
             r["nll_minus_transformers"] = r["nll"] - base["nll"]
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -58,7 +58,7 @@ sys.path.insert(0, os.environ.get("ROPELITE_SRC") or str(Path(__file__).resolve(
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import has_transformers, peak_rss_mb, reset_peak_rss, rss_mb, run_worker  # noqa: E402
 from memory_estimate import estimate, param_count  # noqa: E402
-from ropelite.cli import ArgumentParser, check, run  # noqa: E402
+from ropelite.cli import ArgumentParser, check, run_script  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.io import write_results  # noqa: E402
 from ropelite.model import LlamaConfig  # noqa: E402
@@ -290,4 +290,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

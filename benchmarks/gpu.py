@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import has_transformers  # noqa: E402
 from memory_estimate import GIB, estimate, eval_estimate, param_count  # noqa: E402
-from ropelite.cli import ArgumentParser, run  # noqa: E402
+from ropelite.cli import ArgumentParser, run_script  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.hf import config_to_hf  # noqa: E402
 from ropelite.io import atomic_path, write_json  # noqa: E402
@@ -379,4 +379,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

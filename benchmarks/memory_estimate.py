@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ropelite.cli import ArgumentParser, run
+from ropelite.cli import ArgumentParser, run_script
 from ropelite.errors import RopeliteError
 from ropelite.io import write_results
 from ropelite.hf import read_config
@@ -167,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

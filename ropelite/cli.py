@@ -161,8 +161,8 @@ def parse_grid(specs: Sequence[str], name: str, integer: bool = True) -> list:
     return sorted(set(values))
 
 
-def run(main: Callable[[], object]) -> None:
-    """Call ``main``; bad input ends as one line on stderr and exit status 2, never a traceback."""
+def run_script(main: Callable[[], object]) -> None:
+    """Run a script's ``main``: bad input ends as one line on stderr and exit status 2, never a traceback."""
     try:
         main()
     except RopeliteError as e:

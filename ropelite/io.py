@@ -142,6 +142,32 @@ def record_settings(out_dir, name: str, settings_by_id: dict[str, dict]) -> None
     write_json(path, {**known, **settings_by_id})
 
 
+SUMMARY_SUFFIX = "_summary.json"
+
+
+def write_summary(out_dir, name: str, title: str, claim: str, finding: list[str], numbers: dict) -> None:
+    """``name_summary.json`` in ``out_dir``: the headline of the results in ``name.json``, written by the script
+    that measured them, so a report (paper.py) can quote it knowing none of the script's keys. ``claim``: what the
+    paper says; ``finding``: Markdown lines of what was measured, each number with its n and interval, the
+    verdict beside the claim; ``numbers``: the same headline numbers as data."""
+    write_json(Path(out_dir) / f"{name}{SUMMARY_SUFFIX}",
+               {"results": name, "title": title, "claim": claim, "finding": list(finding), "numbers": numbers})
+
+
+def read_summaries(out_dir) -> list[dict]:
+    """Every summary ``write_summary`` left in ``out_dir``, by results name."""
+    summaries = []
+    for path in sorted(Path(out_dir).glob(f"*{SUMMARY_SUFFIX}")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise RopeliteError(f"{path} is not valid JSON; rerun the script that wrote it") from None
+        if not (isinstance(data, dict) and {"title", "claim", "finding", "numbers"} <= set(data)):
+            raise RopeliteError(f"{path} is not a results summary (title, claim, finding, numbers)")
+        summaries.append(data)
+    return summaries
+
+
 def read_jsonl(path) -> list[dict]:
     """The rows of a JSON-lines file, [] when there is none; a line cut short by a kill is skipped."""
     path, rows = Path(path), []

@@ -13,7 +13,7 @@ import torch
 
 import analyze
 from ropelite import attention
-from ropelite.cli import run
+from ropelite.cli import run_script
 from ropelite.hf import load_model, save_model
 from ropelite.rope import RopeConfig
 from ropelite.stats import entropy, js_divergence
@@ -373,7 +373,7 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, argv, message):
     if argv[:1] == ["attention"]:
         argv = argv + (["--model", str(path)] if "--model" not in argv else []) + ["--data", str(data)]
     with pytest.raises(SystemExit) as exit_:
-        run(lambda: analyze.main(argv + (["--out", str(tmp_path / "o")] if argv else [])))
+        run_script(lambda: analyze.main(argv + (["--out", str(tmp_path / "o")] if argv else [])))
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
@@ -384,7 +384,7 @@ def test_token_ids_outside_the_vocabulary_are_one_line(setup, tmp_path, capsys):
     bad = tmp_path / "bad.npy"
     np.save(bad, np.array([1, 2, 200, 3] * 10))
     with pytest.raises(SystemExit) as exit_:
-        run(lambda: analyze.main(["attention", "--model", str(path), "--data", str(bad), "--lengths", "8",
+        run_script(lambda: analyze.main(["attention", "--model", str(path), "--data", str(bad), "--lengths", "8",
                                   "--samples", "1", "--out", str(tmp_path / "o")]))
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == "error: token id 200 outside the model's vocabulary (97 ids)"
@@ -393,6 +393,6 @@ def test_token_ids_outside_the_vocabulary_are_one_line(setup, tmp_path, capsys):
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit):
-        run(lambda: analyze.main(["bound", "--lengths", "1024", "--out", str(tmp_path / "file")]))
+        run_script(lambda: analyze.main(["bound", "--lengths", "1024", "--out", str(tmp_path / "file")]))
     expected = f"error: --out {tmp_path / 'file'} is a file, not a folder; choose another --out"
     assert capsys.readouterr().err.strip() == expected

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import eval_ppl  # noqa: E402
-from ropelite.cli import run  # noqa: E402
+from ropelite.cli import run_script  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.hf import load_model, save_model
 from ropelite.model import Llama
@@ -272,7 +272,7 @@ def test_some_documents_too_short_warns_with_the_count(setup, capsys):
 ])
 def test_bad_input_is_one_line(setup, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
-        run(lambda: eval_ppl.main(argv(setup, *extra)))
+        run_script(lambda: eval_ppl.main(argv(setup, *extra)))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
@@ -282,12 +282,12 @@ def test_no_documents_and_unknown_variant(setup, tmp_path, capsys):
     empty = tmp_path / "empty.npy"
     np.save(empty, np.zeros(0, dtype=np.int64))
     with pytest.raises(SystemExit) as e:
-        run(lambda: eval_ppl.main(["--model", str(setup[0]), "--data", str(empty), "--out", str(setup[2])]))
+        run_script(lambda: eval_ppl.main(["--model", str(setup[0]), "--data", str(empty), "--out", str(setup[2])]))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no non-empty documents") and "\n" not in err
     with pytest.raises(SystemExit) as e:
-        run(lambda: eval_ppl.main(argv(setup, "--rope", "rope", "bogus")))
+        run_script(lambda: eval_ppl.main(argv(setup, "--rope", "rope", "bogus")))
     err = capsys.readouterr().err.strip()  # one line, not argparse's usage block
     assert e.value.code == 2 and "invalid choice: 'bogus'" in err and "\n" not in err
 
@@ -305,7 +305,7 @@ def test_out_holding_something_else_is_refused(setup, capsys):
     setup[2].mkdir()
     (setup[2] / "ppl.json").write_text('{"not": "rows"}')
     with pytest.raises(SystemExit) as e:
-        run(lambda: eval_ppl.main(argv(setup, "--lengths", "16")))
+        run_script(lambda: eval_ppl.main(argv(setup, "--lengths", "16")))
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().endswith("ppl.json is not a ppl results file; use another --out")
 

@@ -56,3 +56,17 @@ def test_atomic_files_get_a_plain_write_mode_even_when_the_writer_replaces_the_f
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)
     assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.json", "b.bin")] == [plain, plain]
+
+
+def test_summaries_are_read_back_as_written_and_a_foreign_file_is_an_error(tmp_path):
+    from ropelite.io import read_summaries, write_summary
+    assert read_summaries(tmp_path) == []
+    write_summary(tmp_path, "ppl", "Perplexity", "RoPE fails past L", ["- rope 9.0 [8.0, 10.0] (n=4)"], {"x": 1.5})
+    write_summary(tmp_path, "needle", "Needle", "entropy rises", ["- 3/5 cells"], {})
+    got = read_summaries(tmp_path)
+    assert [s["results"] for s in got] == ["needle", "ppl"]
+    assert got[1] == {"results": "ppl", "title": "Perplexity", "claim": "RoPE fails past L",
+                      "finding": ["- rope 9.0 [8.0, 10.0] (n=4)"], "numbers": {"x": 1.5}}
+    write_json(tmp_path / "other_summary.json", {"rows": []})
+    with pytest.raises(RopeliteError, match="not a results summary"):
+        read_summaries(tmp_path)

@@ -15,7 +15,7 @@ import torch
 from test_haystack import SENTENCES, VOCAB, write_byte_tokenizer
 
 import needle
-from ropelite.cli import run
+from ropelite.cli import run_script
 from ropelite.haystack import first_integer, passkeys
 from ropelite.hf import config_to_hf, save_model
 
@@ -180,7 +180,7 @@ def test_passkey_cells_resume(model_dir, tmp_path, count_calls):
 def test_bad_input_is_one_line(model_dir, tmp_path, capsys, extra, message):
     argv = ["--model", str(model_dir()), "--out", str(tmp_path / "o"), *extra]
     with pytest.raises(SystemExit) as exit_:
-        run(lambda: needle.main(argv))
+        run_script(lambda: needle.main(argv))
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
@@ -189,6 +189,6 @@ def test_bad_input_is_one_line(model_dir, tmp_path, capsys, extra, message):
 def test_out_that_is_a_file_is_one_line(model_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit):
-        run(lambda: needle.main(["--model", str(model_dir()), "--out", str(tmp_path / "file")]))
+        run_script(lambda: needle.main(["--model", str(model_dir()), "--out", str(tmp_path / "file")]))
     expected = f"error: --out {tmp_path / 'file'} is a file, not a folder; choose another --out"
     assert capsys.readouterr().err.strip() == expected

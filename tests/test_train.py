@@ -314,11 +314,11 @@ def test_first_sigterm_saves_and_resume_is_bit_identical(tmp_path):
 
     def run_signalled(out, kills):
         script = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); import train; "
-                  "from ropelite.cli import run; calls = []; real = train.accumulate_gradients\n"
+                  "from ropelite.cli import run_script; calls = []; real = train.accumulate_gradients\n"
                   "def signalled(*a, **k):\n    calls.append(1)\n    if len(calls) == 3:\n"
                   f"        for _ in range({kills}): os.kill(os.getpid(), signal.SIGTERM)\n"
                   "    return real(*a, **k)\n"
-                  f"train.accumulate_gradients = signalled; run(lambda: train.main({args + ['--out', str(out)]!r}))")
+                  f"train.accumulate_gradients = signalled; run_script(lambda: train.main({args + ['--out', str(out)]!r}))")
         return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
     done = run_signalled(tmp_path / "cut", kills=1)
