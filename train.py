@@ -32,7 +32,8 @@ torchrun (ropelite/parallel.py); --lean keeps bf16 weights with torchao's 8-bit 
 which fits a LLaMa-2-7B at 32K on one 80 GB GPU by the estimator; RoPE angles are fp32 in every case.
 
 --out holds the trained model as a folder that ropelite and transformers both load unchanged (config.json, whose
-rope_scaling and "ropelite" record say which RoPE, factor, theta, original and new length it was trained with;
+rope_scaling and "ropelite" record say which RoPE, factor, theta, original and new length it was trained with,
+and its "trained" block how: len, step of steps, sequences_per_step, batch_tokens, tokens, the lr schedule, init;
 model.safetensors in fp32; the tokenizer files), metrics.jsonl (one row per step: loss in nats/token, lr,
 grad norm, tokens, tokens/s, peak memory), eval.jsonl (the held-out loss and perplexity before the first step,
 every --eval-every steps and at the end) and checkpoint/ (the same model + optimizer, data position and RNG,
@@ -47,6 +48,8 @@ before it touches the weights and leaves the last good checkpoint in place.
 --hidden --heads --kv-heads --ffn --theta --orig-len, its tokens are UTF-8 bytes (vocabulary 257, EOS = 256) for
 text data (the folder then holds a tokenizer_config.json naming ropelite's ByteTokenizer, which ropelite.load
 reads), or the ids of pre-tokenised data (.npy/.bin; vocabulary = largest id + 2, EOS = largest id + 1).
+
+This script is the command line of ropelite/trainer.py, where all of the above happens.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from .errors import RopeliteError
 from .haystack import (FILLER, PASSKEY_LINE, PASSKEY_PREFIX, PASSKEY_QUESTION, PASSKEY_TEMPLATE, build_haystack,
                        filler_ids)
 from .io import write_json
-from .model import LinearCrossEntropy, Llama
+from .model import LinearCrossEntropy, Llama, LlamaConfig
 from .parallel import make_optimizer
 from .ppl import perplexity
 from .stats import entropy
@@ -237,7 +237,7 @@ class Recipe:
             raise RopeliteError(f"{per_step} tokens per step do not split into rows of {length}")
         return dataclasses.replace(self, length=length, sequences=per_step // length)
 
-    def record(self, config, init: str, model: str | None, data: dict) -> dict:
+    def record(self, config: LlamaConfig, init: str, model: str | None, data: dict) -> dict:
         """config.json's ``ropelite`` record of a model trained by this recipe (``training.trained_record``)."""
         return trained_record(config, length=self.length, sequences_per_step=self.sequences, step=self.steps,
                               steps=self.steps, lr=self.lr, warmup=self.warmup, schedule=self.schedule,

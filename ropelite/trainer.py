@@ -97,7 +97,6 @@ def setup_distributed(device: str) -> Dist:
     return Dist(rank, world, device, init_device_mesh(device.type, (world,)))
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # The flags: checked, and on --resume the checkpoint's
 # --------------------------------------------------------------------------------------------------------------
@@ -105,7 +104,7 @@ def setup_distributed(device: str) -> Dist:
 def check_flags(args) -> None:
     """The flags' own rules; the RoPE's (factor >= 1, --base only for ntk) are RopeConfig's, checked as it is built."""
     check(args.len >= 2, f"--len must be at least 2 tokens, got {args.len}")
-    check(args.dtype != "fp16", "--dtype fp16 needs loss scaling, which train.py does not do: use bf16")
+    check(args.dtype != "fp16", "--dtype fp16 needs loss scaling, which the trainer does not do: use bf16")
     check(args.micro_batch >= 1, f"--micro-batch must be >= 1, got {args.micro_batch}")
     check(args.grad_ckpt or not args.keep_attention, "--keep-attention keeps attention under --grad-ckpt, which "
           "--no-grad-ckpt turns off (everything is kept then)")
@@ -468,7 +467,7 @@ def evaluate(run: TrainingRun, model: Llama, step: int, dist: Dist) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Training
+# One optimizer step, and the loop around it
 # --------------------------------------------------------------------------------------------------------------
 
 class NonFiniteLoss(RopeliteError):
@@ -486,9 +485,9 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     ``lr``; the gradients of ``loss_fn`` (default the plain next-token NLL; the ablation passes its weighted one)
     accumulated, divided by the step's ``n_predicted`` targets of all ``world`` processes
     (``accumulate_gradients``; under FSDP2 reduced once, after the last micro-batch); the global gradient norm
-    clipped to ``clip`` (0 = off); AdamW's update. Returns (the step's mean NLL over all processes in
-    nats/token, the gradient norm before clipping); ``progress(tokens)`` after each micro-batch. A non-finite
-    loss or norm raises NonFiniteLoss here, before the weights change."""
+    clipped to ``clip`` (0 = off); ``optimizer``'s update (AdamW in train.py and the ablation). Returns (the
+    step's mean NLL over all processes in nats/token, the gradient norm before clipping); ``progress(tokens)``
+    after each micro-batch. A non-finite loss or norm raises NonFiniteLoss here, before the weights change."""
     set_learning_rate(optimizer, lr)
     with sync_on_last_micro_batch(model, len(micro_batches)):  # FSDP: one reduce-scatter per step
         nll = accumulate_gradients(model, micro_batches, n_predicted, dtype, scale=world, progress=progress,
