@@ -43,7 +43,7 @@ import torch
 
 from ropelite import ablation as lib
 from ropelite.cli import ArgumentParser, check, run_script, token_bar
-from ropelite.hf import config_to_hf, load_model, save_model, trained_length
+from ropelite.hf import load_model, save_model, trained_length
 from ropelite.haystack import draw_heatmaps
 from ropelite.io import lock_out, markdown_table, pivot, pyplot, save_figure, write_csv, write_json, write_results
 from ropelite.model import LlamaConfig
@@ -137,20 +137,16 @@ def train_with_bar(model, rows: lib.MixedRows, recipe: lib.Recipe, desc: str) ->
     return log
 
 
-def save_trained(model, folder: Path, tokenizer_from: Path, log: list[dict], recipe: lib.Recipe, clock: Clock,
+def save_trained(model, folder: Path, tokenizer_from: Path, log: list[dict], record: dict, clock: Clock,
                  extra: dict | None = None) -> None:
-    """A model folder that ropelite and transformers load: weights, config.json whose ``ropelite`` record says
-    the RoPE and the length and tokens it was trained with, the tokenizer, log.jsonl and timing.json."""
-    record = {**config_to_hf(model.config)["ropelite"],
-              "trained": {"len": recipe.length, "steps": recipe.steps, "sequences_per_step": recipe.sequences,
-                          "tokens": recipe.tokens, "lr": recipe.lr, "schedule": recipe.schedule,
-                          "data_seed": recipe.seed, "mix": dataclasses.asdict(recipe.mix)}}
+    """A model folder that ropelite and transformers load: weights, config.json with the ``ropelite`` ``record``
+    (the RoPE, and how it was trained: ``Recipe.record``), the tokenizer, log.jsonl and timing.json."""
     save_model(model, folder, extra_config={"ropelite": record})
     if tokenizer_from != folder:
         for name in ("tokenizer.model", "tokenizer_config.json"):
             shutil.copy(tokenizer_from / name, folder / name)
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    write_json(folder / "timing.json", {**clock.read(), "tokens": recipe.tokens, **(extra or {})})
+    write_json(folder / "timing.json", {**clock.read(), "tokens": record["trained"]["tokens"], **(extra or {})})
 
 
 def pretrain(out: Path, cfg: Mini, train_docs: list[str]) -> None:
@@ -171,7 +167,8 @@ def pretrain(out: Path, cfg: Mini, train_docs: list[str]) -> None:
         model = random_model(config, cfg.pretrain.seed)
         rows = lib.MixedRows(stream, lib.PasskeyDocuments(tok, cfg.L), cfg.L, cfg.pretrain.mix, cfg.pretrain.seed)
         log = train_with_bar(model, rows, cfg.pretrain, f"pretrain L={cfg.L}")
-        save_trained(model, tmp, tmp, log, cfg.pretrain, clock,
+        record = cfg.pretrain.record(model.config, "random", None, {"builtin": list(cfg.kinds)})
+        save_trained(model, tmp, tmp, log, record, clock,
                      {"tokenizer": tokenizer_s, "stream_tokens": int(stream.size),
                       "parameters": sum(p.numel() for p in model.parameters())})
 
@@ -191,7 +188,8 @@ def finetune(out: Path, cfg: Mini, name: str, tok: Tokenizer, stream: np.ndarray
         rows = lib.MixedRows(stream, lib.PasskeyDocuments(tok, recipe.length), recipe.length, recipe.mix,
                              recipe.seed)
         log = train_with_bar(model, rows, recipe, f"{name} ({rope} x{cfg.factor:g}, len {recipe.length})")
-        save_trained(model, tmp, out / "pretrained", log, recipe, clock)
+        record = recipe.record(model.config, "pretrained", str(out / "pretrained"), {"builtin": list(cfg.kinds)})
+        save_trained(model, tmp, out / "pretrained", log, record, clock)
 
 
 def evaluate(out: Path, cfg: Mini, name: str, docs: list[np.ndarray]) -> dict:

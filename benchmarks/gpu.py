@@ -48,7 +48,8 @@ from ropelite.model import Attention, LlamaConfig, attention_kernel_note, choose
 from ropelite.parallel import lean_weights, make_optimizer  # noqa: E402
 from ropelite.presets import preset  # noqa: E402
 from ropelite.stats import entropy  # noqa: E402
-from ropelite.training import accumulate_gradients, autocast, clip_gradients, random_model  # noqa: E402
+from ropelite.trainer import optimizer_step  # noqa: E402
+from ropelite.training import autocast, random_model  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}  # dense, per GPU
 SCALED_LAYERS = (2, 4)  # the 7B is measured with these many blocks and extrapolated to its 32
@@ -169,10 +170,7 @@ def ropelite_step(c: LlamaConfig, length: int, device: torch.device, lean: bool)
     ids = torch.randint(0, c.vocab_size, (1, length), device=device)
 
     def step():
-        accumulate_gradients(model, [ids], length - 1, torch.bfloat16)
-        clip_gradients(model, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, [(ids,)], 1e-5, length - 1, dtype=torch.bfloat16, clip=1.0)
     return step
 
 

@@ -1,6 +1,7 @@
 """The ablation miniature (ablation.py, ropelite/ablation.py): equal token budgets at L and 8L, the rows of the
-training mix, the weighted loss against plain cross-entropy, each heatmap panel's own dashed line, resume of the
-whole pipeline (a tiny configuration of a few seconds), and the paper-scale commands."""
+training mix, the weighted loss against plain cross-entropy, its training step being train.py's own, the
+"trained" record having train.py's keys, each heatmap panel's own dashed line, resume of the whole pipeline (a
+tiny configuration of a few seconds), and the paper-scale commands."""
 
 import json
 import shutil
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 import ablation
 from ropelite import ablation as lib
-from ropelite import haystack
+from ropelite import haystack, trainer
 from ropelite.data import builtin_documents
 from ropelite.errors import RopeliteError
 from ropelite.io import read_jsonl
@@ -127,12 +128,87 @@ def test_weighted_loss_is_cross_entropy_with_the_answer_counted_w_times(tiny_lla
     reference.backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss, plain = lib.weighted_nll(model, ids, answer, 3.0, chunk_size=7)
-    loss.backward()
-    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
-    assert plain == pytest.approx(float(nll.detach().mean()), rel=1e-5)
+    loss, plain = lib.weighted_nll(model, ids, answer, 3.0, chunk_size=7)       # sums over the 2 x 19 targets
+    (loss / nll.numel()).backward()
+    assert float(loss.detach()) / nll.numel() == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert float(plain.detach()) == pytest.approx(float(nll.detach().sum()), rel=1e-5)
     for (name, p), g in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def one_step_rows(tok, passkey_share: float = 1.0) -> tuple[lib.MixedRows, lib.Recipe]:
+    """Rows of passkey documents (their answers weighted x10) and a one-step recipe at the peak lr (no warmup)."""
+    stream = lib.token_stream(builtin_documents("prose")[:40], tok)
+    mix = lib.Mix(p_passkey=passkey_share, p_copy=0.0, answer_weight=10.0)
+    recipe = lib.Recipe(length=128, sequences=4, steps=1, lr=1e-3, warmup=0, mix=mix)
+    return lib.MixedRows(stream, lib.PasskeyDocuments(tok, 128), 128, mix, seed=5), recipe
+
+
+def small_model(tok, seed: int = 0):
+    from ropelite.model import Llama, LlamaConfig
+    from ropelite.rope import RopeConfig
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                             rope=RopeConfig(theta=1e4, original_max_position_embeddings=128)))
+
+
+def test_the_finetune_step_is_train_pys_step(tok):
+    """One step of the ablation's ``train`` and one of train.py's (trainer.optimizer_step, the plain loss, the
+    AdamW train.py makes with the same betas and weight decay) on the same rows from the same weights: at answer
+    weight 1 the same weights bit for bit; at weight 10 the trainer's step given the weighted loss, and an AdamW
+    stepped by hand on the weighted cross-entropy of forward()'s logits, clipped at 1."""
+    import dataclasses
+    import functools
+    from ropelite.parallel import make_optimizer
+    rows, recipe = one_step_rows(tok)
+    ids, answer = rows.batch(0, recipe.sequences)
+    assert answer.any()                                       # the weight has answers to act on
+    n_predicted = recipe.sequences * (recipe.length - 1)
+
+    def train_py_step(loss_fn=trainer.next_token_nll, batch=(ids,)):
+        model = small_model(tok).train()
+        optimizer = make_optimizer(model, 2e-5, (0.9, 0.95), 0.0, torch.device("cpu"))    # train.py's defaults
+        trainer.optimizer_step(model, optimizer, [batch], recipe.lr_at(0), n_predicted, loss_fn, clip=1.0)
+        return model.state_dict()
+
+    def ablation_step(weight):
+        model = small_model(tok)
+        lib.train(model, rows, dataclasses.replace(recipe, mix=dataclasses.replace(recipe.mix, answer_weight=weight)))
+        return model.state_dict()
+
+    plain, trained = train_py_step(), ablation_step(1.0)
+    assert all(torch.equal(plain[k], trained[k]) for k in plain) and not torch.equal(plain["norm.weight"],
+                                                                                      small_model(tok).norm.weight)
+    weighted = ablation_step(10.0)
+    shared = train_py_step(functools.partial(lib.weighted_nll, weight=10.0), (ids, answer))
+    assert all(torch.equal(shared[k], weighted[k]) for k in shared)
+    assert not all(torch.equal(plain[k], weighted[k]) for k in plain)   # the weight changes the update
+
+    reference = small_model(tok).train()
+    logits = reference(ids)[:, :-1]
+    nll = F.cross_entropy(logits.reshape(-1, tok.vocab_size), ids[:, 1:].reshape(-1), reduction="none")
+    (nll * (1 + 9.0 * answer[:, 1:].reshape(-1).float())).mean().backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    torch.optim.AdamW(reference.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0).step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(weighted[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_trained_record_has_train_pys_keys(tiny_run, tmp_path):
+    """Both trainers write config.json's "trained" block with one function: the same keys, the readers' included
+    (len for hf.trained_length, sequences_per_step for token_rows, tokens)."""
+    import train
+    out = train.main(["--init", "random", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "2",
+                      "--len", "32", "--tokens", "128", "--batch-tokens", "64", "--builtin", "prose", "--device",
+                      "cpu", "--dtype", "fp32", "--quiet", "--eval-tokens", "0", "--out", str(tmp_path / "run")])
+    ours = json.loads((out / "config.json").read_text())["ropelite"]["trained"]
+    for name in ("pretrained", "ntk-8L"):
+        theirs = json.loads((tiny_run / name / "config.json").read_text())["ropelite"]["trained"]
+        assert theirs.keys() == ours.keys() >= {"len", "sequences_per_step", "batch_tokens", "steps", "tokens"}
+    assert (ours["len"], ours["sequences_per_step"], ours["batch_tokens"], ours["tokens"]) == (32, 2, 64, 128)
+    assert (theirs["len"], theirs["sequences_per_step"], theirs["step"], theirs["init"]) == (512, 1, 2, "pretrained")
+    assert theirs["data"]["mix"]["answer_weight"] == 10.0 and theirs["min_lr_ratio"] == 0.0
 
 
 def test_heldout_and_training_text_do_not_overlap():
