@@ -172,8 +172,10 @@ def findings(rows: list[dict], labels: dict[str, str], lengths: list[int], train
     for n in lengths:
         here = [(labels[sid], cell[sid, n]) for sid in labels if (sid, n) in cell]
         kept += [{"rope": label, "length": n, "ppl": r["ppl"], "nll": r["nll"], "docs": r["docs"]} for label, r in here]
-        lines.append(f"{n} tokens{' (past the training length)' if n > train_len else ''}, n = {here[0][1]['docs']} "
-                     "documents: " + ", ".join(f"{label} {shown(r['ppl'])}" for label, r in here) + ".")
+        docs = here[0][1]["docs"]
+        lines.append(f"{n} tokens{' (past the training length)' if n > train_len else ''}, n = {docs} "
+                     f"document{'s' * (docs != 1)}: " + ", ".join(f"{label} {shown(r['ppl'])}" for label, r in here)
+                     + ".")
     inside, beyond = [n for n in lengths if n <= train_len], [n for n in lengths if n > train_len]
     ppl = {(r["rope"], r["length"]): r["ppl"] for r in kept}
     if inside and beyond:

@@ -5,7 +5,8 @@
     python needle.py --lengths 1000:131072:32 --depths 0:100:10   # the paper's grid (round(linspace(...)))
     python needle.py --task passkey --lengths 1000 2000 4000 --depths 0 50 100 --trials 5
 
-Protocol (ropelite.haystack holds it as library code). For each context length L and depth d %:
+Protocol (ropelite.haystack holds it as library code, with needle_cell and passkey_cell for one cell each). For
+each context length L and depth d %:
   1. the haystack is cut to the tokens that fit in L once the template, question, needle and --max-new-tokens
      answer tokens are counted, and cut back to a sentence end. Haystack (--haystack): --task needle takes the
      built-in books (ropelite.books) by default, --task passkey the filler "The grass is green. ..." repeated;

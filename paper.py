@@ -36,7 +36,8 @@ from pathlib import Path
 
 from ropelite.cli import ArgumentParser, run_script
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, lock_out, markdown_table, pivot, read_jsonl, read_summaries, write_json
+from ropelite.io import (SUMMARY_SUFFIX, atomic_path, lock_out, markdown_table, pivot, read_jsonl, read_summaries,
+                         write_json)
 from ropelite.training import latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -118,8 +119,10 @@ def out_folder(step: dict) -> Path:
 
 
 def fingerprint(folder: Path) -> str | None:
-    """A hash of a piece's results (JSON, JSONL, CSV), to tell a rerun that added nothing from one that did."""
-    files = sorted(f for pattern in ("*.json", "*.jsonl", "*.csv") for f in folder.glob(pattern))
+    """A hash of a piece's results (JSON, JSONL, CSV), to tell a rerun that added nothing from one that did. The
+    summaries are left out: they are made from the results, so a rerun that only rewrote one measured nothing."""
+    files = sorted(f for pattern in ("*.json", "*.jsonl", "*.csv") for f in folder.glob(pattern)
+                   if not f.name.endswith(SUMMARY_SUFFIX))
     if not files:
         return None
     h = hashlib.sha256()

@@ -362,9 +362,10 @@ def _mean_entropy(outcomes: list[tuple[float, bool]], passed: bool) -> tuple[flo
 
 def grid_findings(rows: list[dict], lengths: list[int], train_len: int) -> tuple[list[str], dict]:
     """(finding lines, numbers) of a needle or passkey grid: trials passed (a needle cell is one trial) with
-    their Wilson 95 % interval, overall, on each side of the training length and per length; the mean attention
-    entropy of passing and failing trials (Figure 4's relation: failures where entropy is high), and every length
-    at which the failing trials' entropy is not the higher one, so that the mean hides no reversal."""
+    their Wilson 95 % interval, overall and on each side of the training length; per length, trials passed and
+    their mean attention entropy; the mean entropy of passing and failing trials (Figure 4's relation: failures
+    where entropy is high), and every length at which the failing trials' is not the higher one, so that the
+    mean hides no reversal."""
     unit = "trials" if any("keys" in r for r in rows) else "cells"
     by_length = {n: [o for r in rows if r["length"] == n for o in trial_outcomes(r)] for n in lengths}
     every = [o for n in lengths for o in by_length[n]]
@@ -377,15 +378,16 @@ def grid_findings(rows: list[dict], lengths: list[int], train_len: int) -> tuple
     if inside and beyond:
         lines.append(f"Within the training length {train_len}: {count(inside)}, {rate(inside).text()}; past it: "
                      f"{count(beyond)}, {rate(beyond).text()}.")
-    lines.append(f"{unit.capitalize()} passed per length: "
-                 + ", ".join(f"{n}: {count(by_length[n])}" for n in lengths) + ".")
+    lines.append(f"{unit.capitalize()} passed per length, and their mean attention entropy: " + ", ".join(
+        f"{n}: {count(by_length[n])} ({np.mean([h for h, _ in by_length[n]]):.2f} nats)" for n in lengths) + ".")
     (h_pass, n_pass), (h_fail, n_fail) = _mean_entropy(every, True), _mean_entropy(every, False)
     per_length = []
     for n in lengths:
         (length_pass, passed), (length_fail, failed) = (_mean_entropy(by_length[n], True),
                                                         _mean_entropy(by_length[n], False))
         per_length.append({"length": n, **rate(by_length[n]).fields("pass_rate"), "passed": passed,
-                           "failed": failed, "entropy_pass": length_pass, "entropy_fail": length_fail})
+                           "failed": failed, "entropy": float(np.mean([h for h, _ in by_length[n]])),
+                           "entropy_pass": length_pass, "entropy_fail": length_fail})
     if h_pass is None or h_fail is None:
         lines.append(f"Mean attention entropy {(h_pass if h_fail is None else h_fail):.2f} nats over all "
                      f"{len(every)} {unit}, every one of which {'passed' if h_fail is None else 'failed'}: "

@@ -353,7 +353,8 @@ def test_grid_findings_count_trials_with_wilson_intervals_and_name_each_reversal
     assert lines[0] == "3/9 cells pass over 3 lengths: pass rate 0.33 [0.12, 0.65] (n=9)."   # Wilson of 3/9
     assert lines[1] == ("Within the training length 1500: 2/3, 0.67 [0.21, 0.94] (n=3); past it: 1/6, "
                         "0.17 [0.03, 0.56] (n=6).")
-    assert lines[2] == "Cells passed per length: 1000: 2/3, 2000: 1/3, 4000: 0/3."
+    assert lines[2] == ("Cells passed per length, and their mean attention entropy: 1000: 2/3 (3.33 nats), "
+                        "2000: 1/3 (4.67 nats), 4000: 0/3 (7.00 nats).")
     assert lines[3] == ("Mean attention entropy 5.67 nats over the 6 failing cells, 3.67 over the 3 passing ones; "
                         "not higher for the failing ones at 2000 (failing 4.00, passing 6.00).")
     assert numbers["passed"] == 3 and numbers["pass_rate_n"] == 9 and numbers["unit"] == "cells"

@@ -72,6 +72,9 @@ def test_new_results_or_a_failure_take_the_new_time(tmp_path):
     paper.record(pieces, step, 0, 100.0)
     paper.record(pieces, step, 0, 2.0)                      # nothing new: the 100 s stay
     assert pieces["ppl"]["seconds"] == 100.0
+    write_summary(tmp_path, "ppl", "t", "c", ["a line"], {})  # a summary is made from the results: still nothing new
+    paper.record(pieces, step, 0, 3.0)
+    assert pieces["ppl"]["seconds"] == 100.0 and pieces["ppl"]["rerun_seconds"] == 3.0
     (tmp_path / "ppl.json").write_text("[1, 2]")            # a row more: this run's time
     paper.record(pieces, step, 0, 50.0)
     assert pieces["ppl"] == {"code": 0, "seconds": 50.0, "fingerprint": paper.fingerprint(tmp_path)}
