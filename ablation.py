@@ -550,7 +550,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     clock = Clock()
     run_mini(out)
-    (summary,) = read_summaries(out)
+    summary = next(s for s in read_summaries(out) if s["results"] == "ablation")
     print((out / "section.md").read_text())
     print("finding:\n" + "\n".join(summary["finding"]) + f"\n({clock.read()} for this run; results in {out})")
 

@@ -252,6 +252,17 @@ def test_a_rerun_skips_finished_stages_and_an_interrupted_one_redoes_only_its_ow
     assert (tiny_run / "ablation.json").read_text() == before          # deterministic: the same numbers again
 
 
+def test_main_prints_the_section_and_the_measured_finding(tiny_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    real = ablation.run_mini
+    monkeypatch.setattr(ablation, "run_mini", lambda folder: real(folder, TINY))
+    ablation.main(["--out", str(out), "--threads", "1"])
+    printed = capsys.readouterr().out
+    (summary,) = read_summaries(out)
+    assert "**Sanity checks**" in printed and "finding:\n" + "\n".join(summary["finding"]) + "\n" in printed
+
+
 def test_paper_scale_commands_parse_with_the_scripts_own_parsers(tmp_path):
     import eval_ppl
     import needle
