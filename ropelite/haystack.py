@@ -364,8 +364,8 @@ def grid_findings(rows: list[dict], lengths: list[int], train_len: int) -> tuple
     """(finding lines, numbers) of a needle or passkey grid: trials passed (a needle cell is one trial) with
     their Wilson 95 % interval, overall and on each side of the training length; per length, trials passed and
     their mean attention entropy; the mean entropy of passing and failing trials (Figure 4's relation: failures
-    where entropy is high), and every length at which the failing trials' is not the higher one, so that the
-    mean hides no reversal."""
+    where entropy is high), and every length at which it goes the other way, so that the pooled means hide no
+    reversal."""
     unit = "trials" if any("keys" in r for r in rows) else "cells"
     by_length = {n: [o for r in rows if r["length"] == n for o in trial_outcomes(r)] for n in lengths}
     every = [o for n in lengths for o in by_length[n]]
@@ -393,13 +393,15 @@ def grid_findings(rows: list[dict], lengths: list[int], train_len: int) -> tuple
                      f"{len(every)} {unit}, every one of which {'passed' if h_fail is None else 'failed'}: "
                      "no passing / failing comparison.")
     else:
+        higher = h_fail > h_pass
         mixed = [r for r in per_length if r["entropy_pass"] is not None and r["entropy_fail"] is not None]
-        reversed_at = [f"{r['length']} (failing {r['entropy_fail']:.2f}, passing {r['entropy_pass']:.2f})"
-                       for r in mixed if r["entropy_fail"] <= r["entropy_pass"]]
-        where = ("no length holds both" if not mixed else "higher for the failing ones at every length that holds "
-                 "both" if not reversed_at else "not higher for the failing ones at " + ", ".join(reversed_at))
+        flips = [f"{r['length']} (failing {r['entropy_fail']:.2f}, passing {r['entropy_pass']:.2f})"
+                 for r in mixed if (r["entropy_fail"] > r["entropy_pass"]) != higher]
+        where = ("no length holds both" if not mixed else "the same at every length that holds both" if not flips
+                 else "the other way at " + ", ".join(flips))
         lines.append(f"Mean attention entropy {h_fail:.2f} nats over the {n_fail} failing {unit}, {h_pass:.2f} over "
-                     f"the {n_pass} passing ones; {where}.")
+                     f"the {n_pass} passing ones: {'higher' if higher else 'not higher'} for the failing ones; per "
+                     f"length, {where}.")
     numbers = {"unit": unit, "train_len": train_len, **rate(every).fields("pass_rate"),
                "passed": sum(p for _, p in every), "entropy_pass": h_pass, "entropy_fail": h_fail,
                "per_length": per_length}

@@ -355,8 +355,8 @@ def test_grid_findings_count_trials_with_wilson_intervals_and_name_each_reversal
                         "0.17 [0.03, 0.56] (n=6).")
     assert lines[2] == ("Cells passed per length, and their mean attention entropy: 1000: 2/3 (3.33 nats), "
                         "2000: 1/3 (4.67 nats), 4000: 0/3 (7.00 nats).")
-    assert lines[3] == ("Mean attention entropy 5.67 nats over the 6 failing cells, 3.67 over the 3 passing ones; "
-                        "not higher for the failing ones at 2000 (failing 4.00, passing 6.00).")
+    assert lines[3] == ("Mean attention entropy 5.67 nats over the 6 failing cells, 3.67 over the 3 passing ones: "
+                        "higher for the failing ones; per length, the other way at 2000 (failing 4.00, passing 6.00).")
     assert numbers["passed"] == 3 and numbers["pass_rate_n"] == 9 and numbers["unit"] == "cells"
     assert numbers["pass_rate_low"] == pytest.approx(0.1206, abs=1e-4)
     assert [(r["length"], r["passed"], r["failed"]) for r in numbers["per_length"]] == [(1000, 2, 1), (2000, 1, 2),
@@ -370,7 +370,8 @@ def test_grid_findings_of_passkey_trials_and_of_a_grid_that_never_passes():
     lines, numbers = hs.grid_findings([cell, {**cell, "depth": 90}], [1000], 4096)
     assert lines[0] == "2/4 trials pass over 1 length: pass rate 0.50 [0.15, 0.85] (n=4)."
     assert len(lines) == 3  # no training-length split: every length is inside it
-    assert lines[2].endswith("higher for the failing ones at every length that holds both.")
+    assert lines[2].endswith("2.00 over the 2 passing ones: higher for the failing ones; per length, the same at "
+                             "every length that holds both.")
     lines, _ = hs.grid_findings([{**cell, "found": [0, 0]}], [1000], 4096)
     assert lines[0].startswith("0/2 trials pass") and lines[2] == (
         "Mean attention entropy 3.00 nats over all 2 trials, every one of which failed: no passing / failing "
