@@ -3,6 +3,7 @@ training mix, the weighted loss against plain cross-entropy, its training step b
 "trained" record having train.py's keys, each heatmap panel's own dashed line, resume of the whole pipeline (a
 tiny configuration of a few seconds), and the paper-scale commands."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from ropelite import ablation as lib
 from ropelite import haystack, trainer
 from ropelite.data import builtin_documents
 from ropelite.errors import RopeliteError
-from ropelite.io import read_jsonl
+from ropelite.io import read_jsonl, read_summaries
 
 TINY = ablation.Mini(
     L=64, layers=1, hidden=32, heads=2, ffn=64, vocab=400,
@@ -259,8 +260,54 @@ def test_the_pipeline_writes_every_model_and_result(tiny_run):
     assert model.config.rope.type == "ntk" and model.config.rope.factor == 8
     for png in ("heatmap_ntk.png", "heatmap_yarn.png", "ppl.png", "ppl_last_L.png", "last_query_entropy.png"):
         assert (tiny_run / png).stat().st_size > 1000
-    summary = json.loads((tiny_run / "summary.json").read_text())
-    assert "NTK x8, 8L vs L finetune vs training-free: mean answer entropy" in summary["finding"] and "Zhong" in summary["claim"]
+    (summary,) = read_summaries(tiny_run)
+    assert summary["results"] == "ablation" and "Zhong" in summary["claim"]
+    assert summary["finding"][0].startswith("NTK x8, 8L / L finetune / training-free, past 2L = 128 (192): mean "
+                                            "answer entropy ")
+    cells = json.loads((tiny_run / "passkey" / "ntk-8L" / "passkey.json").read_text())
+    assert summary["numbers"]["ntk"]["ntk-8L"]["entropy"] == pytest.approx(cells[0]["entropy"])
+    assert summary["numbers"]["sanity"]["ppl_at_L"] > 1
+
+
+def passkey_rows(entropy: dict, passed: dict, trials: int = 10) -> list[dict]:
+    return [{"length": n, "trials": trials, "pass_rate": passed[n] / trials, "entropy": entropy[n]} for n in entropy]
+
+
+def test_the_finding_pools_past_2L_and_names_every_length_that_goes_the_other_way():
+    # L = 64: lengths past 2L are 256 and 512; 8L has the lower entropy at 256 only, the higher pass rate at both
+    passkey = {"ntk-8L": passkey_rows({128: 9.0, 256: 2.0, 512: 5.0}, {128: 0, 256: 9, 512: 8}),
+               "ntk-L": passkey_rows({128: 1.0, 256: 4.0, 512: 4.5}, {128: 9, 256: 1, 512: 0}),
+               "ntk-free": passkey_rows({128: 1.0, 256: 4.0, 512: 4.0}, {128: 9, 256: 0, 512: 0})}
+    passkey.update({n.replace("ntk", "yarn"): rows for n, rows in passkey.items()})
+    results = {n: {"docs": 3, "rows": [{"length": 1024, "ppl_last_L": 10.0}]} for n in passkey}
+    lines, numbers = ablation.finding(results, passkey, 64)
+    assert lines[0] == ("NTK x8, 8L / L finetune / training-free, past 2L = 128 (256, 512): mean answer entropy "
+                        "3.500 / 4.250 / 4.000 nats (n = 20 trials each); the 8L finetune's is lower than the L "
+                        "finetune's, except at 512 (5.000 vs 4.500).")
+    assert lines[1] == ("NTK x8, 8L / L finetune / training-free, past 2L = 128 (256, 512): passkey pass rate "
+                        "17/20 0.85 [0.64, 0.95] (n=20) / 1/20 0.05 [0.01, 0.24] (n=20) / 0/20 0.00 [0.00, 0.16] "
+                        "(n=20); the 8L finetune's is higher than the L finetune's at every length; their "
+                        "intervals separate.")
+    assert lines[2].endswith("perplexity of the last L tokens at 1024 10.0 / 10.0 / 10.0 (n = 3 documents).")
+    assert numbers["ntk"]["ntk-8L"]["passed"] == 17 and numbers["ntk"]["ntk-L"]["pass_rate_high"] < 0.64
+
+
+def test_a_grown_passkey_grid_runs_only_its_new_cells_and_resumes_after_a_kill(tiny_run, tmp_path, count_calls):
+    wider = dataclasses.replace(TINY, depths=(50, 90))
+    before = {n: json.loads((tiny_run / "passkey" / n / "passkey.json").read_text()) for n in ablation.MODELS}
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    calls = count_calls(ablation, "passkey_cell")
+    calls.kill_at = 3                              # the third model's new cell
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_mini(out, wider)
+    calls.clear()
+    calls.kill_at = 0
+    ablation.run_mini(out, wider)
+    assert len(calls) == 5                         # the two new cells finished before the kill are kept
+    for name, old in before.items():
+        rows = json.loads((out / "passkey" / name / "passkey.json").read_text())
+        assert [(r["length"], r["depth"]) for r in rows] == [(192, 50), (192, 90)] and rows[0] == old[0]
 
 
 def test_a_rerun_skips_finished_stages_and_an_interrupted_one_redoes_only_its_own(tiny_run, capfd):
@@ -279,6 +326,17 @@ def test_a_rerun_skips_finished_stages_and_an_interrupted_one_redoes_only_its_ow
     assert (tiny_run / "pretrained" / "model.safetensors").stat().st_mtime_ns == weights["pretrained"]
     assert not (tiny_run / ".yarn-8L.tmp").exists()
     assert (tiny_run / "ablation.json").read_text() == before          # deterministic: the same numbers again
+
+
+def test_main_prints_the_section_and_the_measured_finding(tiny_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    real = ablation.run_mini
+    monkeypatch.setattr(ablation, "run_mini", lambda folder: real(folder, TINY))
+    ablation.main(["--out", str(out), "--threads", "1"])
+    printed = capsys.readouterr().out
+    (summary,) = read_summaries(out)
+    assert "**Sanity checks**" in printed and "finding:\n" + "\n".join(summary["finding"]) + "\n" in printed
 
 
 def test_paper_scale_commands_parse_with_the_scripts_own_parsers(tmp_path):
@@ -314,8 +372,8 @@ def test_paper_runs_the_ablation_piece_and_quotes_its_finding(tiny_run, tmp_path
         (step,) = paper.plan(args)
         assert step["argv"] == expected
     step = {"key": "ablation", "title": "t", "argv": ["ablation.py", "--out", str(tiny_run)]}
-    (line, *_) = paper.summary([step])
-    finding = json.loads((tiny_run / "summary.json").read_text())["finding"]
-    assert line.startswith("- **Longer finetuning contexts, same tokens**") and finding in line
+    lines = paper.summary([step])
+    (summary,) = read_summaries(tiny_run)
+    assert lines[0] == f"### {summary['title']}" and all(f"- {line}" in lines for line in summary["finding"])
     section = paper.piece_section(tiny_run.parent, step, {"code": 0, "seconds": 1.0})
     assert "**Sanity checks**" in section and "![heatmap_ntk.png](run/heatmap_ntk.png)" in section
