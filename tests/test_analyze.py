@@ -3,7 +3,6 @@ computation from full (eager, every row) attention matrices of separately loaded
 against a direct evaluation of B_m; frequency maps against hand values; one-line errors.
 """
 
-import argparse
 import json
 import math
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import analyze
-from ropelite import attention
+from ropelite import attention, bound
 from ropelite.cli import run_script
 from ropelite.hf import load_model, save_model
 from ropelite.rope import RopeConfig
@@ -136,6 +135,12 @@ def test_reduction_equals_brute_force_on_full_attention(setup, tmp_path):
         assert rows[(L, "pi x4")]["js_mean_nats"] > 1e-4                      # the variants really differ
         assert (out / f"attention_L{L}.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "attention_entropy.png").is_file()
+    summary = json.loads((out / "attention_summary.json").read_text())   # the headline, for paper.py
+    quoted = {(r["length"], r["rope"]): r for r in summary["numbers"]["js_mean_nats"]}
+    assert set(quoted) == {key for key in rows if key[1] != "rope"} and summary["numbers"]["pretrained_length"] == ORIGINAL
+    for key, r in quoted.items():   # two samples: the number and its n, too few for an interval
+        assert (r["js_mean_nats"], r["js_mean_nats_n"], r["js_mean_nats_low"]) == (rows[key]["js_mean_nats"], 2, None)
+    assert len(summary["finding"]) == 2 and all("(n=2)" in line for line in summary["finding"])
 
 
 def test_reference_model(setup, tmp_path, tiny_llama):
@@ -194,9 +199,9 @@ def test_books_are_the_default_and_named(setup, tmp_path, monkeypatch):
         (names[1], 0), (names[2], 0), (names[3], 0), (names[1], 24)]
     for name in ("one.txt", "two.md"):
         (tmp_path / name).write_text("text")
-    files = argparse.Namespace(data=[str(tmp_path / "one.txt"), str(tmp_path / "two.md")], builtin="books")
-    assert analyze.corpus_names(files, 2)[1] == ["one.txt", "two.md"]       # a text file is one document
-    assert analyze.corpus_names(files, 1)[1] == [None]                      # one was empty: no names to guess
+    files = [str(tmp_path / "one.txt"), str(tmp_path / "two.md")]
+    assert attention.corpus_names(files, "books", 2)[1] == ["one.txt", "two.md"]   # a text file is one document
+    assert attention.corpus_names(files, "books", 1)[1] == [None]                  # one was empty: no names to guess
 
 
 def test_figures_have_keys(tmp_path):
@@ -295,7 +300,7 @@ def test_bound_flags_and_resume(tmp_path, monkeypatch):
     (model,) = json.loads((out / "bound.json").read_text())["models"]
     assert model == {"model": "theta=500", "dim": 16, "base": 500, "trained_length": None,
                      "context_reached": first - 1, "reaches_trained_length": None}
-    monkeypatch.setattr(analyze, "min_base_for_context", lambda *a, **k: pytest.fail("recomputed a done length"))
+    monkeypatch.setattr(bound, "min_base_for_context", lambda *a, **k: pytest.fail("recomputed a done length"))
     analyze.main(argv)
 
 

@@ -3,14 +3,16 @@
 Every B here is an independent direct float64 sum of cos(m b^(-2i/d)) over all m <= L (no rope.py)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import analyze
-from ropelite.rope import (MEN_RESOLUTION, _men_theta, bulk_base_for_context, min_base_for_context,
-                           rope_inv_freq)
+from ropelite.bound import (MEN_RESOLUTION, _men_theta, bulk_base_for_context, context_of_base, first_negative_B,
+                            men_B, min_base_for_context)
+from ropelite.rope import rope_inv_freq
 
 D = 128
 
@@ -86,3 +88,57 @@ def test_bound_table_prints_the_paper_beside(tmp_path, capsys):
         line = next(x for x in printed.splitlines() if x.split()[:1] == [str(L)])
         assert f"{r['min_base']:.7g}" in line and paper in line
     assert "resolution 1e-07" in printed
+    summary = json.loads((out / "bound_summary.json").read_text())   # the headline, for paper.py
+    assert [r["min_base"] for r in summary["numbers"]["rows"]] == [rows[L]["min_base"] for L in (1024, 2048)]
+    for line, L in zip(summary["finding"], (1024, 2048)):
+        verdict = "meets its own criterion" if feasible(rows[L]["paper_base"], L) else "fails its own criterion"
+        assert line.startswith(f"L={L} (d=128): smallest base ") and verdict in line
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Men et al. 2024: the base bounds the context
+# --------------------------------------------------------------------------------------------------------------
+
+def test_men_B_closed_form():
+    assert men_B(0, 128, 1e4) == pytest.approx(64.0)
+    assert men_B(0, 64, 5e5) == pytest.approx(32.0)
+    m = np.array([1, 17, 4096])
+    by_hand = [sum(math.cos(mm * 1e4 ** (-2 * i / 128)) for i in range(64)) for mm in m]
+    np.testing.assert_allclose(men_B(m, 128, 1e4), by_hand, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("base", [500.0, 3000.0, 2e4])
+def test_first_negative_B_matches_brute_force(base):
+    B = men_B(np.arange(20_001), 128, base)
+    negative = np.flatnonzero(B < 0)
+    expected = int(negative[0]) if negative.size else None
+    assert first_negative_B(128, base, 20_000) == expected
+    ctx = context_of_base(128, base, 20_000)
+    assert ctx == (20_000 if expected is None else expected - 1)
+    assert first_negative_B(128, base, ctx) is None          # it reaches ctx ...
+    if expected is not None:
+        assert first_negative_B(128, base, ctx + 1) == ctx + 1  # ... and not one more
+
+
+PAPER = {1024: 4.3e3, 2048: 1.6e4, 4096: 2.7e4, 8192: 8.4e4}   # Men et al. Table, d = 128
+
+
+@pytest.mark.parametrize("length", sorted(PAPER))
+def test_min_base_for_context(length):
+    d = 128
+    b = min_base_for_context(d, length)
+    print(f"d={d} L={length}: min base {b:.4g} (paper {PAPER[length]:.2g}, ratio {b / PAPER[length]:.2f})")
+    m = np.arange(length + 1)
+    assert (men_B(m, d, b) >= 0).all()                       # it reaches L ...
+    for lower in np.linspace(0.98 * b, b, 50, endpoint=False):
+        assert (men_B(m, d, lower) < 0).any(), lower       # ... and nothing just below does
+    assert context_of_base(d, b, 4 * length) >= length
+    assert PAPER[length] / 1.5 <= b <= PAPER[length] * 1.5
+
+
+@pytest.mark.parametrize("length", [64, 256, 1024])
+def test_min_base_scan_from_the_length_loses_nothing(length):
+    """min_base_for_context starts its scan at b = L; starting far lower (b = 2) finds the same base, up to the
+    grid (the two scans' grid points differ; the refined step is about ratio/refine = 2e-5 relative)."""
+    for d in (64, 128):
+        assert min_base_for_context(d, length) == pytest.approx(min_base_for_context(d, length, start=2.0), rel=1e-4)
