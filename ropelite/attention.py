@@ -319,7 +319,8 @@ def load_state(path: Path, meta: dict) -> dict[str, Reduction] | None:
         with np.load(path, allow_pickle=False) as arrays:
             saved = json.loads(str(arrays["meta"]))
             done = saved.get("sample_hashes", [])
-            if (saved.get("format") != meta.get("format") or saved.get("settings") != meta["settings"] or saved.get("labels") != meta["labels"]
+            if (saved.get("format") != meta.get("format") or saved.get("settings") != meta["settings"]
+                    or saved.get("labels") != meta["labels"]
                     or done != meta["sample_hashes"][:len(done)]):
                 return None
             return {label: Reduction.from_arrays(arrays, f"{i}/") for i, label in enumerate(saved["labels"])}

@@ -271,13 +271,11 @@ def test_bound_table_against_a_direct_scan(tmp_path):
     for L, r in rows.items():
         base = r["min_base"]
         assert reaches(128, base, L)
-        # The tool is exact to its refinement step (base - base/1.002) / 100: a scan 20x finer, over the scan
-        # step below, finds feasible bases only within that one step (the feasible set is closed, so the true
-        # infimum lies there)
-        step = (base - base / 1.002) / 100
-        below = np.linspace(base / 1.002, base, 2001)[:-1]
-        feasible = [b for b in below if reaches(128, b, L)]
-        assert all(b > base - step for b in feasible)
+        # every base from 1 up to infeasible_below fails: a grid over the last 0.2 % below it finds no feasible
+        # one, and the infimum is pinned to within the resolution
+        assert r["open_gaps"] == 0 and r["infeasible_below"] <= base <= r["infeasible_below"] * (1 + 2e-7)
+        below = np.linspace(r["infeasible_below"] / 1.002, r["infeasible_below"], 2001)[:-1]
+        assert not [b for b in below if reaches(128, b, L)]
         assert r["min_base_context"] >= L
     assert rows[1024]["paper_base"] == 4.3e3 and rows[512]["paper_base"] is None
     assert rows[1024]["paper_base_reaches"] == reaches(128, 4.3e3, 1024)
@@ -300,7 +298,7 @@ def test_bound_flags_and_resume(tmp_path, monkeypatch):
     (model,) = json.loads((out / "bound.json").read_text())["models"]
     assert model == {"model": "theta=500", "dim": 16, "base": 500, "trained_length": None,
                      "context_reached": first - 1, "reaches_trained_length": None}
-    monkeypatch.setattr(bound, "min_base_for_context", lambda *a, **k: pytest.fail("recomputed a done length"))
+    monkeypatch.setattr(bound, "min_base_scan", lambda *a, **k: pytest.fail("recomputed a done length"))
     analyze.main(argv)
 
 
