@@ -26,9 +26,9 @@ Training is full finetuning with AdamW (defaults: YaRN's and PI's recipe, betas 
 lr 2e-5), a linear warmup from 0 then --schedule, gradient clipping, the chunked loss
 (no len x vocab logits), scaled_dot_product_attention (flash on GPU), gradient checkpointing per block
 (--no-grad-ckpt to turn it off; --keep-attention keeps the attention outputs as well, so that backward does
-not recompute attention) and, with --dtype bf16 (the default on CUDA), bf16 autocast compute over fp32
-master weights and AdamW states in one process, or FSDP2's bf16 parameters with fp32 gradient reduction under
-torchrun (ropelite/parallel.py); --lean keeps bf16 weights with torchao's 8-bit AdamW (stochastic bf16 rounding),
+not recompute attention) and, with --dtype bf16 (auto on CUDA and native-bf16 CPUs), bf16 autocast compute
+over fp32 master weights and AdamW states in one process, or FSDP2's bf16 parameters with fp32 gradient reduction
+under torchrun (ropelite/parallel.py); --lean keeps bf16 weights with torchao's 8-bit AdamW (stochastic bf16 rounding),
 which fits a LLaMa-2-7B at 32K on one 80 GB GPU by the estimator; RoPE angles are fp32 in every case.
 
 --out holds the trained model as a folder that ropelite and transformers both load unchanged (config.json, whose
@@ -86,9 +86,10 @@ def build_parser() -> ArgumentParser:
                               "with --len: fix --factor to compare lengths)"),
         "--device": dict(help="torch device of this invocation, also on --resume (default: cuda when available, "
                               "else cpu)"),
-        "--dtype": dict(default=None, help="compute dtype: bf16 = bf16 autocast over fp32 master weights and "
-                                           "AdamW states; fp32 = fp32 throughout; fp16 is refused (it needs loss "
-                                           "scaling) (default: bf16 on CUDA, fp32 on CPU)")})
+        "--dtype": dict(help="compute dtype: bf16 = bf16 autocast over fp32 master weights and AdamW states; "
+                             "fp32 = fp32 throughout; fp16 is refused (it needs loss scaling); auto (default) = "
+                             "bf16 where the device multiplies it natively (CUDA, a CPU with AMX/AVX512/ARM "
+                             "BF16), else fp32; the checkpoint records the dtype that ran, which --resume keeps")})
     add_budget_and_optimizer_args(p)
     add_data_args(p, "mixed")
     p.add_argument("--epochs-ok", action="store_true",

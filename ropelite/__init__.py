@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-import torch
+import os
+import sys
 
-from .errors import RopeliteError
+# OpenMP threads that sleep when they wait for each other instead of spinning, so that another job on the same
+# cores costs its share of them and no more (a spinning thread holds its core while the one it waits for is
+# descheduled: one busy job beside a 2-thread training slowed it ~10x). libgomp reads this once, when torch
+# loads it, so it is set here, before ropelite's first `import torch`, and only if torch is not loaded yet (then
+# the environment still says what libgomp read); a value already set is kept. ropelite.cli.set_threads chooses
+# the thread count knowing which it is. Import ropelite before torch for it to apply.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from .errors import RopeliteError  # noqa: E402
 from .hf import load_model, save_model
 from .model import KVCache, Llama, LlamaConfig, generate
 from .rope import ROPE_TYPES, VARIANTS, RopeConfig

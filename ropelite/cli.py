@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -18,6 +19,45 @@ from .model import attention_kernel_note
 from .rope import ROPE_TYPES, VARIANTS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO = "auto"  # --dtype's default: resolve_dtype
+# The instructions that multiply bf16 natively, as torch.cpu.get_capabilities() names them: x86's AMX tiles and
+# AVX512-BF16 dot products (Intel Sapphire Rapids and later, Cooper Lake, AMD Zen 4), ARM's BF16 extension
+# (Graviton 3, Apple M2 and later). Without one, oneDNN emulates bf16 by conversions, slower than fp32.
+NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """This CPU's instructions of NATIVE_BF16, as PyTorch reports them: none unless its oneDNN has bf16 kernels
+    here (``torch.ops.mkldnn._is_mkldnn_bf16_supported``), else those ``torch.cpu.get_capabilities`` lists.
+    (``torch.backends.cpu.get_cpu_capability`` names only the vector width, e.g. AVX512 with or without bf16;
+    a torch too old for get_capabilities reports nothing: fp32.)"""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return []
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return [name for name in NATIVE_BF16 if capabilities.get(name)]
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bf16 natively: CUDA (bf16 tensor cores), or a CPU with cpu_bf16_instructions."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and bool(cpu_bf16_instructions()))
+
+
+def resolve_dtype(name: str | None, device: torch.device | str, log: Callable[[str], object] | None = None) -> str:
+    """--dtype as it runs on ``device``: 'auto' (or None) is bf16 where the device multiplies it natively
+    (``native_bf16``: as fast as the hardware goes, and the seed paper's GPU runs are bf16) and fp32 elsewhere;
+    any other name is itself. ``log`` receives one line saying what auto chose and why."""
+    if name not in (None, AUTO):
+        return name
+    device = torch.device(device)
+    chosen = "bf16" if native_bf16(device) else "fp32"
+    if log is not None:
+        why = ("CUDA" if device.type == "cuda" else
+               f"this CPU multiplies bf16 natively ({', '.join(cpu_bf16_instructions())})" if chosen == "bf16" else
+               f"fp32 on {device.type}" if device.type != "cpu" else
+               "this CPU has none of the native bf16 instructions " + ", ".join(NATIVE_BF16))
+        log(f"dtype: {chosen} (auto: {why})")
+    return chosen
 
 
 def add_model_args(parser: argparse.ArgumentParser, several_ropes: bool = False,
@@ -44,10 +84,11 @@ def add_model_args(parser: argparse.ArgumentParser, several_ropes: bool = False,
     add("--base", type=float, default=None,
         help="ntk only: an explicit new base, e.g. 1000000 (the seed paper's 1e4 -> 1e6); "
              "without it ntk uses b * s^(d/(d-2))")
-    add("--dtype", default=None, choices=DTYPES,
-        help="weights and activations (default: bf16 on CUDA, as YaRN's evaluation, so attention takes an O(L) "
-             "kernel; fp32 elsewhere; fp32 on CUDA runs the memory-efficient kernel with k/v expanded to the "
-             "query heads)")
+    add("--dtype", default=AUTO, choices=[AUTO, *DTYPES],
+        help="weights and activations: auto (default) = bf16 where the device multiplies it natively (CUDA, as "
+             "YaRN's evaluation, so attention takes an O(L) kernel; a CPU with AMX-BF16, AVX512-BF16 or ARM "
+             "BF16), fp32 elsewhere; the choice is logged and recorded in the results. fp32 is the exact "
+             "reference (on CUDA it runs the memory-efficient kernel with k/v expanded to the query heads)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda when available, else cpu)")
 
@@ -73,12 +114,11 @@ def torch_device(name: str) -> torch.device:
 
 
 def load_for(args, model: str | None = None, **rope_kwargs):
-    """(model, tokenizer) for a script's --model (or ``model``), --dtype and --device. A --dtype left out becomes
-    bf16 on CUDA and fp32 elsewhere (written back to ``args.dtype``, so results record it); on CUDA the attention
-    kernel is logged once, as the quadratic fallback is what a run must not hit silently."""
+    """(model, tokenizer) for a script's --model (or ``model``), --dtype and --device. --dtype auto is resolved
+    (``resolve_dtype``, logged) and written back to ``args.dtype``, so results and resume ids record what ran;
+    on CUDA the attention kernel is logged once, as the quadratic fallback is what a run must not hit silently."""
     device = torch_device(args.device)
-    if args.dtype is None:
-        args.dtype = "bf16" if device.type == "cuda" else "fp32"
+    args.dtype = resolve_dtype(args.dtype, device, log=lambda line: print(line, file=sys.stderr))
     loaded = load(model or args.model, dtype=DTYPES[args.dtype], device=device, **rope_kwargs)
     if device.type == "cuda":
         print(attention_kernel_note(loaded[0].config, args.device, DTYPES[args.dtype]), file=sys.stderr)
@@ -166,8 +206,35 @@ def parse_grid(specs: Sequence[str], name: str, integer: bool = True) -> list:
     return sorted(set(values))
 
 
+def waits_passively() -> bool:
+    """Whether this process's OpenMP threads sleep at a barrier (OMP_WAIT_POLICY=PASSIVE, set by ropelite's
+    ``__init__`` before torch loaded libgomp, or by the user) instead of spinning (libgomp's default)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+def free_cores() -> int:
+    """The cores this process may run on (its affinity mask) less those busy now (the 1-minute load average,
+    rounded), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+def set_threads() -> int:
+    """Choose torch's thread count for this process (``run_script`` does, for every script) and return it.
+    OMP_NUM_THREADS, when given, is kept. Threads that wait passively take every core: another job then costs
+    its share and no more, and the cores it leaves free are used. Threads that spin (torch was imported before
+    ropelite, or OMP_WAIT_POLICY says so) take only the cores free at the start (``free_cores``), since a
+    spinning thread beside a busy core waits out the other job's time slices at every barrier."""
+    if "OMP_NUM_THREADS" not in os.environ and not waits_passively():
+        torch.set_num_threads(min(torch.get_num_threads(), free_cores()))
+    return torch.get_num_threads()
+
+
 def run_script(main: Callable[[], object]) -> None:
-    """Run a script's ``main``: bad input ends as one line on stderr and exit status 2, never a traceback."""
+    """Run a script's ``main`` with its threads chosen (``set_threads``): bad input ends as one line on stderr and
+    exit status 2, never a traceback."""
+    set_threads()
     try:
         main()
     except RopeliteError as e:

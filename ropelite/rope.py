@@ -313,17 +313,20 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_fact
             (angles.sin() * attention_factor).to(torch.float32))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: the 90-degree turn of each pair (i, i + d/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, d) in the halves layout: pair (x_i, x_{i+d/2}) turns by the angle of pair i.
-    Done in float32 and cast back, so a bf16 model keeps exact angles."""
-    x32 = x.float()
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+    """Rotate x (..., T, d) in the halves layout: pair (x_i, x_{i+d/2}) turns by the angle a_i of pair i,
+    to (x_i cos a_i - x_{i+d/2} sin a_i, x_{i+d/2} cos a_i + x_i sin a_i) (Hugging Face writes it
+    x cos + rotate_half(x) sin, rotate_half(x1, x2) = (-x2, x1)). The products are float32 whatever x is (x times
+    the float32 tables promotes) and rounded once into x's dtype, so a bf16 model keeps exact angles. Half by
+    half into one output: no float32 copy of x and no rotated copy (in a bf16 forward at 8K those passes cost
+    more than the q/k/v projections)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., :half], sin[..., :half]             # the tables hold each pair's angle twice: [a, a]
+    out = torch.empty_like(x)
+    out[..., :half] = x1 * c - x2 * s
+    out[..., half:] = x2 * c + x1 * s
+    return out
 
 
 def apply_rope_adjacent(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

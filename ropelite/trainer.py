@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .cli import DTYPES, check, token_bar, torch_device
+from .cli import DTYPES, check, resolve_dtype, token_bar, torch_device
 from .data import PackedSequences, load_documents, pack_documents
 from .errors import RopeliteError
 from .hf import load_model, model_from_state, read_config
@@ -323,7 +323,7 @@ def open_run(args, given: set[str], dist: Dist) -> tuple[Path, Path | None, dict
     state = load_trainer_state(checkpoint) if checkpoint else None
     if state is not None:
         resume_flags(state["args"], args, given, dist)
-    args.dtype = args.dtype or ("bf16" if dist.device.type == "cuda" else "fp32")
+    args.dtype = resolve_dtype(args.dtype, dist.device, log=dist.say)  # the checkpoint records what ran
     check_flags(args)
     return out, checkpoint, state
 
