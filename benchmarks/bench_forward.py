@@ -1,6 +1,6 @@
 """Forward speed and peak memory of ropelite's LLaMa in fp32 and bf16 against transformers (and a plain reference).
 
-    python benchmarks/bench_forward.py                         # 2K and 8K: ropelite fp32, ropelite bf16, transformers bf16
+    python benchmarks/bench_forward.py                         # 2K, 8K: ropelite fp32 and bf16, transformers bf16
     python benchmarks/bench_forward.py --lengths 2048 --repeats 3 --out runs/bench_forward/2k
     python benchmarks/bench_forward.py --lengths 512 --runs fast:fp32 eager:fp32 reference:fp32 --threads 2
 
@@ -226,7 +226,8 @@ def summarize(runs: dict[str, list[dict]], length: int) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------
 
 def main() -> None:
-    p = ArgumentParser(prog="bench_forward.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="bench_forward.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192],
                    help="sequence lengths in tokens (default: 2048 8192; at 8192 the reference needs ~8 GB)")
     p.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run(r) for r in RUNS], metavar="IMPL:DTYPE",

@@ -152,8 +152,8 @@ def main(argv=None) -> None:
     for r in summary:
         ratios = "  ".join(f"speed x{r[f'speed_vs_{name}']:.2f} vs {BASELINES[name]}"
                            for name in BASELINES if r.get(f"speed_vs_{name}") is not None)
-        print(f"{r['run']:<18} L={r['length']:<6} {r['tokens_per_s']:8.1f} tok/s  peak {r['peak_rss_mb'] / 1024:6.2f} GB"
-              f"  nll {r['nll']:.5f}  {ratios}")
+        print(f"{r['run']:<18} L={r['length']:<6} {r['tokens_per_s']:8.1f} tok/s  "
+              f"peak {r['peak_rss_mb'] / 1024:6.2f} GB  nll {r['nll']:.5f}  {ratios}")
     print(f"wrote {out / 'bench_ppl.json'}, {out / 'bench_ppl_summary.json'} and .csv")
 
 

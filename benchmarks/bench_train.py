@@ -3,8 +3,8 @@ the measured memory; and (--vs-transformers) one training step side by side with
 
     python benchmarks/bench_train.py                              # hidden 256, 4 blocks, vocab 8192, len 1024 and 4096
     python benchmarks/bench_train.py --len 512 2048 --steps 3 --out runs/bench_train
-    python benchmarks/bench_train.py --vs-transformers --len 2048 8192 --repeats 3
-    python benchmarks/bench_train.py --vs-transformers --len 8192 --impls ropelite-keep --repeats 2   # + transformers
+    python benchmarks/bench_train.py --vs-transformers --len 2048 8192 --repeats 3   # the default runs
+    python benchmarks/bench_train.py --vs-transformers --len 8192 --impls ropelite-keep:bf16 --repeats 2
     git archive HEAD~1 ropelite | tar -x -C /tmp/old && \
         python benchmarks/bench_train.py --vs-transformers --len 2048 --baseline /tmp/old   # + another commit's
 
@@ -24,23 +24,26 @@ MemTracker. Reported:
 Results: bench_train.json and .csv in --out.
 
 --vs-transformers: a SmolLM2-135M-shaped model (random N(0, 0.02) weights, the same in both: transformers gets
-ropelite's state dict), the same --len random tokens, gradient checkpointing on both, fp32, one forward + backward
+ropelite's state dict), the same --len random tokens, gradient checkpointing on both, one forward + backward
 of the mean next-token loss (ropelite: Llama.nll, the chunked loss; transformers: forward with labels;
-ropelite-keep: ropelite with Llama.keep_attention, checkpointing that keeps the attention kernel's output). Each
+ropelite-keep: ropelite with Llama.keep_attention, checkpointing that keeps the attention kernel's output), each
+IMPL:DTYPE, fp32 or bf16 (autocast over fp32 weights, as train.py's --dtype bf16 and Hugging Face's Trainer run
+it); the default runs are ropelite fp32, ropelite bf16, ropelite-keep bf16 and transformers bf16. Each
 measurement is a fresh process (after a 128-token warm-up step whose gradients are freed, the VmHWM peak is
 restarted): step_s, step_cpu_s (the step's CPU time: with one thread, what other processes on shared cores
 inflate least), peak_rss_mb (weights included), step_added_mb (peak minus the RSS before the step:
 gradients, activations, logits), floor_mb (the RSS after the warm-up step, before its gradients are freed: the
 Python and torch runtime, the weights and a full set of gradient buffers, which every training step holds at its
 end whatever its implementation) and above_floor_mb = peak_rss_mb - floor_mb (what the step's activations, loss
-and temporaries cost beyond that floor). --repeats rounds alternate the order of the implementations; the summary gives
-medians over rounds, the spread, and ratios ropelite / transformers taken within each round, then their median.
+and temporaries cost beyond that floor). --repeats rounds alternate the order of the runs; the summary gives
+medians over rounds, the spread, and ratios taken within each round against transformers bf16 (always run) and
+ropelite fp32 (when run), then their median.
 The RSS peak is also glibc's: tensors under its dynamic mmap threshold (up to 32 MB: at 8K the (T, C) activations)
 come from the heap, whose freed holes stay resident; `MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_train.py
 ...` (a glibc tunable, inherited by both implementations' workers) maps each of them and returns it on free, so that
 the RSS peak follows the tensors' own.
---baseline DIR adds a third implementation, the ropelite in DIR (a checkout of another commit: its workers import
-ropelite from there). Results: bench_train_vs_transformers.json/.csv (every measurement) and
+--baseline DIR adds the ropelite in DIR (a checkout of another commit: its workers import ropelite from there),
+once in each dtype of the runs. Results: bench_train_vs_transformers.json/.csv (every measurement) and
 bench_train_vs_transformers_summary.json/.csv in --out.
 """
 
@@ -68,6 +71,8 @@ from ropelite.rope import RopeConfig  # noqa: E402
 MIB = 2**20
 SIDE_BY_SIDE = "bench_train_vs_transformers"
 IMPLS = ["ropelite", "ropelite-keep", "transformers"]  # --vs-transformers: ropelite-keep = with keep_attention
+RUNS = ["ropelite:fp32", "ropelite:bf16", "ropelite-keep:bf16", "transformers:bf16"]   # --vs-transformers' default
+BASELINES = {"transformers": "transformers:bf16", "fp32": "ropelite:fp32"}           # ratio name -> its run
 
 
 def small_config(args) -> LlamaConfig:
@@ -121,11 +126,13 @@ def child(spec: dict) -> dict:
 
 def side_by_side_child(spec: dict) -> dict:
     """One step of one implementation ("ropelite", "ropelite-keep" = with keep_attention, "baseline" = ropelite
-    from ROPELITE_SRC, "transformers")."""
+    from ROPELITE_SRC, "transformers") in spec["dtype"] (bf16: autocast over the fp32 weights)."""
     import torch
 
     from bench_forward import smollm2_config, transformers_model
-    from ropelite.training import random_model
+    from ropelite.cli import DTYPES
+    from ropelite.training import autocast, random_model
+    cpu, dtype = torch.device("cpu"), DTYPES[spec["dtype"]]
     config = smollm2_config()
     model = random_model(config, seed=0).train()
     if spec["impl"] == "transformers":
@@ -139,17 +146,21 @@ def side_by_side_child(spec: dict) -> dict:
         def loss(ids):
             return model.nll(ids)[0] / (ids.shape[1] - 1)
     ids = torch.randint(0, config.vocab_size, (1, spec["len"]), generator=torch.Generator().manual_seed(1))
-    loss(ids[:, :128]).backward()                # warm-up: one-time allocations and kernel choices
+    with autocast(cpu, dtype):
+        warm = loss(ids[:, :128])
+    warm.backward()                              # warm-up: one-time allocations and kernel choices
     floor = rss_mb()                             # runtime + weights + their gradients: what no step goes below
     model.zero_grad(set_to_none=True)
     reset = reset_peak_rss()
     before = rss_mb() if reset else peak_rss_mb()
     start, cpu_start = time.perf_counter(), time.process_time()
-    value = loss(ids)
+    with autocast(cpu, dtype):
+        value = loss(ids)
     value.backward()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = peak_rss_mb()
-    return {"impl": spec["impl"], "len": spec["len"], "loss": value.item(), "step_s": round(seconds, 2),
+    return {"run": spec["run"], "impl": spec["impl"], "dtype": spec["dtype"], "len": spec["len"],
+            "loss": value.item(), "step_s": round(seconds, 2),
             "step_cpu_s": round(cpu_seconds, 2),
             "tokens_per_s": round(spec["len"] / seconds, 1), "rss_before_mb": round(before),
             "peak_rss_mb": round(peak), "step_added_mb": round(peak - before), "floor_mb": round(floor),
@@ -157,20 +168,20 @@ def side_by_side_child(spec: dict) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def side_by_side_summary(rows: list[dict], length: int, impls: list[str]) -> list[dict]:
-    """Medians over rounds per implementation, and each one's ratios to transformers within the same round."""
+def side_by_side_summary(rows: list[dict], length: int, runs: list[str]) -> list[dict]:
+    """Medians over rounds per run, and each one's ratios to the BASELINES run within the same round."""
     rounds = {}
     for r in rows:
         if r["len"] == length:
-            rounds.setdefault(r["round"], {})[r["impl"]] = r
-    complete = [by_impl for by_impl in rounds.values() if len(by_impl) == len(impls)]
+            rounds.setdefault(r["round"], {})[r["run"]] = r
+    complete = [by_run for by_run in rounds.values() if len(by_run) == len(runs)]
     out = []
-    for impl in impls:
-        mine = [by_impl[impl] for by_impl in complete]
+    for run in runs:
+        mine = [by_run[run] for by_run in complete]
         if not mine:
             continue
         steps = [m["step_s"] for m in mine]
-        row = {"len": length, "impl": impl, "rounds": len(mine), "step_s_median": statistics.median(steps),
+        row = {"len": length, "run": run, "rounds": len(mine), "step_s_median": statistics.median(steps),
                "step_s_min": min(steps), "step_s_max": max(steps),
                "step_cpu_s_median": statistics.median(m["step_cpu_s"] for m in mine),
                "peak_rss_mb_median": statistics.median(m["peak_rss_mb"] for m in mine),
@@ -178,43 +189,59 @@ def side_by_side_summary(rows: list[dict], length: int, impls: list[str]) -> lis
                "floor_mb_median": statistics.median(m["floor_mb"] for m in mine),
                "above_floor_mb_median": statistics.median(m["above_floor_mb"] for m in mine),
                "loss": mine[0]["loss"]}
-        for key, name in (("step_s", "speed"), ("step_cpu_s", "cpu_speed"), ("peak_rss_mb", "peak"),
-                          ("step_added_mb", "added"), ("above_floor_mb", "above_floor")):
-            ratios = [by_impl["transformers"][key] / by_impl[impl][key] if name.endswith("speed") else
-                      by_impl[impl][key] / by_impl["transformers"][key] for by_impl in complete]
-            row[f"{name}_vs_transformers_median"] = round(statistics.median(ratios), 3)
-            row[f"{name}_vs_transformers_all"] = [round(x, 3) for x in ratios]
+        for base_name, base in BASELINES.items():
+            if base not in runs:
+                continue
+            for key, name in (("step_s", "speed"), ("step_cpu_s", "cpu_speed"), ("peak_rss_mb", "peak"),
+                              ("step_added_mb", "added"), ("above_floor_mb", "above_floor")):
+                ratios = [by_run[base][key] / by_run[run][key] if name.endswith("speed") else
+                          by_run[run][key] / by_run[base][key] for by_run in complete]
+                row[f"{name}_vs_{base_name}_median"] = round(statistics.median(ratios), 3)
+                row[f"{name}_vs_{base_name}_all"] = [round(x, 3) for x in ratios]
         out.append(row)
     return out
 
 
+def parse_run(text: str) -> str:
+    """'ropelite-keep:bf16' as it is; an implementation alone ('ropelite-keep') runs in fp32."""
+    impl, _, dtype = text.partition(":")
+    if impl not in IMPLS or dtype not in ("", "fp32", "bf16"):
+        raise argparse.ArgumentTypeError(f"not a run: {text!r} (IMPL[:DTYPE], IMPL one of {', '.join(IMPLS)}, "
+                                         "DTYPE fp32 (default) or bf16)")
+    return f"{impl}:{dtype or 'fp32'}"
+
+
 def side_by_side(args) -> None:
     check(has_transformers(), "--vs-transformers: transformers is not installed")
-    impls = list(dict.fromkeys([*args.impls, "transformers"])) + (["baseline"] if args.baseline else [])
+    runs = list(dict.fromkeys([*args.impls, BASELINES["transformers"]]))
+    runs += [f"baseline:{dtype}" for dtype in dict.fromkeys(r.split(":")[1] for r in runs)] if args.baseline else []
     if args.baseline:
         check((Path(args.baseline) / "ropelite" / "model.py").is_file(),
               f"--baseline {args.baseline}: no ropelite/model.py there")
     rows, summary = [], []
     for length in args.len:
         for r in range(args.repeats):
-            for impl in impls[r % len(impls):] + impls[:r % len(impls)]:  # the order rotates round by round
+            for run in runs[r % len(runs):] + runs[:r % len(runs)]:  # the order rotates round by round
+                impl, dtype = run.split(":")
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                 if impl == "baseline":
                     env["ROPELITE_SRC"] = str(Path(args.baseline).resolve())
-                spec = {"side_by_side": True, "impl": impl, "len": length}
+                spec = {"side_by_side": True, "run": run, "impl": impl, "dtype": dtype, "len": length}
                 row = {"round": r + 1, **run_worker([__file__, "--child", json.dumps(spec)],
-                                                    f"{impl} at len {length}", env=env)}
+                                                    f"{run} at len {length}", env=env)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_results(args.out, SIDE_BY_SIDE, rows)
-        summary += side_by_side_summary(rows, length, impls)
+        summary += side_by_side_summary(rows, length, runs)
         write_results(args.out, f"{SIDE_BY_SIDE}_summary", summary)
     for row in summary:
-        print(f"len {row['len']} {row['impl']:>13}: step {row['step_s_median']:.1f} s (median of {row['rounds']}, "
+        fp32 = (f", vs ropelite fp32 {row['speed_vs_fp32_median']:.2f}x (CPU time "
+                f"{row['cpu_speed_vs_fp32_median']:.2f}x)" if "speed_vs_fp32_median" in row else "")
+        print(f"len {row['len']} {row['run']:>18}: step {row['step_s_median']:.1f} s (median of {row['rounds']}, "
               f"{row['step_s_min']:.1f}-{row['step_s_max']:.1f}), peak {row['peak_rss_mb_median']:.0f} MB "
-              f"(floor {row['floor_mb_median']:.0f}, above it {row['above_floor_mb_median']:.0f}); vs transformers: "
-              f"speed {row['speed_vs_transformers_median']:.2f}x (CPU time {row['cpu_speed_vs_transformers_median']:.2f}x), "
-              f"peak {row['peak_vs_transformers_median']:.2f}x, "
+              f"(floor {row['floor_mb_median']:.0f}, above it {row['above_floor_mb_median']:.0f}); speed vs "
+              f"transformers bf16 {row['speed_vs_transformers_median']:.2f}x (CPU time "
+              f"{row['cpu_speed_vs_transformers_median']:.2f}x){fp32}, peak {row['peak_vs_transformers_median']:.2f}x, "
               f"above floor {row['above_floor_vs_transformers_median']:.2f}x; loss {row['loss']:.6f}")
     print(f"written: {args.out}/{SIDE_BY_SIDE}.json, _summary.json, .csv")
 
@@ -236,9 +263,10 @@ def main() -> None:
                         "and in transformers' LlamaForCausalLM at each --len (use e.g. --len 2048 8192)")
     g.add_argument("--repeats", type=int, default=3, help="--vs-transformers rounds, the order of the "
                                                           "implementations rotated each round (default 3)")
-    g.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS,
-                   help="--vs-transformers: the implementations to measure; transformers, the reference of the "
-                        "ratios, always is (default: all)")
+    g.add_argument("--impls", nargs="+", type=parse_run, default=RUNS, metavar="IMPL[:DTYPE]",
+                   help=f"--vs-transformers: the runs to measure, IMPL ({', '.join(IMPLS)}) in DTYPE (fp32, "
+                        f"the default, or bf16); transformers bf16, the reference of the ratios, always is "
+                        f"(default: {' '.join(RUNS)})")
     g.add_argument("--baseline", metavar="DIR", help="--vs-transformers: also measure the ropelite package in DIR "
                                                      "(e.g. the parent commit, `git archive HEAD~1 ropelite`)")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -106,7 +106,7 @@ def test_reduction_equals_brute_force_on_full_attention(setup, tmp_path):
     out = tmp_path / "out"
     analyze.main(["attention", "--model", str(path), "--rope", "rope", "pi", "ntk", "yarn", "dynamic",
                   "--factor", "4", "--base", "1e6", "--lengths", "24", "40", "--samples", "2",
-                  "--data", str(data), "--out", str(out)])
+                  "--data", str(data), "--out", str(out), "--dtype", "fp32"])   # fp32: against fp32 forwards
     result = json.loads((out / "attention.json").read_text())
     assert set(result["definitions"]) >= {"mean_distribution", "js_mean_nats", "js_per_distribution_nats"}
     rows = {(r["length"], r["rope"]): r for r in result["rows"]}
@@ -152,7 +152,8 @@ def test_reference_model(setup, tmp_path, tiny_llama):
     for reference in (other, narrow):
         out = tmp_path / reference.name
         analyze.main(["attention", "--model", str(path), "--rope", "rope", "pi", "--lengths", "24",
-                      "--samples", "2", "--data", str(data), "--reference-model", str(reference), "--out", str(out)])
+                      "--samples", "2", "--data", str(data), "--reference-model", str(reference), "--out", str(out),
+                      "--dtype", "fp32"])
         rows = {r["rope"]: r for r in json.loads((out / "attention.json").read_text())["rows"]}
         ref_label = f"{reference.name} rope (reference)"
         assert set(rows) == {"rope", "pi x4", ref_label}
@@ -174,7 +175,7 @@ def test_one_long_document_gives_several_windows(tmp_path, tiny_llama):
     np.save(tmp_path / "book.npy", book)
     out = tmp_path / "out"
     analyze.main(["attention", "--model", str(tmp_path / "model"), "--rope", "rope", "--lengths", "24",
-                  "--samples", "3", "--data", str(tmp_path / "book.npy"), "--out", str(out)])
+                  "--samples", "3", "--data", str(tmp_path / "book.npy"), "--out", str(out), "--dtype", "fp32"])
     result = json.loads((out / "attention.json").read_text())
     assert result["windows"] == {"24": [{"document": 0, "name": None, "token_offset": o} for o in (0, 24, 48)]}
     assert result["rows"][0]["samples"] == 3 and result["rows"][0]["documents"] == 1
@@ -378,8 +379,9 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         run_script(lambda: analyze.main(argv + (["--out", str(tmp_path / "o")] if argv else [])))
     assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(message) and "\n" not in err
+    *notes, err = capsys.readouterr().err.strip().splitlines()
+    # the error comes last; before it at most one line, --dtype auto's
+    assert err.startswith(message) and [n[:7] for n in notes] in ([], ["dtype: "])
 
 
 def test_token_ids_outside_the_vocabulary_are_one_line(setup, tmp_path, capsys):
@@ -390,7 +392,10 @@ def test_token_ids_outside_the_vocabulary_are_one_line(setup, tmp_path, capsys):
         run_script(lambda: analyze.main(["attention", "--model", str(path), "--data", str(bad), "--lengths", "8",
                                   "--samples", "1", "--out", str(tmp_path / "o")]))
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: token id 200 outside the model's vocabulary (97 ids)"
+    *notes, err = capsys.readouterr().err.strip().splitlines()
+    assert err == "error: token id 200 outside the model's vocabulary (97 ids)"
+    # the error comes last; before it at most one line, --dtype auto's
+    assert [n[:7] for n in notes] in ([], ["dtype: "])
 
 
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
