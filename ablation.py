@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ropelite  # noqa: F401  (before torch, so that OpenMP waits passively: ropelite/__init__.py)
 import torch
 
 from ropelite import ablation as lib

@@ -32,11 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's ropelite, imported before torch
+from ropelite.cli import DTYPES, ArgumentParser, check, run_script  # noqa: E402
+from ropelite.io import write_results  # noqa: E402
 
-from measure import has_transformers, peak_rss_mb, rss_mb, run_worker
-from ropelite.cli import ArgumentParser, DTYPES, check, run_script
-from ropelite.io import write_results
+import numpy as np  # noqa: E402
+
+from measure import has_transformers, peak_rss_mb, rss_mb, run_worker  # noqa: E402
 
 METHODS = ("ropelite", "transformers")
 RUNS = ["ropelite:fp32", "ropelite:bf16", "transformers:bf16"]

@@ -6,6 +6,8 @@ import argparse
 import math
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -212,12 +214,25 @@ def waits_passively() -> bool:
     return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
-def free_cores() -> int:
-    """The cores this process may run on (its affinity mask) less those busy now (the 1-minute load average,
-    rounded), at least 1."""
+def free_cores(interval: float = 0.2) -> int:
+    """The cores this process may run on (its affinity mask) less those busy now, at least 1: busy = the cores'
+    non-idle share over ``interval`` seconds (/proc/stat; this process sleeps meanwhile), or where that file is
+    missing the 1-minute load average, which lags (a job that just ended still counts for a minute)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    try:
+        first = _cpu_times()
+        time.sleep(interval)
+        second = _cpu_times()
+        busy = (os.cpu_count() or 1) * (1 - (second[1] - first[1]) / max(second[0] - first[0], 1))
+    except (OSError, ValueError, IndexError):
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cores, round(cores - busy)))
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle + iowait) clock ticks of all CPUs since boot, from /proc/stat's first line."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]   # user nice system idle iowait irq softirq steal
 
 
 def set_threads() -> int:

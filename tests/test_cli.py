@@ -1,11 +1,18 @@
 """ropelite.cli: the one grid grammar of --lengths / --depths, documented in every --help that takes it; where
---base goes among several variants."""
+--base goes among several variants; the threads every script runs with."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import analyze
 import needle
-from ropelite.cli import GRID_HELP, parse_grid, rope_overrides
+import ropelite.cli
+from ropelite.cli import GRID_HELP, free_cores, parse_grid, rope_overrides, set_threads, waits_passively
 from ropelite.errors import RopeliteError
 
 
@@ -109,3 +116,80 @@ def test_a_scaling_variant_takes_the_checkpoints_factor_or_needs_one():
             variant_config(plain, rope, None, None, [rope])
     with pytest.raises(RopeliteError, match="--rope pi needs --factor: the checkpoint runs yarn x8"):
         variant_config(yarn8, "pi", None, None, ["pi"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# Every script a user runs on a CPU; not benchmarks/gpu.py (GPU machines), nor bench_threads.py, whose
+# measurements choose the import order themselves (they compare spinning with passive waiting).
+SCRIPTS = sorted([p for p in ROOT.glob("*.py")] + [p for p in (ROOT / "benchmarks").glob("*.py")
+                                                   if p.name not in ("gpu.py", "bench_threads.py", "measure.py")])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_script_imports_ropelite_before_torch(script):
+    """So that libgomp starts with OMP_WAIT_POLICY=PASSIVE (ropelite/__init__.py sets it only while torch is not
+    loaded): importing the script in a fresh interpreter whose environment does not set it leaves it PASSIVE."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(script.parent), str(ROOT)])
+    code = f"import os, {script.stem}; print(os.environ.get('OMP_WAIT_POLICY'))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "PASSIVE"
+
+
+@pytest.mark.slow
+def test_ropelite_asks_for_passive_waiting_only_before_torch_loads():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(ROOT)}
+    code = "import os, {first}, {second}; print(os.environ.get('OMP_WAIT_POLICY'))"
+    for first, second, expected in (("ropelite", "torch", "PASSIVE"), ("torch", "ropelite", "None")):
+        done = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.stdout.split()[-1] == expected, done.stderr
+    done = subprocess.run([sys.executable, "-c", code.format(first="ropelite", second="torch")],
+                          env=env | {"OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-1] == "ACTIVE"                        # the user's choice is kept
+
+
+@pytest.fixture
+def two_threads():
+    """torch at 2 threads for the test (the suite runs at 1), put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_set_threads_keeps_every_core_when_waiting_passively(monkeypatch, two_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    monkeypatch.setattr(ropelite.cli, "free_cores", lambda: 1)      # another job holds a core
+    assert waits_passively() and set_threads() == 2 == torch.get_num_threads()
+
+
+def test_set_threads_takes_only_the_free_cores_when_threads_spin(monkeypatch, two_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)               # torch was imported first: libgomp spins
+    monkeypatch.setattr(ropelite.cli, "free_cores", lambda: 1)
+    assert not waits_passively() and set_threads() == 1 == torch.get_num_threads()
+
+
+def test_set_threads_keeps_omp_num_threads(monkeypatch, two_threads):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(ropelite.cli, "free_cores", lambda: 1)
+    assert set_threads() == 2
+
+
+@pytest.mark.parametrize("idle_share, expected", [(1.0, 4), (0.76, 3), (0.5, 2), (0.0, 1)])
+def test_free_cores_are_the_idle_share_of_the_cores_now(monkeypatch, idle_share, expected):
+    samples = iter([(1000, 0), (1400, int(400 * idle_share))])         # (all ticks, idle ticks) of 4 CPUs
+    monkeypatch.setattr(ropelite.cli, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert free_cores(interval=0) == expected

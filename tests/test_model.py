@@ -266,6 +266,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, ckpt, keep_
         assert_close(a, b, tol=1e-5)
 
 
+def test_keep_attention_saves_the_cpu_bf16_kernel_under_autocast(tiny_llama):
+    """train.py --dtype bf16 --keep-attention on a CPU: under bf16 autocast over fp32 weights, SDPA takes bf16 q/k/v
+    and dispatches to the CPU flash kernel, which ATTENTION_KERNELS must hold for keep_attention to save it: then
+    it runs once per block (forward only, not again in the recompute), and the gradients are those of the run
+    without checkpointing, as in fp32 (bit for bit: the recompute redoes the same bf16 operations)."""
+    model = tiny_llama(rope=rope_config("yarn")).train()
+    ids = ids_for(40, B=2)
+    grads = {}
+    for ckpt, keep in ((False, False), (True, True)):
+        model.gradient_checkpointing, model.keep_attention = ckpt, keep
+        model.zero_grad()
+        with CountOps(ATTENTION_KERNELS) as kernels, torch.autocast("cpu", dtype=torch.bfloat16,
+                                                                      cache_enabled=False):
+            dtypes = []
+            hook = model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: dtypes.append(a[0].dtype))
+            loss = model.nll(ids)[0]
+            hook.remove()
+        loss.backward()
+        assert dtypes == [torch.bfloat16] and kernels.calls == len(model.layers)
+        grads[keep] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads[False], grads[True], strict=True):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Other entry points
 # --------------------------------------------------------------------------------------------------------------
