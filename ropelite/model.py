@@ -129,6 +129,23 @@ def choose_kernel(device_type: str, dtype: torch.dtype, n_heads: int, n_kv: int,
                         "memory-efficient" + (f", k/v expanded {n_kv} -> {n_heads} heads" if gqa else ""))
 
 
+# PyTorch's CPU flash attention backward in bf16 costs about 0.3 ms per (batch row, head) whatever the length
+# (torch 2.13, head_dim 32: 16 rows x 4 heads x 128 tokens took 21 ms forward and backward in bf16, 6 ms in fp32;
+# at 256 tokens 33 ms against 21; at 512 tokens and head_dim 64 bf16 is ahead, 15 ms against 19). So training on a
+# CPU takes attention over at most this many keys in fp32: the bf16 q, k, v upcast exactly, the output rounded
+# back (no less precise), as fast as fp32 attention is there.
+CPU_FP32_TRAINING_KEYS = 256
+
+
+def attention_dtype(q: torch.Tensor, keys: int) -> torch.dtype:
+    """The dtype scaled_dot_product_attention runs in for q (B, H, T, d) over ``keys`` keys: q's own, except in
+    training (q needs a gradient) on a CPU in a reduced dtype over at most CPU_FP32_TRAINING_KEYS keys: fp32."""
+    if (q.device.type == "cpu" and q.dtype != torch.float32 and q.requires_grad and torch.is_grad_enabled()
+            and keys <= CPU_FP32_TRAINING_KEYS):
+        return torch.float32
+    return q.dtype
+
+
 def attention_kernel_note(config: "LlamaConfig", device: torch.device | str, dtype: torch.dtype) -> str:
     """One line for a run's log: the attention kernel(s) of the prefill/training and of a cached decoding step."""
     device_type = torch.device(device).type
@@ -193,6 +210,10 @@ class Attention(nn.Module):
     @staticmethod
     def _sdpa(q, k, v, q_pos, kernel: "KernelChoice | None" = None):
         T, S = q.shape[2], k.shape[2]
+        dtype = attention_dtype(q, S)
+        if dtype != q.dtype:  # autocast would cast fp32 q/k/v back to bf16 for this op: off for it
+            with torch.autocast(q.device.type, enabled=False):
+                return Attention._sdpa(q.to(dtype), k.to(dtype), v.to(dtype), q_pos, kernel).to(q.dtype)
         kernel = kernel or choose_kernel(q.device.type, q.dtype, q.shape[1], k.shape[1], causal=T == S)
         if kernel.expand_kv:  # query head h reads key head h // rep, as enable_gqa does, for kernels without it
             rep = q.shape[1] // k.shape[1]

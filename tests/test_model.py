@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ropelite.hf import load_model, save_model
-from ropelite.model import ATTENTION_KERNELS, KVCache, generate
+from ropelite.model import ATTENTION_KERNELS, CPU_FP32_TRAINING_KEYS, KVCache, generate
 from ropelite.rope import RopeConfig
 
 L = 32  # pretrained length of the RoPE variants below; tests run past it
@@ -264,6 +264,37 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, ckpt, keep_
     assert kernels.calls == kernel_runs * len(model.layers)         # the fused kernel is what runs on CPU
     for a, b in zip(reference, [p.grad for p in model.parameters()], strict=True):
         assert_close(a, b, tol=1e-5)
+
+
+class KernelDtypes(TorchDispatchMode):
+    """The dtypes of q in each call of the CPU flash attention kernel (forward) under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("T, train, kernel_dtype", [
+    (40, True, torch.float32),        # training over <= CPU_FP32_TRAINING_KEYS keys: fp32 (the faster backward)
+    (CPU_FP32_TRAINING_KEYS + 1, True, torch.bfloat16),
+    (40, False, torch.bfloat16),      # no backward to pay for: bf16
+])
+def test_cpu_bf16_training_takes_short_attention_in_fp32(tiny_llama, T, train, kernel_dtype):
+    """Under bf16 autocast the attention of a short training sequence runs in fp32 (autocast, which would cast
+    it back, is off for it) and its backward runs; longer sequences and evaluation stay in bf16."""
+    model = tiny_llama(rope=rope_config("yarn")).train()
+    ids = ids_for(T, B=2)
+    with KernelDtypes() as seen, torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+        loss = model.nll(ids)[0]
+    assert seen.dtypes == [kernel_dtype] * len(model.layers)
+    if train:
+        loss.backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
 def test_keep_attention_saves_the_cpu_bf16_kernel_under_autocast(tiny_llama):
