@@ -11,8 +11,9 @@ steps after 3 warm-up steps, with one of these thread settings:
 
     spin      torch's default (one thread per core), imported before ropelite, so libgomp keeps its default of
               spinning at every barrier: the behaviour before ropelite asked for passive waiting
-    passive   the same thread count, ropelite imported first: OMP_WAIT_POLICY=PASSIVE (ropelite/__init__.py),
-              what every script runs now (ropelite.cli.set_threads keeps all cores then)
+    passive   the same thread count, ropelite imported first: OMP_WAIT_POLICY=PASSIVE with GOMP_SPINCOUNT=3000
+              (ropelite/__init__.py: a short spin, then sleep), what every script runs now
+              (ropelite.cli.set_threads keeps all cores then)
     1-thread  one thread: nothing to wait for
 
 --busy N starts N single-thread busy loops (``python -c "while True: pass"``) on the cores before the
@@ -66,7 +67,8 @@ def child(spec: dict) -> dict:
         optimizer_step(model, optimizer, [(ids[step],)], 1e-3, rows * (length - 1), dtype=dtype, clip=1.0)
     seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     return {"threads": torch.get_num_threads(), "passive": waits_passively(),
-            "wait_policy": os.environ.get("OMP_WAIT_POLICY"), "seconds": round(seconds, 2),
+            "wait_policy": os.environ.get("OMP_WAIT_POLICY"), "spin_count": os.environ.get("GOMP_SPINCOUNT"),
+            "seconds": round(seconds, 2),
             "cpu_s": round(cpu_s, 2), "tokens_per_s": round(spec["steps"] * rows * length / seconds, 1)}
 
 
@@ -94,7 +96,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_threads", help="results folder (default runs/bench_threads)")
     args = p.parse_args()
     check(args.steps >= 1 and args.repeats >= 1 and min(args.busy) >= 0, "--steps, --repeats >= 1, --busy >= 0")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     cells = [(setting, busy) for busy in dict.fromkeys(args.busy) for setting in dict.fromkeys(args.settings)]
     rows = []
     for r in range(args.repeats):

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import sys
 
-# OpenMP threads that sleep when they wait for each other instead of spinning, so that another job on the same
-# cores costs its share of them and no more (a spinning thread holds its core while the one it waits for is
-# descheduled: one busy job beside a 2-thread training slowed it ~10x). libgomp reads this once, when torch
-# loads it, so it is set here, before ropelite's first `import torch`, and only if torch is not loaded yet (then
-# the environment still says what libgomp read); a value already set is kept. ropelite.cli.set_threads chooses
-# the thread count knowing which it is. Import ropelite before torch for it to apply.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that soon sleep when they wait for each other, instead of spinning, so that another job on the
+# same cores costs its share of them and little more: a spinning thread holds its core while the thread it waits
+# for is descheduled (benchmarks/bench_threads.py, the ablation's model on 2 cores beside one busy job: 0.21x its
+# speed alone when spinning, 0.45x waiting passively, where its share is about 0.55x). OMP_WAIT_POLICY=PASSIVE is
+# the standard's switch; libgomp (torch's Linux wheels) then never spins, which cost that model 30 % on quiet
+# cores (wake-ups between its many short kernels), so GOMP_SPINCOUNT lets it spin 3000 rounds of its wait loop
+# first (then 5 % slower than spinning on quiet cores, and as good as never spinning beside a busy job). libgomp reads both once, when torch loads it: they are
+# set here, before ropelite's first `import torch`, only while torch is not loaded (so the environment says what
+# libgomp read) and the user has chosen no wait policy. ropelite.cli.set_threads chooses the thread count.
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 import torch  # noqa: E402
 

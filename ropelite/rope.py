@@ -324,8 +324,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[..., :half], sin[..., :half]             # the tables hold each pair's angle twice: [a, a]
     out = torch.empty_like(x)
-    out[..., :half] = x1 * c - x2 * s
-    out[..., half:] = x2 * c + x1 * s
+    out[..., :half] = (x1 * c).addcmul_(x2, s, value=-1)                    # x1 cos - x2 sin, in float32
+    out[..., half:] = (x2 * c).addcmul_(x1, s)                              # x2 cos + x1 sin
     return out
 
 

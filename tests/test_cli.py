@@ -145,15 +145,17 @@ def test_every_script_imports_ropelite_before_torch(script):
 
 @pytest.mark.slow
 def test_ropelite_asks_for_passive_waiting_only_before_torch_loads():
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(ROOT)}
-    code = "import os, {first}, {second}; print(os.environ.get('OMP_WAIT_POLICY'))"
-    for first, second, expected in (("ropelite", "torch", "PASSIVE"), ("torch", "ropelite", "None")):
-        done = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], env=env,
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = str(ROOT)
+    code = "import os, {}, {}; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    for first, second, extra, expected in (
+            ("ropelite", "torch", {}, "PASSIVE 3000"),
+            ("torch", "ropelite", {}, "None None"),                       # too late: libgomp has read them
+            ("ropelite", "torch", {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),   # the user's choice is kept
+            ("ropelite", "torch", {"GOMP_SPINCOUNT": "0"}, "PASSIVE 0")):
+        done = subprocess.run([sys.executable, "-c", code.format(first, second)], env=env | extra,
                               capture_output=True, text=True, timeout=120)
-        assert done.stdout.split()[-1] == expected, done.stderr
-    done = subprocess.run([sys.executable, "-c", code.format(first="ropelite", second="torch")],
-                          env=env | {"OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True, timeout=120)
-    assert done.stdout.split()[-1] == "ACTIVE"                        # the user's choice is kept
+        assert done.stdout.strip() == expected, done.stderr
 
 
 @pytest.fixture
