@@ -11,9 +11,10 @@ import sys
 # speed alone when spinning, 0.45x waiting passively, where its share is about 0.55x). OMP_WAIT_POLICY=PASSIVE is
 # the standard's switch; libgomp (torch's Linux wheels) then never spins, which cost that model 30 % on quiet
 # cores (wake-ups between its many short kernels), so GOMP_SPINCOUNT lets it spin 3000 rounds of its wait loop
-# first (then 5 % slower than spinning on quiet cores, within 15 % of never spinning beside a busy job). libgomp reads both once, when torch loads it: they are
-# set here, before ropelite's first `import torch`, only while torch is not loaded (so the environment says what
-# libgomp read) and the user has chosen no wait policy. ropelite.cli.set_threads chooses the thread count.
+# first (then 5 % slower than spinning on quiet cores, within 15 % of never spinning beside a busy job).
+# libgomp reads both once, when torch loads it: they are set here, before ropelite's first `import torch`, only
+# while torch is not loaded (so the environment says what libgomp read) and the user has chosen no wait policy.
+# ropelite.cli.set_threads chooses the thread count.
 if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ.setdefault("GOMP_SPINCOUNT", "3000")
