@@ -121,9 +121,9 @@ def prose(smollm2):
 @pytest.mark.smollm2
 def test_perplexity_at_2k_within_half_a_percent(smollm2, prose):
     models, _ = smollm2
-    ppl = {name: perplexity(model, prose[:1], 2048)["ppl"] for name, model in models.items()}
+    ppl = {name: perplexity(model, prose[:2], 2048)["ppl"] for name, model in models.items()}
     change = ppl["bf16"] / ppl["fp32"] - 1
-    print(f"PPL at 2048 tokens: fp32 {ppl['fp32']:.4f}, bf16 {ppl['bf16']:.4f} ({100 * change:+.3f} %)")
+    print(f"PPL at 2048 tokens, 2 documents: fp32 {ppl['fp32']:.4f}, bf16 {ppl['bf16']:.4f} ({100 * change:+.3f} %)")
     assert abs(change) < 0.005
 
 
@@ -170,19 +170,25 @@ def test_js_of_means_pi_vs_rope_within_10_percent(last_rows):
 
 @pytest.mark.smollm2
 def test_same_passkey_answers_and_decoding_entropy(smollm2):
-    """needle.py's passkey cells (plain prompt, KV-cache greedy decoding with Algorithm 1's entropy)."""
+    """needle.py's passkey cells (plain prompt, KV-cache greedy decoding with Algorithm 1's entropy): the same
+    key found in every cell; where the two answers are the same text (after the key greedy decoding may part on
+    a near tie), the entropy of the rows that produced it within 0.02 nats."""
     models, tokenizer = smollm2
     lengths, depths = [768, 1536], [25, 75]
     hay = passkey_haystack(tokenizer, lengths, MAX_NEW_TOKENS["passkey"], chat=False)
     cells = {name: {(L, d): passkey_cell(model, hay, L, d, passkeys(0, L, d, 1)) for L in lengths for d in depths}
              for name, model in models.items()}
+    same_text = 0
     for key in cells["fp32"]:
         fp32, bf16 = cells["fp32"][key], cells["bf16"][key]
         print(f"passkey {key}: key {fp32['keys'][0]}, fp32 {fp32['answers'][0]!r} ({fp32['entropy']:.4f} nats), "
               f"bf16 {bf16['answers'][0]!r} ({bf16['entropy']:.4f} nats)")
         assert bf16["found"] == fp32["found"]
-        assert abs(bf16["entropy"] - fp32["entropy"]) < 0.02
+        if bf16["answers"] == fp32["answers"]:   # the same rows decoded: their entropy is comparable
+            same_text += 1
+            assert abs(bf16["entropy"] - fp32["entropy"]) < 0.02
     assert sum(c["passed"] for c in cells["fp32"].values()) >= 2    # the grid is one the model can answer
+    assert same_text >= 2
 
 
 MINI = ["--init", "random", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "4", "--ffn", "192",
