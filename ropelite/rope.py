@@ -316,15 +316,16 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_fact
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., T, d) in the halves layout: pair (x_i, x_{i+d/2}) turns by the angle a_i of pair i,
     to (x_i cos a_i - x_{i+d/2} sin a_i, x_{i+d/2} cos a_i + x_i sin a_i) (Hugging Face writes it
-    x cos + rotate_half(x) sin, rotate_half(x1, x2) = (-x2, x1)). The products are float32 whatever x is (x times
-    the float32 tables promotes) and rounded once into x's dtype, so a bf16 model keeps exact angles. Half by
-    half into one output: no float32 copy of x and no rotated copy (in a bf16 forward at 8K those passes cost
-    more than the q/k/v projections)."""
+    x cos + rotate_half(x) sin, rotate_half(x1, x2) = (-x2, x1)). The products are taken in float32 whatever x is
+    and rounded once into x's dtype, so a bf16 model keeps exact angles. Half by half into one output: no rotated
+    copy and no float32 result to convert (in a bf16 forward at 8K Hugging Face's form of these passes cost more
+    than the q/k/v projections)."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    x32 = x.float()                                     # a copy only for a reduced dtype; one, not one per product
+    x1, x2 = x32[..., :half], x32[..., half:]
     c, s = cos[..., :half], sin[..., :half]             # the tables hold each pair's angle twice: [a, a]
     out = torch.empty_like(x)
-    out[..., :half] = (x1 * c).addcmul_(x2, s, value=-1)                    # x1 cos - x2 sin, in float32
+    out[..., :half] = (x1 * c).addcmul_(x2, s, value=-1)                    # x1 cos - x2 sin
     out[..., half:] = (x2 * c).addcmul_(x1, s)                              # x2 cos + x1 sin
     return out
 
