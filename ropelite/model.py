@@ -94,9 +94,11 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> to
     Grouped-query attention: query head h reads key head h // (H / Hkv). Returns (B, H, t, S)."""
     B, H, t, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    # Scale q, not the (t, S) scores, and mask in place: two fewer passes over the largest tensor.
-    qg = (q.float() * (1 / math.sqrt(d))).view(B, Hkv, H // Hkv, t, d)          # (B, Hkv, rep, t, d)
-    scores = qg @ k.float().unsqueeze(2).transpose(-1, -2)                       # (B, Hkv, rep, t, S)
+    # Scale q, not the (t, S) scores, and mask in place: two fewer passes over the largest tensor. The rep query
+    # heads of a key head become rows of one matrix, so k is read as it is (broadcasting it over them would copy
+    # it rep times, transposed: most of a decoding step at 8K).
+    qg = (q.float() * (1 / math.sqrt(d))).reshape(B, Hkv, H // Hkv * t, d)     # (B, Hkv, rep*t, d)
+    scores = (qg @ k.float().transpose(-1, -2)).view(B, Hkv, H // Hkv, t, S)    # (B, Hkv, rep, t, S)
     future = torch.arange(S, device=q.device)[None, :] > q_pos[:, None]         # (t, S)
     return scores.masked_fill_(future, float("-inf")).softmax(-1).view(B, H, t, S)
 
@@ -241,11 +243,12 @@ class Attention(nn.Module):
         Hkv, S = k.shape[1], k.shape[2]
         rows_per_block = max(1, (1 << 24) // (S * H * B))
         out = torch.empty_like(q)
+        k32, v32 = k.float(), v.float()   # once, not per block (copies only for a reduced dtype)
         for start in range(0, T, rows_per_block):
             block = slice(start, start + rows_per_block)
-            probs = attention_probs(q[:, :, block], k, q_pos[block])                 # (B, H, t, S)
+            probs = attention_probs(q[:, :, block], k32, q_pos[block])               # (B, H, t, S)
             t = probs.shape[2]
-            out[:, :, block] = (probs.view(B, Hkv, H // Hkv, t, S) @ v.float().unsqueeze(2)  # (B, Hkv, rep, t, d)
+            out[:, :, block] = (probs.view(B, Hkv, H // Hkv * t, S) @ v32            # (B, Hkv, rep*t, d)
                                 ).view(B, H, t, d).to(q.dtype)
             if observer is not None:
                 rows = observer.select(q_pos[block])
