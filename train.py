@@ -34,12 +34,16 @@ which fits a LLaMa-2-7B at 32K on one 80 GB GPU by the estimator; RoPE angles ar
 --out holds the trained model as a folder that ropelite and transformers both load unchanged (config.json, whose
 rope_scaling and "ropelite" record say which RoPE, factor, theta, original and new length it was trained with,
 and its "trained" block how: len, step of steps, sequences_per_step, batch_tokens, tokens, the lr schedule, init;
-model.safetensors in fp32; the tokenizer files), metrics.jsonl (one row per step: loss in nats/token, lr,
-grad norm, tokens, tokens/s, peak memory), eval.jsonl (the held-out loss and perplexity before the first step,
-every --eval-every steps and at the end) and checkpoint/ (the same model + optimizer, data position and RNG,
-written atomically every --save-every steps) and .lock (the pid of the run that holds the folder: a second run
-on it stops with a one-line error). A killed run continues with --resume --out DIR, which takes every other flag
-from the checkpoint, and ends with the same weights, bit for bit, as one never interrupted. The first
+model.safetensors in fp32, gathered and written one tensor at a time, when the run ends or --stop-after stops
+it; the tokenizer files), metrics.jsonl (one row per step: loss in nats/token, lr, grad norm, tokens, tokens/s,
+peak memory, elapsed_s: the run's seconds so far over all its invocations), eval.jsonl (the held-out loss and
+perplexity before the first step, every --eval-every steps and at the end) and checkpoint/ (every --save-every
+steps, written atomically: the weights and AdamW moments sharded with torch.distributed.checkpoint, each process
+writing and reading its own part, so no process ever holds the whole state; the data position, each process's
+RNG and the flags) and .lock (the pid of the run that holds the folder: a second run on it stops with a one-line
+error). A killed run continues with --resume --out DIR, which takes every other flag from the checkpoint, and
+ends with the same weights, bit for bit, as one never interrupted; it may resume on another number of processes
+(the shards are resharded; then the gradient sums run in another order, equal to float rounding). The first
 SIGINT/SIGTERM (Ctrl-C, a job's time limit) finishes the step in progress, saves a checkpoint and exits with
 status 128 + signal and a line saying how to resume; a second one kills at once. A NaN/inf loss stops the run
 before it touches the weights and leaves the last good checkpoint in place.

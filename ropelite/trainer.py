@@ -6,8 +6,9 @@ here is what a program calls with train.py's flags (``train.py --help`` explains
 - The run, decided before its first weight exists (``prepare`` -> ``TrainingRun``): --out locked and checked,
   a resumed run's flags taken from its checkpoint, the model and its RoPE chosen, the token budget in steps,
   the packed training stream and the held-out sequences.
-- The model (``build_model``), its checkpoints (``save``, ``restore``: bit-identical resume) and its held-out
-  loss (``evaluate``).
+- The model (``build_model``), its checkpoints (``save``, ``restore``: sharded, each rank writing and reading its
+  own part; bit-identical resume, also on another number of ranks up to the order of float sums), the Hugging
+  Face export into --out (``export``, one tensor at a time) and its held-out loss (``evaluate``).
 - One optimizer step (``optimizer_step``: learning rate, gradient accumulation with the loss passed in,
   clipping, update), the one every training loop of ropelite takes, the ablation's finetunes too.
 - The loop (``fit``): metrics, evaluation and checkpoints on their schedules, the progress bar
@@ -36,15 +37,16 @@ from tqdm import tqdm
 from .cli import DTYPES, check, token_bar, torch_device
 from .data import PackedSequences, load_documents, pack_documents
 from .errors import RopeliteError
-from .hf import load_model, model_from_state, read_config
+from .hf import config_to_hf, load_model, read_config
 from .io import append_jsonl, lock_out, truncate_jsonl, write_json
 from .model import Llama, LlamaConfig
 from .parallel import compile_blocks, lean_weights, make_optimizer, set_learning_rate, shard, sync_on_last_micro_batch
 from .rope import VARIANTS, RopeConfig
 from .tokenizer import ByteTokenizer, first_id, load_tokenizer
-from .training import (OPTIMIZER_STATE, LossFn, accumulate_gradients, clip_gradients, evaluate_nll,
-                       latest_checkpoint, learning_rate, load_trainer_state, next_token_nll, peak_memory_mb,
-                       random_model, rng_state, save_checkpoint, set_rng_state, trained_record)
+from .training import (LossFn, accumulate_gradients, checkpoint_state, clip_gradients, commit_checkpoint,
+                       evaluate_nll, export_model, fresh_checkpoint_folder, latest_checkpoint, learning_rate,
+                       load_trainer_state, next_token_nll, peak_memory_mb, random_model, read_shards, rng_state,
+                       set_rng_state, trained_record, write_shards)
 
 # A resumed run must be the same run: --resume takes every flag from the checkpoint but these of the invocation
 # itself, and those that do not change the numbers the run computes, which may be given anew (--micro-batch
@@ -386,62 +388,77 @@ def prepare(args, given: set[str], dist: Dist) -> TrainingRun:
 
 
 def source_model(run: TrainingRun, where) -> Llama:
-    """The weights to start from, fp32 on ``where``: the checkpoint's, the pretrained ones, or new ones."""
-    if run.checkpoint:
-        return load_model(run.checkpoint, dtype=torch.float32, device=where)
+    """A new run's weights, fp32 on ``where``: the pretrained ones, or new ones."""
     if run.source is not None:
         return load_model(run.source, dtype=torch.float32, device=where, **run.overrides)
     return random_model(run.config, run.args.seed).to(where)
 
 
 def build_model(run: TrainingRun, dist: Dist) -> Llama:
-    """fp32 master weights on the device, or sharded over the ranks (rank 0 reads them, then broadcasts)."""
+    """fp32 master weights on the device, sharded over the ranks under torchrun. A new run's are ``source_model``'s
+    (under torchrun rank 0 reads them and broadcasts each rank its shards); a resumed run's model is made empty
+    here, and ``restore`` fills it, each rank reading its own shards of the checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     torch.manual_seed(run.args.seed)
-    if dist.mesh is None:
+    if dist.mesh is None and run.checkpoint is None:
         model = source_model(run, dist.device)
+    elif dist.mesh is None:
+        with torch.device(dist.device):  # not meta: to_empty would untie tied embeddings outside FSDP
+            model = Llama(run.config)
     else:
-        full = source_model(run, "cpu").state_dict() if dist.main else {}
         with torch.device("meta"):
             model = Llama(run.config)
         shard(model, dist.mesh, run.dtype)  # bf16 all-gathers and compute, fp32 gradient reduction
         model.to_empty(device=dist.device)
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        del full
+        if run.checkpoint is None:
+            full = source_model(run, "cpu").state_dict() if dist.main else {}
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                                        broadcast_from_rank0=True))
+            del full
     model.gradient_checkpointing, model.keep_attention = run.args.grad_ckpt, run.args.keep_attention
     model.train()
     return model
 
 
 def restore(run: TrainingRun, model: Llama, optimizer, dist: Dist) -> int:
-    """The step to start from: 0 for a new run, else the checkpoint's, its optimizer state and RNG put back."""
+    """The step to start from: 0 for a new run; else the checkpoint's, after each rank has read its shards of the
+    weights and AdamW moments into ``model`` and ``optimizer`` (on any number of ranks: DCP reshards) and its RNG
+    state (rank 0's where the checkpoint was written by another number of ranks: only the one-process lean mode
+    draws random numbers, for its stochastic rounding)."""
     if run.state is None:
         return 0
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    options = (StateDictOptions() if dist.mesh is None else
-               StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    optim_state = load_trainer_state(run.checkpoint, OPTIMIZER_STATE) if dist.main else {}
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
-    del optim_state
-    set_rng_state(run.state["rng"], dist.device)
+    read_shards(run.checkpoint, model, optimizer)
+    states = run.state["rng"]
+    set_rng_state(states[dist.rank] if len(states) == dist.world else states[0], dist.device)
     start = run.state["step"]
     check(run.state["sequences"] == start * run.per_step, "the checkpoint's data position does not match its step")
-    dist.say(f"resuming {run.checkpoint} at step {start} of {run.steps}")
+    dist.say(f"resuming {run.checkpoint} at step {start} of {run.steps}" +
+             ("" if len(states) == dist.world else f", written by {len(states)} process(es), on {dist.world}"))
     return start
 
 
-def save(run: TrainingRun, model: Llama, optimizer, step: int, dist: Dist) -> None:
-    """out/checkpoint at ``step`` (model, optimizer, data position, RNG), and the model published in out."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)  # collectives: every rank calls them
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+def save(run: TrainingRun, model: Llama, optimizer, step: int, elapsed_s: float, dist: Dist) -> None:
+    """out/checkpoint at ``step``: every rank writes its own shards of the weights and AdamW moments (no rank
+    gathers the model), then rank 0 the trainer state (data position, every rank's RNG, the ``elapsed_s`` of
+    training so far, the flags) and the model's config.json, and renames the folder into place."""
+    folder = fresh_checkpoint_folder(run.out, clear=dist.main)
+    dist.barrier()  # the folder is empty before any rank writes into it
+    write_shards(checkpoint_state(model, optimizer), folder)  # a collective: every rank calls it
+    states = [rng_state(dist.device)]
+    if dist.mesh is not None:
+        states = [None] * dist.world
+        torch.distributed.all_gather_object(states, rng_state(dist.device))
     if dist.main:
-        save_checkpoint(run.out, model_from_state(run.config, model_state),
-                        {"step": step, "sequences": step * run.per_step, "tokens": step * run.step_tokens,
-                         "rng": rng_state(dist.device), "args": vars(run.args)},
-                        optim_state, extra_config={"ropelite": run.trained_record(step)})
+        commit_checkpoint(run.out, {"step": step, "sequences": step * run.per_step, "tokens": step * run.step_tokens,
+                                    "elapsed_s": elapsed_s, "processes": dist.world, "rng": states,
+                                    "args": vars(run.args)},
+                          {**config_to_hf(run.config), "ropelite": run.trained_record(step)})
+    dist.barrier()
+
+
+def export(run: TrainingRun, model: Llama, step: int, dist: Dist) -> None:
+    """--out itself becomes the model after ``step`` (``export_model``: gathered one tensor at a time)."""
+    export_model(model, run.config, run.out, {"ropelite": run.trained_record(step)}, write=dist.main)
     dist.barrier()
 
 
@@ -587,11 +604,17 @@ class StopSignal:
 
 def fit(run: TrainingRun, model: Llama, optimizer, start: int, dist: Dist) -> int:
     """Steps ``start`` .. until the run ends, --stop-after or a first SIGINT/SIGTERM: one metrics.jsonl row
-    each, held-out evaluation every --eval-every steps and checkpoints every --save-every, both at the end too.
+    each, held-out evaluation before the first step, every --eval-every steps and at the end, checkpoints every
+    --save-every steps and at the end. A row's ``elapsed_s`` counts the run's seconds in this loop over every
+    invocation (a resumed run starts from its checkpoint's), so the last row says how long the run took.
     Returns the last step; a signal ends with a checkpoint and SystemExit(128 + signal) instead."""
     args, device = run.args, dist.device
+    began, before = time.perf_counter(), run.state["elapsed_s"] if run.state else 0.0
+    elapsed = lambda: before + time.perf_counter() - began  # noqa: E731
+    if run.held_out and start == 0:
+        evaluate(run, model, 0, dist)
     progress = Progress(run, start, dist)
-    began, done, signum = time.perf_counter(), start, 0
+    done, signum = start, 0
     try:
         with StopSignal() as stopper:
             for step in range(start, run.steps):
@@ -611,14 +634,14 @@ def fit(run: TrainingRun, model: Llama, optimizer, start: int, dist: Dist) -> in
                         "step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": done * run.step_tokens,
                         "tokens_per_s": run.step_tokens / seconds, "peak_mem_mb": peak_memory_mb(device),
                         "mem": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
-                        "elapsed_s": time.perf_counter() - began})
+                        "elapsed_s": elapsed()})
                 progress.step(loss, lr)
                 signum = stopper.agreed(dist)
                 stop = signum or (args.stop_after is not None and done - start >= args.stop_after)
                 if run.held_out and (done == run.steps or (args.eval_every and done % args.eval_every == 0)):
                     evaluate(run, model, done, dist)
                 if done == run.steps or stop or (args.save_every and done % args.save_every == 0):
-                    save(run, model, optimizer, done, dist)
+                    save(run, model, optimizer, done, elapsed(), dist)
                 if stop:
                     break
     finally:
@@ -631,7 +654,8 @@ def fit(run: TrainingRun, model: Llama, optimizer, start: int, dist: Dist) -> in
 
 
 def train_process(args: argparse.Namespace, dist: Dist, given: set[str] = frozenset()) -> Path:
-    """This process's part of ``train``: prepare, build (or restore) the model, then fit."""
+    """This process's part of ``train``: prepare, build (or restore) the model, fit, and export the model into
+    --out (when the run is complete or stopped by --stop-after; a signal leaves only the checkpoint)."""
     run = prepare(args, given, dist)
     model = build_model(run, dist)
     if args.lean:
@@ -645,9 +669,8 @@ def train_process(args: argparse.Namespace, dist: Dist, given: set[str] = frozen
         # A resumed run keeps its checkpoint step's held-out row (written before that save); a new run, perhaps
         # in the folder of one killed before its first checkpoint, scores step 0 afresh.
         truncate_jsonl(run.out / EVAL_LOG, start if start else -1)
-    if run.held_out and start == 0:
-        evaluate(run, model, 0, dist)
     done = fit(run, model, optimizer, start, dist)
+    export(run, model, done, dist)
     dist.say(f"train: {run.out} holds step {done} of {run.steps}" +
              ("" if done == run.steps else "; continue with --resume"))
     return run.out
