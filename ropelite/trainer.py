@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,7 +40,7 @@ from .data import PackedSequences, load_documents, pack_documents
 from .errors import RopeliteError
 from .hf import config_to_hf, load_model, read_config
 from .io import append_jsonl, lock_out, truncate_jsonl, write_json
-from .model import Llama, LlamaConfig
+from .model import Llama, LlamaConfig, attention_kernel_note
 from .parallel import compile_blocks, lean_weights, make_optimizer, set_learning_rate, shard, sync_on_last_micro_batch
 from .rope import VARIANTS, RopeConfig
 from .tokenizer import ByteTokenizer, first_id, load_tokenizer
@@ -52,9 +53,15 @@ from .training import (LossFn, accumulate_gradients, checkpoint_state, clip_grad
 # itself, and those that do not change the numbers the run computes, which may be given anew (--micro-batch
 # regroups the same sum: equal up to float rounding; --keep-attention saves what it would recompute; --compile
 # runs the same blocks compiled). Any other flag given must equal the checkpoint's.
-PER_INVOCATION = {"resume", "out", "stop_after", "quiet", "device"}
+PER_INVOCATION = {"resume", "out", "stop_after", "quiet", "device", "dry_run"}
 MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok", "compile", "keep_attention"}
 DAY_S = 86400  # a run estimated longer than this on this device gets a notice up front
+# The budget's defaults. A pretrained model's finetune follows YaRN's GPU recipe: 400 steps of 262,144 tokens
+# (64 sequences at 4K, 8 at 32K). A new model (--init random) is sized for a CPU: minutes at a few thousand
+# tokens/s.
+YARN_BATCH_TOKENS, YARN_STEPS = 262144, 400
+DEFAULT_LEN = {"pretrained": 32768, "random": 512}
+DEFAULT_TOKENS = {"pretrained": YARN_STEPS * YARN_BATCH_TOKENS, "random": 2**20}
 METRICS, EVAL_LOG = "metrics.jsonl", "eval.jsonl"  # in --out: one row per step; one per held-out evaluation
 
 
@@ -99,9 +106,44 @@ def setup_distributed(device: str) -> Dist:
     return Dist(rank, world, device, init_device_mesh(device.type, (world,)))
 
 
+def planning_dist(device: str) -> Dist:
+    """Where a dry run plans for, making no process group: torchrun's RANK and WORLD_SIZE (1 without it) and
+    --device, which need not be present on this machine (a GPU run can be planned on a laptop)."""
+    try:
+        where = torch_device(device)
+    except RopeliteError:
+        if not device.startswith("cuda"):
+            raise
+        where = torch.device(device)
+    return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), where)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The flags: checked, and on --resume the checkpoint's
 # --------------------------------------------------------------------------------------------------------------
+
+def default_batch_tokens(tokens: int, length: int, unit: int) -> int:
+    """--batch-tokens when not given: YaRN's 262,144 tokens per step, or --tokens / 400 when that is less, so that
+    a small budget still takes YaRN's 400 steps; rounded down to whole sequences of ``length``, in a multiple of
+    ``unit`` sequences (--micro-batch x processes: every rank takes whole micro-batches), at least one unit."""
+    sequences = min(YARN_BATCH_TOKENS, tokens // YARN_STEPS) // length
+    return max(unit, sequences // unit * unit) * length
+
+
+def fill_defaults(args, dist: Dist) -> None:
+    """The flags whose default depends on others, once those are known (a resumed run has them all from its
+    checkpoint): --len and --tokens by --init (DEFAULT_LEN, DEFAULT_TOKENS), --batch-tokens by the budget
+    (``default_batch_tokens``, said in one line), --dtype by the device."""
+    args.len = DEFAULT_LEN[args.init] if args.len is None else args.len
+    args.tokens = DEFAULT_TOKENS[args.init] if args.tokens is None else args.tokens
+    if args.batch_tokens is None and args.len >= 1:  # a --len below 2 is check_flags' error
+        unit = max(1, args.micro_batch * dist.world)
+        args.batch_tokens = default_batch_tokens(args.tokens, args.len, unit)
+        dist.say(f"budget: --batch-tokens not given, so min({YARN_BATCH_TOKENS}, --tokens / {YARN_STEPS}) in whole "
+                 f"sequences of {args.len}, a multiple of {unit} (micro-batch x processes) = "
+                 f"{args.batch_tokens // args.len} sequences = {args.batch_tokens:,} tokens per step")
+    args.dtype = args.dtype or ("bf16" if dist.device.type == "cuda" else "fp32")
+
 
 def check_flags(args) -> None:
     """The flags' own rules; the RoPE's (factor >= 1, --base only for ntk) are RopeConfig's, checked as it is built."""
@@ -315,17 +357,19 @@ def held_out_set(args, rest: list, tokenizer, eos: int, vocab: int, step_tokens:
     return [held.batch(dist.rank * per_rank + i, 1).to(dist.device) for i in range(per_rank)]
 
 
-def open_run(args, given: set[str], dist: Dist) -> tuple[Path, Path | None, dict | None]:
-    """Lock --out and find its checkpoint; a resumed run takes its flags from it (``args`` changes in place),
-    then the flags are checked. Returns (--out, the checkpoint or None, its trainer state or None)."""
+def open_run(args, given: set[str], dist: Dist, lock: bool = True) -> tuple[Path, Path | None, dict | None]:
+    """Lock --out (unless ``lock`` is off: a dry run only reads) and find its checkpoint; a resumed run takes its
+    flags from it (``args`` changes in place); the defaults that depend on other flags are filled in and the
+    flags checked. Returns (--out, the checkpoint or None, its trainer state or None)."""
     out = Path(args.out or f"runs/train/{Path(args.model).name if args.init == 'pretrained' else 'random'}"
-                           f"-{args.rope or 'own'}-{args.len}")
-    lock_run_folder(out, dist)
+                           f"-{args.rope or 'own'}-{DEFAULT_LEN[args.init] if args.len is None else args.len}")
+    if lock:
+        lock_run_folder(out, dist)
     checkpoint = prepare_out(out, args.resume)
     state = load_trainer_state(checkpoint) if checkpoint else None
     if state is not None:
         resume_flags(state["args"], args, given, dist)
-    args.dtype = args.dtype or ("bf16" if dist.device.type == "cuda" else "fp32")
+    fill_defaults(args, dist)
     check_flags(args)
     return out, checkpoint, state
 
@@ -344,11 +388,11 @@ def check_epochs(args, tokens: int, stream_size: int, dist: Dist) -> None:
                  f"{args.lr * (steps - 1) / args.warmup:.3g}, never --lr {args.lr:g}")
 
 
-def prepare(args, given: set[str], dist: Dist) -> TrainingRun:
+def prepare(args, given: set[str], dist: Dist, dry_run: bool = False) -> TrainingRun:
     """Lock and check --out and the flags (a resumed run's from its checkpoint); choose the model and its RoPE
     (RopeConfig checks the RoPE flags); size the budget; pack the training stream and the held-out set; put the
-    tokenizer in a new run's --out."""
-    out, checkpoint, state = open_run(args, given, dist)
+    tokenizer in a new run's --out. A ``dry_run`` does all of it but the lock and the writing."""
+    out, checkpoint, state = open_run(args, given, dist, lock=not dry_run)
     docs = load_documents(args.data, kind=args.builtin)
     base, source, tokenizer, eos = choose_model(args, docs)
     original = base.rope.original_max_position_embeddings
@@ -373,7 +417,7 @@ def prepare(args, given: set[str], dist: Dist) -> TrainingRun:
              f"{steps * step_tokens / stream.size:.2f} times")
     check_epochs(args, steps * step_tokens, stream.size, dist)
     held_out = held_out_set(args, docs[used:], tokenizer, eos, config.vocab_size, step_tokens, dist)
-    if dist.main and not args.resume:
+    if dist.main and not args.resume and not dry_run:
         if isinstance(tokenizer, ByteTokenizer):
             write_json(out / "tokenizer_config.json", ByteTokenizer.config())
         elif source is not None and tokenizer is not None:
@@ -527,41 +571,77 @@ def kept_checkpoint(out: Path) -> str:
             else "no checkpoint was saved yet")
 
 
-class Progress:
-    """The run's bar in tokens of all ranks, moved after every micro-batch so that its rate and ETA come with the
-    first one, and a notice then when the rest of the run would take more than a day on this device."""
+RATE_WINDOW = 20  # optimizer steps that the bar's tokens/s and ETA average over
 
-    def __init__(self, run: TrainingRun, start: int, dist: Dist):
+
+def window_rate(marks) -> float | None:
+    """Tokens per second from the first to the last of ``marks``, (seconds, tokens done) pairs: the average over
+    that window, pauses (evaluation, checkpoints) included, so that an ETA drawn from it counts them too. None
+    while no time has passed."""
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+
+class Progress:
+    """The run's bar in tokens of all ranks, moved after every micro-batch, with the tokens/s and ETA of the last
+    RATE_WINDOW optimizer steps (``window_rate``: one step's rate swings with evaluations, checkpoints and the
+    machine's load; tqdm's own would follow each micro-batch); once the loop ends, the rate is this invocation's
+    average. After the first micro-batch, a notice when the rest of the run would take more than a day on this
+    device. ``clock``: seconds, for tests."""
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+    def __init__(self, run: TrainingRun, start: int, dist: Dist, clock: Callable[[], float] = time.perf_counter):
         self.total, self.done = run.steps * run.step_tokens, start * run.step_tokens
-        self.world, self.dist = dist.world, dist
+        self.world, self.dist, self.clock = dist.world, dist, clock
+        self.marks = deque([(clock(), self.done)], maxlen=RATE_WINDOW + 1)  # at each step's end, and the start
+        self.began, self.estimated, self.losses = self.marks[0], False, ""
         self.bar = (token_bar(self.total, f"train {run.config.rope.describe()} @{run.args.len}")
                     if dist.main and not run.args.quiet else None)
         if self.bar is not None:
-            self.bar.initial = self.bar.n = self.done  # the rate counts this invocation's tokens only
+            self.bar.bar_format = self.FORMAT  # the rate and ETA are ours, in the postfix
+            self.bar.initial = self.bar.n = self.done
             self.bar.refresh()
-        self.began, self.estimated = time.perf_counter(), False
+
+    def rate(self) -> float | None:
+        """Tokens/s over the window of steps, up to now (the step in progress included)."""
+        return window_rate([*self.marks, (self.clock(), self.done)])
+
+    def average(self) -> float | None:
+        """Tokens/s of this invocation so far."""
+        return window_rate([self.began, (self.clock(), self.done)])
+
+    def postfix(self, rate: float | None, final: bool = False) -> str:
+        if rate is None:
+            return self.losses
+        left = "" if final else f", ETA {tqdm.format_interval((self.total - self.done) / rate)}"
+        return f"{tqdm.format_sizeof(rate)} tok/s{' on average' if final else ''}{left}{self.losses}"
 
     def micro_batch(self, tokens: int) -> None:
         """``tokens`` = this rank's micro-batch; every rank runs one at the same time."""
-        tokens *= self.world
-        self.done += tokens
+        self.done += tokens * self.world
         if self.bar is not None:
-            self.bar.update(tokens)
+            self.bar.set_postfix_str(self.postfix(self.rate()), refresh=False)
+            self.bar.update(tokens * self.world)
         if not self.estimated:
             self.estimated = True
-            rate = tokens / (time.perf_counter() - self.began)
-            left = (self.total - self.done) / rate
+            rate = self.average()
+            left = (self.total - self.done) / rate if rate else 0.0
             if left > DAY_S:
                 self.dist.say(f"notice: at the first micro-batch's {rate:,.0f} tokens/s this run needs about "
                               f"{left / DAY_S:.1f} days more on {self.dist.device}: a GPU-scale run (see --tokens, "
                               f"--len, --device)")
 
     def step(self, loss: float, lr: float) -> None:
+        """An optimizer step ended: the window moves on."""
+        self.marks.append((self.clock(), self.done))
+        self.losses = f", loss {loss:.4f}, lr {lr:.2e}"
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix_str(self.postfix(self.rate()))
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.set_postfix_str(self.postfix(self.average(), final=True))
             self.bar.close()
 
 
@@ -676,10 +756,51 @@ def train_process(args: argparse.Namespace, dist: Dist, given: set[str] = frozen
     return run.out
 
 
-def train(args: argparse.Namespace, given: set[str] = frozenset()) -> Path:
+def plan(args: argparse.Namespace, given: set[str] = frozenset()) -> TrainingRun:
+    """--dry-run: the run ``prepare`` decides (flags, model config and RoPE, budget, data, held-out set), printed
+    as the lines of a plan, for the processes torchrun would start; no weight is read, nothing is written."""
+    dist = planning_dist(args.device)
+    run = prepare(args, given, dist, dry_run=True)
+    c, a = run.config, run.args
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        model = Llama(c)
+    parameters = sum(p.numel() for p in model.parameters())
+    if a.lean:
+        model = lean_weights(model, dist.world)  # its rules as the run meets them: one process, bf16 weights
+    optimizer = make_optimizer(model, a.lr, tuple(a.betas), a.wd, dist.device, lean=a.lean)  # (lean: torchao)
+    micro = run.per_step // (a.micro_batch * dist.world)
+    lines = [
+        f"model: {'new (--init random, seed ' + str(a.seed) + ')' if run.source is None else run.source}, "
+        f"{parameters:,} parameters: {c.num_hidden_layers} blocks, hidden {c.hidden_size}, {c.num_attention_heads} "
+        f"heads / {c.num_key_value_heads} kv heads of {c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}",
+        f"rope: {c.rope.describe()} (theta {c.rope.theta:g}, L {c.rope.original_max_position_embeddings} -> "
+        f"len {a.len})",
+        f"budget: {run.steps} steps x {run.per_step} sequences x {a.len} tokens = {run.steps * run.step_tokens:,} "
+        f"tokens; lr {a.lr:g}, warmup {a.warmup}, then {a.schedule}",
+        f"processes: {dist.world} on {dist.device} ({'FSDP2 shards' if dist.world > 1 else 'one process'}), "
+        f"{micro} micro-batch(es) of {a.micro_batch} each per step, {a.dtype}, "
+        f"{'bf16' if a.lean else 'fp32'} weights, {type(optimizer).__name__}"
+        f"{' (fused)' if optimizer.defaults.get('fused') else ''}, "
+        f"grad-ckpt {'on' if a.grad_ckpt else 'off'}{', compiled blocks' if a.compile else ''}",
+        f"out: {run.out}: " + (f"resumes {run.checkpoint} at step {run.state['step']}; " if run.state else "") +
+        f"checkpoint every {a.save_every or run.steps} steps, held-out eval "
+        + (f"every {a.eval_every} steps" if run.held_out else "off") + ", the model exported at the end",
+    ]
+    if dist.device.type == "cuda":
+        lines.append(attention_kernel_note(c, dist.device, run.dtype))
+    if dist.main:
+        print("\n".join(f"plan: {line}" for line in lines) +
+              "\ndry run: nothing trained, no weight read, nothing written")
+    return run
+
+
+def train(args: argparse.Namespace, given: set[str] = frozenset()) -> Path | None:
     """Train as train.py's flags ``args`` say (``train.py --help`` explains each), in this process or, under
-    torchrun, in each of its processes; returns --out. ``given``: the flags written on the command line; on
-    --resume the others are taken from the checkpoint."""
+    torchrun, in each of its processes; returns --out (None for --dry-run, which prints the ``plan``).
+    ``given``: the flags written on the command line; on --resume the others are taken from the checkpoint."""
+    if args.dry_run:
+        plan(args, given)
+        return None
     dist = setup_distributed(args.device)
     try:
         out = train_process(args, dist, given)

@@ -122,6 +122,52 @@ def test_default_factor_is_len_over_original():
     assert trainer.default_factor("rope", 32768, 8192, None) is None            # plain RoPE has no factor
 
 
+def test_default_batch_fits_the_budget():
+    """--batch-tokens left out: YaRN's 262,144 tokens where the budget holds 400 such steps, else --tokens / 400,
+    in whole sequences, a multiple of micro-batch x processes, and at least one such unit."""
+    assert trainer.default_batch_tokens(400 * 262144, 32768, 1) == 262144    # the default budget: 8 x 32K
+    assert trainer.default_batch_tokens(10**9, 4096, 8) == 262144            # 64 sequences of 4K on 8 ranks
+    assert trainer.default_batch_tokens(65536, 128, 1) == 128                # 163 tokens: 1 sequence, 512 steps
+    assert trainer.default_batch_tokens(32768, 128, 1) == 128                # 81 tokens: still 1 sequence
+    assert trainer.default_batch_tokens(2**20, 512, 1) == 5 * 512            # 2621 tokens: 5 sequences
+    assert trainer.default_batch_tokens(2**20, 512, 2) == 4 * 512            # ... in pairs, over 2 ranks
+    assert trainer.default_batch_tokens(50_000_000, 16384, 8) == 8 * 16384   # 7 sequences: one unit of 8
+
+
+def test_the_bar_rate_is_a_window_average_and_its_last_figure_the_runs(capsys):
+    """Steps of 128 tokens taking 0.25, 1.25, 0.14 and 1.97 s (each alone 512, 102, 914, 65 tokens/s, the swings
+    a per-step rate shows): the bar's rate is tokens over seconds since the window's first step, the ETA the
+    tokens left at that rate; after RATE_WINDOW more steps only those count; closed, it shows the invocation's
+    average."""
+    from types import SimpleNamespace
+    now = [10.0]
+    run = SimpleNamespace(steps=40, step_tokens=128, args=SimpleNamespace(len=128, quiet=False),
+                          config=SimpleNamespace(rope=RopeConfig(theta=1e4, original_max_position_embeddings=64)))
+    progress = trainer.Progress(run, 0, trainer.Dist(), clock=lambda: now[0])
+    rates = []
+    for seconds in (0.25, 1.25, 0.14, 1.97):
+        now[0] += seconds
+        progress.micro_batch(128)
+        progress.step(loss=2.0, lr=1e-3)
+        rates.append(progress.rate())
+    np.testing.assert_allclose(rates, [128 / 0.25, 256 / 1.5, 384 / 1.64, 512 / 3.61])
+    assert progress.bar.postfix == f"142 tok/s, ETA 00:{(40 - 4) * 128 / (512 / 3.61):02.0f}, loss 2.0000, lr 1.00e-03"
+    now[0] += 0.5
+    progress.micro_batch(64)                                          # half of step 5: counted as it comes
+    assert progress.rate() == pytest.approx(576 / 4.11)
+    progress.micro_batch(64)
+    progress.step(loss=2.0, lr=1e-3)
+    for _ in range(trainer.RATE_WINDOW):                              # steps of 2 s: the early ones leave the window
+        now[0] += 2.0
+        progress.micro_batch(128)
+        progress.step(loss=1.0, lr=1e-3)
+    assert progress.rate() == 64.0
+    progress.close()
+    assert progress.average() == pytest.approx(25 * 128 / (4.11 + 40))                  # 72.55
+    assert progress.bar.postfix == "72.5 tok/s on average, loss 1.0000, lr 1.00e-03"
+    assert trainer.window_rate([(1.0, 5), (1.0, 9)]) is None          # no time yet: no rate
+
+
 def test_accumulated_gradients_equal_the_full_batch_mean_loss(tiny_llama):
     """Micro-batches + chunked, checkpointed loss vs one full-batch cross-entropy on forward()'s logits."""
     torch.manual_seed(1)
@@ -292,6 +338,61 @@ def test_elapsed_time_runs_on_across_a_resume(tmp_path):
     train.main(["--resume", "--out", str(out)])
     elapsed = [r["elapsed_s"] for r in metrics(out)]
     assert len(elapsed) == 4 and 0 < elapsed[0] < elapsed[1] <= saved < elapsed[2] < elapsed[3]
+
+
+@pytest.mark.slow
+def test_small_runs_from_scratch_take_a_batch_that_fits(tmp_path, capsys):
+    """train.py --init random --len 128 --tokens 32768 (and 64Ki), as a new user writes them: the default
+    --batch-tokens follows the budget (one line says so) instead of refusing a run smaller than YaRN's step."""
+    out = train.main(["--init", "random", "--len", "128", "--tokens", "32768", "--device", "cpu", "--quiet",
+                      "--out", str(tmp_path / "run")])
+    assert ("budget: --batch-tokens not given, so min(262144, --tokens / 400) in whole sequences of 128, a multiple "
+            "of 1 (micro-batch x processes) = 1 sequences = 128 tokens per step") in capsys.readouterr().err
+    assert len(metrics(out)) == 256 and json.loads((out / "config.json").read_text())["ropelite"]["trained"][
+        "batch_tokens"] == 128
+    assert train.main(["--init", "random", "--len", "128", "--tokens", "64Ki", "--dry-run"]) is None
+    assert "plan: budget: 512 steps x 1 sequences x 128 tokens = 65,536 tokens" in capsys.readouterr().out
+
+
+def test_dry_run_plans_without_reading_a_weight_or_writing(tmp_path, capsys, monkeypatch):
+    """--dry-run resolves the run and prints its plan: here for a model folder without weights (the real run stops
+    at them), under torchrun's WORLD_SIZE = 2, on a CUDA device this machine need not have; it writes nothing. A
+    --resume dry run plans from the checkpoint's flags."""
+    from ropelite.hf import config_to_hf
+    from ropelite.io import write_json
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=63,
+                         rope=RopeConfig(theta=1e4, original_max_position_embeddings=16))
+    write_json(tmp_path / "base" / "config.json", config_to_hf(config))               # no weights
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 63, 5000))
+    args = ["--model", str(tmp_path / "base"), "--data", str(tmp_path / "tokens.npy"), "--rope", "yarn",
+            "--len", "64", "--tokens", "4096", "--micro-batch", "2", "--device", "cuda", "--out", str(tmp_path / "run")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main(args + ["--dry-run"]) is None
+    assert not (tmp_path / "run").exists()
+    plan = capsys.readouterr().out.splitlines()
+    # parameters: embedding + lm_head 2 x 64 x 32, final norm 32, and per block q, o 32 x 32, k, v 32 x 16,
+    # the MLP 3 x 32 x 64, two norms 2 x 32: 4096 + 32 + 2 x 9280 = 22,688
+    assert plan[:4] == [
+        f"plan: model: {tmp_path / 'base'}, 22,688 parameters: 2 blocks, hidden 32, 4 heads / 2 kv heads of 8, ffn 64, "
+        "vocab 64",
+        "plan: rope: yarn x4 (theta 10000, L 16 -> len 64)",
+        "plan: budget: 16 steps x 4 sequences x 64 tokens = 4,096 tokens; lr 2e-05, warmup 20, then linear",
+        "plan: processes: 2 on cuda (FSDP2 shards), 1 micro-batch(es) of 2 each per step, bf16, fp32 weights, "
+        "AdamW (fused), grad-ckpt on"]
+    assert plan[-2].startswith("plan: attention (bfloat16, cuda): ") and plan[-1].startswith("dry run: nothing")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(RopeliteError, match="^no model.safetensors"):                  # the run itself reads them
+        train.main(args[:-4] + ["--device", "cpu", "--out", str(tmp_path / "real")])
+
+    out = tmp_path / "resumable"
+    train.main(TINY + ["--tokens", "512", "--out", str(out), "--stop-after", "1"])
+    capsys.readouterr()
+    before = sorted(p.name for p in out.rglob("*"))
+    train.main(["--resume", "--out", str(out), "--dry-run"])
+    plan = capsys.readouterr().out
+    assert f"plan: out: {out}: resumes {out / 'checkpoint'} at step 1; checkpoint every 50 steps" in plan
+    assert "plan: budget: 4 steps x 4 sequences x 32 tokens" in plan and sorted(p.name for p in out.rglob("*")) == before
 
 
 def test_loss_goes_down_on_learnable_text(tmp_path):
