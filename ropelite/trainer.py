@@ -595,7 +595,7 @@ class Progress:
         self.total, self.done = run.steps * run.step_tokens, start * run.step_tokens
         self.world, self.dist, self.clock = dist.world, dist, clock
         self.marks = deque([(clock(), self.done)], maxlen=RATE_WINDOW + 1)  # at each step's end, and the start
-        self.began, self.estimated, self.losses = self.marks[0], False, ""
+        self.first, self.estimated, self.losses = self.marks[0], False, ""
         self.bar = (token_bar(self.total, f"train {run.config.rope.describe()} @{run.args.len}")
                     if dist.main and not run.args.quiet else None)
         if self.bar is not None:
@@ -609,7 +609,7 @@ class Progress:
 
     def average(self) -> float | None:
         """Tokens/s of this invocation so far."""
-        return window_rate([self.began, (self.clock(), self.done)])
+        return window_rate([self.first, (self.clock(), self.done)])
 
     def postfix(self, rate: float | None, final: bool = False) -> str:
         if rate is None:

@@ -210,9 +210,10 @@ def read_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     except (dcp.api.CheckpointException, OSError, RuntimeError, ValueError) as e:
         # DCP's exception (a BaseException) holds each rank's (exception, traceback): say the first
         cause = next(iter(e._failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e
-        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise RopeliteError(f"cannot read the checkpoint {folder}: {reason} (truncated or corrupt?)") from None
-    for key in sorted(saved ^ set(state["model"])):
+        raise RopeliteError(f"cannot read the checkpoint {folder}: {_reason(cause)} (truncated or corrupt?)") from None
+    mismatched = sorted(saved ^ set(state["model"]))
+    if mismatched:
+        key = mismatched[0]
         raise RopeliteError(f"{folder}: {'unexpected' if key in saved else 'missing'} tensor {key}")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
@@ -257,7 +258,12 @@ def load_trainer_state(checkpoint: Path) -> dict:
     try:
         return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
-        raise RopeliteError(f"cannot read {checkpoint / TRAINER_STATE}: {str(e).splitlines()[0]}") from None
+        raise RopeliteError(f"cannot read {checkpoint / TRAINER_STATE}: {_reason(e)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it says nothing (an EOFError of a truncated file)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def trained_record(config: LlamaConfig, *, length: int, sequences_per_step: int, step: int, steps: int, lr: float,

@@ -80,12 +80,14 @@ def script_command(line: str) -> tuple[str, list[str], int] | None:
     if len(words) < 2 or words[0] not in ("python", "torchrun") or words[1] == "-m":
         return None
     processes = 1
-    if words[0] == "torchrun":
-        while words[1].startswith("--"):
-            if words[1] == "--nproc_per_node":
-                processes = int(words[2])
-            words = words[:1] + words[3:]
-    return (words[1], words[2:], processes) if words[1].endswith(".py") else None
+    if words[0] == "torchrun":  # its own options, up to the script: --standalone, --opt value, --opt=value
+        while len(words) > 1 and words[1].startswith("--"):
+            option, _, given = words[1].partition("=")
+            taken = 1 if given or option == "--standalone" else 2
+            if option in ("--nproc_per_node", "--nproc-per-node"):
+                processes = int(given or words[2])
+            words = words[:1] + words[1 + taken:]
+    return (words[1], words[2:], processes) if len(words) > 1 and words[1].endswith(".py") else None
 
 
 def commands() -> list[tuple[str, str, list[str], int]]:
@@ -106,6 +108,8 @@ def value(argv: list[str], flag: str) -> str | None:
 
 def level(script: str, argv: list[str], processes: int) -> str:
     """run, plan or parse (module docstring)."""
+    if {"--help", "-h"} & set(argv):
+        return "parse"
     if script == "train.py":
         if "--resume" in argv:
             return "parse"
@@ -162,6 +166,9 @@ def parse(script: str, argv: list[str], monkeypatch):
         module.main(argv) if inspect.signature(module.main).parameters else module.main()
     except Parsed as parsed:
         return parsed.namespace
+    except SystemExit as done:  # --help, --version
+        assert done.code == 0, f"{script} exited with {done.code}"
+        return None
     raise AssertionError(f"{script}'s main() returned without parsing its flags")
 
 

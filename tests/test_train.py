@@ -297,7 +297,7 @@ def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
     # ... and killed mid-save, between the save's two renames: the previous checkpoint is the one to use
     (cut / "checkpoint").rename(cut / ".checkpoint.old")
     (cut / ".checkpoint.tmp").mkdir()
-    (cut / ".checkpoint.tmp" / "model.safetensors").write_bytes(b"half a file")
+    (cut / ".checkpoint.tmp" / "__0_0.distcp").write_bytes(b"half a file")
     train.main(args + ["--out", str(cut), "--resume", "--stop-after", "1"])
     train.main(["--resume", "--out", str(cut), "--quiet"])   # every other flag from the checkpoint (issue 17.2)
 
