@@ -39,10 +39,11 @@ from .cli import DTYPES, check, token_bar, torch_device
 from .data import PackedSequences, load_documents, pack_documents
 from .errors import RopeliteError
 from .hf import config_to_hf, load_model, read_config
-from .io import append_jsonl, lock_out, truncate_jsonl, write_json
+from .io import append_jsonl, lock_out, read_jsonl, truncate_jsonl, write_json, write_summary
 from .model import Llama, LlamaConfig, attention_kernel_note
 from .parallel import compile_blocks, lean_weights, make_optimizer, set_learning_rate, shard, sync_on_last_micro_batch
 from .rope import VARIANTS, RopeConfig
+from .stats import Interval, bootstrap_mean, compare
 from .tokenizer import ByteTokenizer, first_id, load_tokenizer
 from .training import (LossFn, accumulate_gradients, checkpoint_state, clip_gradients, commit_checkpoint,
                        evaluate_nll, export_model, fresh_checkpoint_folder, latest_checkpoint, learning_rate,
@@ -507,24 +508,47 @@ def export(run: TrainingRun, model: Llama, step: int, dist: Dist) -> None:
 
 
 def evaluate(run: TrainingRun, model: Llama, step: int, dist: Dist) -> None:
-    """Mean next-token NLL of the held-out sequences with the current weights, appended to eval.jsonl; a bar
-    counts the tokens scored (all ranks')."""
+    """Mean next-token NLL of the held-out sequences with the current weights, with a bootstrap 95 % interval over
+    the sequences, appended to eval.jsonl; a bar counts the tokens scored (all ranks')."""
     tokens = len(run.held_out) * dist.world * run.args.len
     bar = token_bar(tokens, f"eval at step {step}") if dist.main and not run.args.quiet else None
     try:
-        nll = evaluate_nll(model, run.held_out, run.dtype,
-                           progress=None if bar is None else lambda n: bar.update(n * dist.world))
+        sums = evaluate_nll(model, run.held_out, run.dtype,
+                            progress=None if bar is None else lambda n: bar.update(n * dist.world))
     finally:
         if bar is not None:
             bar.close()
-    if dist.mesh is not None:
-        torch.distributed.all_reduce(nll)
-    sequences = len(run.held_out) * dist.world
-    loss = nll.item() / (sequences * (run.args.len - 1))
+    if dist.mesh is not None:  # every rank's sequences, for the interval over all of them
+        parts = [torch.empty_like(sums) for _ in range(dist.world)]
+        torch.distributed.all_gather(parts, sums)
+        sums = torch.cat(parts)
+    loss = bootstrap_mean((sums / (run.args.len - 1)).cpu().numpy())   # per sequence: each has len - 1 targets
+    ppl = bootstrap_mean((sums / (run.args.len - 1)).cpu().numpy(), transform=math.exp)
     if dist.main:
-        append_jsonl(run.out / EVAL_LOG, {"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss),
-                                          "eval_tokens": sequences * run.args.len, "tokens": step * run.step_tokens})
-    dist.say(f"eval at step {step}: held-out loss {loss:.4f} (ppl {math.exp(loss):.3f})")
+        append_jsonl(run.out / EVAL_LOG, {"step": step, **loss.fields("eval_loss"), **ppl.fields("eval_ppl"),
+                                          "eval_tokens": len(sums) * run.args.len, "tokens": step * run.step_tokens})
+    dist.say(f"eval at step {step}: held-out loss {loss.text('.4f')} sequences (ppl {ppl.estimate:.3f})")
+
+
+def write_eval_summary(run: TrainingRun) -> None:
+    """train_summary.json: the held-out loss before the first step and at the last evaluation, with intervals
+    over the held-out sequences, and whether they separate."""
+    rows = read_jsonl(run.out / EVAL_LOG)
+    if len(rows) < 2:
+        return
+    first, last = (Interval(r["eval_loss"], r.get("eval_loss_low"), r.get("eval_loss_high"), r["eval_loss_n"],
+                            "bootstrap") for r in (rows[0], rows[-1]))
+    verdict = {"lower": "lower, the intervals separate", "higher": "higher, the intervals separate",
+               "overlap": "the intervals overlap: the data cannot tell", "unknown": "too few sequences for an interval"}
+    a = run.args
+    line = (f"held-out loss {first.text('.3f')} at step {rows[0]['step']} -> {last.text('.3f')} at step "
+            f"{rows[-1]['step']} (n = held-out sequences of {a.len} tokens; {run.config.rope.describe()} at len "
+            f"{a.len}, {rows[-1]['tokens']:,} training tokens): {verdict[compare(last, first)]}")
+    write_summary(run.out, "train", "Finetuning with the extended RoPE: held-out loss",
+                  "the seed paper finetunes every extension (YaRN's recipe) before measuring it: a finetune should "
+                  "lower the held-out loss of the model under its new RoPE", [line],
+                  {"first": first.fields("eval_loss"), "last": last.fields("eval_loss"), "len": a.len,
+                   "rope": run.config.rope.describe(), "steps": rows[-1]["step"]})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -751,6 +775,8 @@ def train_process(args: argparse.Namespace, dist: Dist, given: set[str] = frozen
         truncate_jsonl(run.out / EVAL_LOG, start if start else -1)
     done = fit(run, model, optimizer, start, dist)
     export(run, model, done, dist)
+    if dist.main and done == run.steps:
+        write_eval_summary(run)
     dist.say(f"train: {run.out} holds step {done} of {run.steps}" +
              ("" if done == run.steps else "; continue with --resume"))
     return run.out

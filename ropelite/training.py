@@ -120,18 +120,19 @@ def accumulate_gradients(model: Llama, micro_batches: list[tuple[torch.Tensor, .
 @torch.no_grad()
 def evaluate_nll(model: Llama, batches: list[torch.Tensor], dtype: torch.dtype = torch.float32,
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Summed next-token NLL (float64) of (m, len) batches in eval mode, the training mode restored after;
+    """Next-token NLL summed over each of the (m, len) batches (float64, shape (len(batches),)), in eval mode, the
+    training mode restored after; per batch, so that a held-out loss can carry an interval over its sequences.
     ``progress(tokens)`` after each batch."""
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=batches[0].device)
-    for ids in batches:
+    sums = torch.zeros(len(batches), dtype=torch.float64, device=batches[0].device)
+    for i, ids in enumerate(batches):
         with autocast(ids.device, dtype):
-            total += model.nll(ids)[0].double()
+            sums[i] = model.nll(ids)[0].double()
         if progress is not None:
             progress(ids.numel())
     model.train(was_training)
-    return total
+    return sums
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:

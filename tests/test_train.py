@@ -23,6 +23,7 @@ import train  # noqa: E402
 from ropelite import trainer  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.hf import load_model, save_model, trained_length
+from ropelite.io import read_summaries  # noqa: E402
 from ropelite.model import Llama, LlamaConfig
 from ropelite.rope import RopeConfig  # noqa: E402
 from ropelite.data import PackedSequences, pack_documents  # noqa: E402
@@ -414,6 +415,14 @@ def test_loss_goes_down_on_learnable_text(tmp_path):
     assert [r["step"] for r in held_out] == [0, 10, 20] and held_out[0]["eval_tokens"] == 128
     assert held_out[0]["eval_loss"] == pytest.approx(np.log(257), abs=0.05)
     assert held_out[-1]["eval_loss"] < held_out[0]["eval_loss"] - 1.0
+    # 4 held-out sequences of 32: each loss has its interval over them, and the ppl is the loss's exp
+    for r in held_out:
+        assert r["eval_loss_n"] == 4 and r["eval_loss_low"] <= r["eval_loss"] <= r["eval_loss_high"]
+        assert r["eval_ppl"] == pytest.approx(np.exp(r["eval_loss"]))
+        assert r["eval_ppl_low"] == pytest.approx(np.exp(r["eval_loss_low"]))
+    summary, = read_summaries(out)
+    assert summary["results"] == "train" and summary["numbers"]["steps"] == 20
+    assert "lower, the intervals separate" in summary["finding"][0]
 
 
 @pytest.mark.slow
