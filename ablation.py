@@ -14,14 +14,16 @@ mini (no short-context LLaMa exists offline, so it trains its own; ropelite.abla
      (8L takes 1/8 the sequences per step; same steps, learning-rate schedule and data seed);
   3. every model (pretrained, the two training-free extensions, the four finetunes) on the same held-out text:
      perplexity at L..16L (truncate protocol, and the last L tokens of each length), the last query's attention
-     entropy, and needle.py's passkey grid (same keys for every model) with Algorithm 1's entropy per cell;
+     entropy, and needle.py's passkey grid (its cells, ropelite.haystack; same keys for every model) with
+     Algorithm 1's entropy per cell;
   4. ablation.json / .csv, passkey.csv, heatmaps (dashed line at each model's own training length), the
-     perplexity and entropy figures, and section.md (tables, sanity checks, the finding as measured).
+     perplexity and entropy figures, section.md (tables, sanity checks) and ablation_summary.json (the finding
+     as measured, per length past 2L, beside the paper's claim).
 paper: the same pipeline with the project's scripts (train.py, eval_ppl.py, needle.py) on SmolLM2: NTK base
   1e5 -> 1e6 and YaRN x4, finetunes at 8K and 32K with 20M tokens each, passkey and needle grids to 64K.
 
 Each stage writes its folder or file atomically, and a rerun with the same --out skips what is finished (a
-trained model folder is never retrained; needle.py resumes its cells).
+trained model folder is never retrained; a model's passkey grid goes on from its first cell not done).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ import torch
 
 from ropelite import ablation as lib
 from ropelite.cli import ArgumentParser, check, run_script, token_bar
-from ropelite.hf import config_to_hf, load_model, save_model, trained_length
-from ropelite.haystack import draw_heatmaps
-from ropelite.io import lock_out, markdown_table, pivot, pyplot, save_figure, write_csv, write_json, write_results
+from ropelite.hf import load_model, save_model, trained_length
+from ropelite.haystack import MAX_NEW_TOKENS, draw_heatmaps, passkey_cell, passkey_haystack, passkeys
+from ropelite.io import (lock_out, markdown_table, pivot, pyplot, read_rows, read_summaries, save_figure, write_csv,
+                         write_json, write_results, write_summary)
 from ropelite.model import LlamaConfig
 from ropelite.rope import RopeConfig
+from ropelite.stats import compare, wilson
 from ropelite.tokenizer import Tokenizer, load_tokenizer
 from ropelite.training import latest_checkpoint, random_model
 
@@ -137,20 +141,16 @@ def train_with_bar(model, rows: lib.MixedRows, recipe: lib.Recipe, desc: str) ->
     return log
 
 
-def save_trained(model, folder: Path, tokenizer_from: Path, log: list[dict], recipe: lib.Recipe, clock: Clock,
+def save_trained(model, folder: Path, tokenizer_from: Path, log: list[dict], record: dict, clock: Clock,
                  extra: dict | None = None) -> None:
-    """A model folder that ropelite and transformers load: weights, config.json whose ``ropelite`` record says
-    the RoPE and the length and tokens it was trained with, the tokenizer, log.jsonl and timing.json."""
-    record = {**config_to_hf(model.config)["ropelite"],
-              "trained": {"len": recipe.length, "steps": recipe.steps, "sequences_per_step": recipe.sequences,
-                          "tokens": recipe.tokens, "lr": recipe.lr, "schedule": recipe.schedule,
-                          "data_seed": recipe.seed, "mix": dataclasses.asdict(recipe.mix)}}
+    """A model folder that ropelite and transformers load: weights, config.json with the ``ropelite`` ``record``
+    (the RoPE, and how it was trained: ``Recipe.record``), the tokenizer, log.jsonl and timing.json."""
     save_model(model, folder, extra_config={"ropelite": record})
     if tokenizer_from != folder:
         for name in ("tokenizer.model", "tokenizer_config.json"):
             shutil.copy(tokenizer_from / name, folder / name)
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    write_json(folder / "timing.json", {**clock.read(), "tokens": recipe.tokens, **(extra or {})})
+    write_json(folder / "timing.json", {**clock.read(), "tokens": record["trained"]["tokens"], **(extra or {})})
 
 
 def pretrain(out: Path, cfg: Mini, train_docs: list[str]) -> None:
@@ -171,7 +171,8 @@ def pretrain(out: Path, cfg: Mini, train_docs: list[str]) -> None:
         model = random_model(config, cfg.pretrain.seed)
         rows = lib.MixedRows(stream, lib.PasskeyDocuments(tok, cfg.L), cfg.L, cfg.pretrain.mix, cfg.pretrain.seed)
         log = train_with_bar(model, rows, cfg.pretrain, f"pretrain L={cfg.L}")
-        save_trained(model, tmp, tmp, log, cfg.pretrain, clock,
+        record = cfg.pretrain.record(model.config, "random", None, {"builtin": list(cfg.kinds)})
+        save_trained(model, tmp, tmp, log, record, clock,
                      {"tokenizer": tokenizer_s, "stream_tokens": int(stream.size),
                       "parameters": sum(p.numel() for p in model.parameters())})
 
@@ -191,33 +192,48 @@ def finetune(out: Path, cfg: Mini, name: str, tok: Tokenizer, stream: np.ndarray
         rows = lib.MixedRows(stream, lib.PasskeyDocuments(tok, recipe.length), recipe.length, recipe.mix,
                              recipe.seed)
         log = train_with_bar(model, rows, recipe, f"{name} ({rope} x{cfg.factor:g}, len {recipe.length})")
-        save_trained(model, tmp, out / "pretrained", log, recipe, clock)
+        record = recipe.record(model.config, "pretrained", str(out / "pretrained"), {"builtin": list(cfg.kinds)})
+        save_trained(model, tmp, out / "pretrained", log, record, clock)
+
+
+PASSKEY_SEED = 0  # the keys' seed: every model answers the same keys
 
 
 def evaluate(out: Path, cfg: Mini, name: str, docs: list[np.ndarray]) -> dict:
     """eval/NAME.json: perplexities and last-query entropy per length on ``docs`` (the held-out windows, in the
-    pretrained tokenizer that every model shares); the passkey grid via needle.py."""
-    path = out / "eval" / f"{name}.json"
+    pretrained tokenizer that every model shares); passkey/NAME/passkey.json: the passkey grid, ropelite.haystack's
+    cells (needle.py's prompt, scorer and Algorithm 1 entropy), written after every cell, so a rerun goes on from
+    the first cell not done."""
+    path, passkey_out = out / "eval" / f"{name}.json", out / "passkey" / name
     folder, rope, label = MODELS[name]
-    argv = ["--model", str(out / folder), *(["--rope", rope, "--factor", f"{cfg.factor:g}"] if rope else [])]
+    cells = read_rows(passkey_out, "passkey", keys=("length", "depth"))
+    done = {(c["length"], c["depth"]) for c in cells}
+    todo = [(n, d) for n in cfg.passkey_lengths for d in cfg.depths if (n, d) not in done]
+    if path.is_file() and not todo:
+        return json.loads(path.read_text())
+    clock = Clock()
+    model = load_model(out / folder, rope=rope, factor=cfg.factor if rope else None)
     if not path.is_file():
-        clock = Clock()
-        model = load_model(out / folder, rope=rope, factor=cfg.factor if rope else None)
         rows = lib.language_model_rows(model, docs, cfg.lengths, cfg.L)
         write_json(path, {"name": name, "label": label, "rope": model.config.rope.describe(), "docs": len(docs),
                           "rows": rows, "timing": clock.read()})
-    passkey_out = out / "passkey" / name
-    if not (passkey_out / "done").is_file():
-        import needle  # the project's needle.py: its prompt, scorer, Algorithm 1 entropy and resume
-        with contextlib.redirect_stdout(sys.stderr):  # its text grid: the report shows ours
-            needle.main([*argv, "--task", "passkey", "--no-chat", "--lengths", *map(str, cfg.passkey_lengths),
-                         "--depths", *map(str, cfg.depths), "--trials", str(cfg.trials), "--out", str(passkey_out)])
-        (passkey_out / "done").write_text("")
+    if todo:
+        hay = passkey_haystack(load_tokenizer(out / folder), list(cfg.passkey_lengths), MAX_NEW_TOKENS["passkey"],
+                               chat=False)
+        bar = token_bar(sum(n for n, _ in todo) * cfg.trials, f"passkey {name}")
+        for n, d in todo:
+            start = time.perf_counter()
+            cell = passkey_cell(model, hay, n, d, passkeys(PASSKEY_SEED, n, d, cfg.trials))
+            cells.append({"model": name, "rope": model.config.rope.describe(), "length": n, "depth": d, **cell,
+                          "seconds": round(time.perf_counter() - start, 2)})
+            write_results(passkey_out, "passkey", cells)
+            bar.update(n * cfg.trials)
+        bar.close()
     return json.loads(path.read_text())
 
 
 def passkey_cells(out: Path, name: str) -> list[dict]:
-    return json.loads((out / "passkey" / name / "passkey.json").read_text())
+    return read_rows(out / "passkey" / name, "passkey", keys=("length", "depth"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,24 +301,67 @@ def wide(results: dict, fmt) -> tuple[list[dict], list[str]]:
     return pivot(long, "model", "length", "value"), ["model", *map(str, lengths)]
 
 
-def finding(results: dict, passkey: dict, L: int) -> str:
-    """The paper's claim in this run's numbers, per RoPE: the 8L finetune against the L finetune and the
-    training-free extension, past 2L (mean answer entropy, pass rate) and at the longest length (perplexity of
-    the last L tokens), with which way each comparison went."""
-    parts = []
+def past_2L(rows: list[dict], L: int) -> dict:
+    """A model's passkey trials at the lengths past 2L (``rows``: lib.per_length's), pooled: trials, passed,
+    pass rate with its Wilson interval, mean answer entropy over the trials; and the per-length rows."""
+    past = [r for r in rows if r["length"] > 2 * L]
+    trials = sum(r["trials"] for r in past)
+    passed = sum(round(r["pass_rate"] * r["trials"]) for r in past)
+    return {"lengths": [r["length"] for r in past], "trials": trials, "passed": passed, "pass_rate": passed / trials,
+            "rate": wilson(passed, trials), "entropy": sum(r["entropy"] * r["trials"] for r in past) / trials,
+            "per_length": past}
+
+
+def direction(a: float, b: float) -> str:
+    return "lower than" if a < b else "higher than" if a > b else "equal to"
+
+
+def versus(long: dict, short: dict, key: str, shown) -> str:
+    """How the 8L finetune's pooled ``key`` stands to the L finetune's, and every length where it goes the other
+    way (``shown`` writes a per-length row's value), so that the pooled number hides no reversal."""
+    way = direction(long[key], short[key])
+    flips = [f"{a['length']} ({shown(a)} vs {shown(b)})" for a, b in zip(long["per_length"], short["per_length"])
+             if direction(a[key], b[key]) != way]
+    return f"the 8L finetune's is {way} the L finetune's" + (", except at " + ", ".join(flips) if flips
+                                                             else " at every length")
+
+
+INTERVALS = {"lower": "their intervals separate", "higher": "their intervals separate",
+             "overlap": "their intervals overlap: the data cannot tell them apart",
+             "unknown": "too few trials for an interval"}
+
+
+def finding(results: dict, passkey: dict, L: int) -> tuple[list[str], dict]:
+    """(finding lines, numbers): the paper's claim in this run's numbers, per RoPE, the 8L finetune against the
+    L finetune and the training-free extension over the passkey lengths past 2L (mean answer entropy; pass rate,
+    k/n trials with its Wilson 95 % interval), pooled and with every length where 8L vs L goes the other way;
+    and the perplexity of the last L tokens at the longest length."""
+    lines, numbers = [], {"L": L}
+    entropy = lambda r: f"{r['entropy']:.3f}"  # noqa: E731
+    passes = lambda r: f"{round(r['pass_rate'] * r['trials'])}/{r['trials']}"  # noqa: E731
     for rope in ("ntk", "yarn"):
         names = (f"{rope}-8L", f"{rope}-L", f"{rope}-free")
-        past = {n: [r for r in passkey[n] if r["length"] > 2 * L] for n in names}
-        entropy = [float(np.mean([r["entropy"] for r in past[n]])) for n in names]
-        passed = [float(np.mean([r["pass_rate"] for r in past[n]])) for n in names]
-        tail = [results[n]["rows"][-1]["ppl_last_L"] for n in names]
-        longest = results[names[0]]["rows"][-1]["length"]
-        parts.append(
-            f"{ROPE_NAMES[rope]} x8, 8L vs L finetune vs training-free: mean answer entropy past 2L "
-            f"{entropy[0]:.2f} / {entropy[1]:.2f} / {entropy[2]:.2f} nats ({'lower' if entropy[0] < entropy[1] else 'NOT lower'}"
-            f" after the 8L finetune), passkey pass rate past 2L {passed[0]:.2f} / {passed[1]:.2f} / {passed[2]:.2f}, "
-            f"last-L perplexity at {longest} {tail[0]:.1f} / {tail[1]:.1f} / {tail[2]:.1f}")
-    return "; ".join(parts)
+        if not any(r["length"] > 2 * L for r in passkey[names[0]]):
+            lines.append(f"{ROPE_NAMES[rope]} x8: no passkey length past 2L = {2 * L}: nothing to compare.")
+            continue
+        m = {n: past_2L(passkey[n], L) for n in names}
+        long, short = m[names[0]], m[names[1]]
+        tail = {n: results[n]["rows"][-1] for n in names}
+        who = f"{ROPE_NAMES[rope]} x8, 8L / L finetune / training-free"
+        head = f"{who}, past 2L = {2 * L} ({', '.join(map(str, long['lengths']))})"
+        entropies = " / ".join(entropy(m[n]) for n in names)
+        rates = " / ".join(f"{passes(m[n])} {m[n]['rate'].text()}" for n in names)
+        tails = " / ".join(f"{tail[n]['ppl_last_L']:.1f}" for n in names)
+        lines += [
+            f"{head}: mean answer entropy {entropies} nats (n = {long['trials']} trials each); "
+            f"{versus(long, short, 'entropy', entropy)}.",
+            f"{head}: passkey pass rate {rates}; {versus(long, short, 'pass_rate', passes)}; "
+            f"{INTERVALS[compare(long['rate'], short['rate'])]}.",
+            f"{who}: perplexity of the last L tokens at {tail[names[0]]['length']} {tails} "
+            f"(n = {results[names[0]]['docs']} documents)."]
+        numbers[rope] = {n: {**{k: v for k, v in m[n].items() if k not in ("rate", "pass_rate")},
+                             **m[n]["rate"].fields("pass_rate"), "ppl_last_L": tail[n]["ppl_last_L"]} for n in names}
+    return lines, numbers
 
 
 def flat_rows(results: dict, passkey: dict) -> list[dict]:
@@ -340,8 +399,9 @@ def report(out: Path, cfg: Mini, results: dict, baseline: list[dict]) -> None:
                 L, reference=True)
     checks = sanity(results, passkey, baseline, L)
     (out / "section.md").write_text(section(out, cfg, results, passkey, baseline, tokens, checks))
-    write_json(out / "summary.json", {"claim": PAPER_CLAIM, "finding": finding(results, passkey, L),
-                                      "sanity": checks})
+    lines, numbers = finding(results, passkey, L)
+    write_summary(out, "ablation", "Longer finetuning contexts, same tokens (Zhong et al. 2024, Figure 4 e-f)",
+                  PAPER_CLAIM, lines, {**numbers, "sanity": checks})
 
 
 def sanity(results: dict, passkey: dict, baseline: list[dict], L: int) -> dict:
@@ -374,18 +434,20 @@ def section(out: Path, cfg: Mini, results: dict, passkey: dict, baseline: list[d
         f"SwiGLU {cfg.ffn}, sentencepiece vocabulary {cfg.vocab}) pretrained from scratch at L = {L} with plain RoPE; "
         f"NTK (b s^(d/(d-2))) and YaRN at s = {cfg.factor:g}. Held-out text: {docs} documents of {16 * L} tokens "
         f"(books, prose, code never trained on). Passkey: {cfg.trials} keys x {len(cfg.depths)} depths per length, "
-        f"the same keys for every model, needle.py's plain prompt (with this tokenizer the shortest passkey document "
+        f"the same keys for every model, needle.py's plain prompt and cells, ropelite.haystack's (with this "
+        f"tokenizer the shortest passkey document "
         f"takes {shortest} tokens, so the grid starts above L/2); entropy = Algorithm 1 over the answer's tokens.\n",
         "**Sanity checks** (pretrained model): held-out perplexity at L "
         f"{s['ppl_at_L']:.1f}, against a bigram count model's {s['bigram_ppl_at_L']:.1f} and a unigram's "
         f"{s['unigram_ppl_at_L']:.1f} on the same tokens; perplexity of the last L tokens {tail}; passkey pass rate "
-        f"within L {within}, past L {past}.\n",
+        f"within L {within}, past L {past} (n = {cfg.trials * len(cfg.depths)} trials per length).\n",
         "Tokens of each training run (the finetunes' budgets are equal by construction; the test checks it):\n",
         markdown_table(tokens, ["model", "len", "sequences_per_step", "steps", "tokens", "cpu_s", "wall_s"]),
         "Perplexity, truncate protocol (the first n tokens of each document):\n", markdown_table(ppl_rows, ppl_cols),
         f"Perplexity of the last L = {L} tokens of each length (the whole prefix as context):\n",
         markdown_table(tail_rows, ppl_cols),
-        "Passkey pass rate / mean attention entropy of the answer (nats), per length over depths and trials:\n",
+        "Passkey pass rate / mean attention entropy of the answer (nats), per length over depths and trials "
+        f"(n = {cfg.trials * len(cfg.depths)} trials per cell):\n",
         markdown_table(pk_rows, pk_cols),
         "Last query's attention entropy (nats; uniform over n keys is ln n):\n", markdown_table(ent_rows, ppl_cols),
         f"Count-model floor (truncate protocol): " + ", ".join(
@@ -486,9 +548,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     clock = Clock()
     run_mini(out)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = next(s for s in read_summaries(out) if s["results"] == "ablation")
     print((out / "section.md").read_text())
-    print(f"finding: {summary['finding']}\n({clock.read()} for this run; results in {out})")
+    print("finding:\n" + "\n".join(summary["finding"]) + f"\n({clock.read()} for this run; results in {out})")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ from which Llama computes its cos/sin tables (``Llama.rope_tables``); no module 
 
 Outputs in --out (default runs/ppl): ppl.json and ppl.csv, one row per (variant, length), rewritten atomically
 after each; ppl_settings.json (what each settings id means); ppl.png, PPL vs length (log-log), one line per
-variant of this run, dashed at the training length. Running again with the same --out skips the rows already
-there with the same settings, so a killed run resumes.
+variant of this run, dashed at the training length; ppl_summary.json, this run's headline beside the seed paper's
+claim (each variant at each length with its documents, the growth past the training length, the lowest variant
+at each length past it). Running again with the same --out skips the rows already there with the same settings,
+so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_ar
 from ropelite.data import corpus_name, document_names, load_documents, tokenize_checked
 from ropelite.hf import trained_length
 from ropelite.hub import resolve_model
-from ropelite.io import lock_out, pyplot, read_rows, record_settings, save_figure, settings_id, write_results
+from ropelite.io import (lock_out, pyplot, read_rows, record_settings, save_figure, settings_id, write_results,
+                         write_summary)
 from ropelite.ppl import PROTOCOLS, check_window, choose_documents, effective_base, perplexity, sliding_windows
 
 RESULTS = "ppl"
@@ -152,6 +155,44 @@ def draw(rows: list[dict], labels: dict[str, str], train_len: int, path: Path, t
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+CLAIM = ("Zhong et al. 2024, §3 and Figure 1 (LLaMa-2-7B pretrained at 4K, each extension finetuned at 4K, "
+         "Proof-pile): \"NTK can extrapolate from 4K to 128K, whereas PI and YaRN can extrapolate to 62K\"; plain "
+         "RoPE cannot \"utilize context beyond the pretrained length\"")
+
+
+def findings(rows: list[dict], labels: dict[str, str], lengths: list[int], train_len: int) -> tuple[list[str], dict]:
+    """(finding lines, numbers) of this run's variants: every variant's perplexity at every length with the
+    documents it averages (n), then how much each grew from the longest length within the training length to the
+    longest length past it, and which variant is lowest at each length past it (so no mean hides a reversal)."""
+    cell = {(r["settings"], r["length"]): r for r in rows}
+    shown = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines, kept = [], []
+    for n in lengths:
+        here = [(labels[sid], cell[sid, n]) for sid in labels if (sid, n) in cell]
+        kept += [{"rope": label, "length": n, "ppl": r["ppl"], "nll": r["nll"], "docs": r["docs"]} for label, r in here]
+        docs = here[0][1]["docs"]
+        lines.append(f"{n} tokens{' (past the training length)' if n > train_len else ''}, n = {docs} "
+                     f"document{'s' * (docs != 1)}: " + ", ".join(f"{label} {shown(r['ppl'])}" for label, r in here)
+                     + ".")
+    inside, beyond = [n for n in lengths if n <= train_len], [n for n in lengths if n > train_len]
+    ppl = {(r["rope"], r["length"]): r["ppl"] for r in kept}
+    if inside and beyond:
+        lo, hi = inside[-1], beyond[-1]
+        grown = [f"{label} x{ppl[label, hi] / ppl[label, lo]:.2f}" for label in labels.values()
+                 if ppl.get((label, lo)) and ppl.get((label, hi)) is not None]
+        lines.append(f"Perplexity at {hi} over that at {lo}, the longest length within the training length "
+                     f"{train_len}: " + ", ".join(grown) + ".")
+    if beyond:
+        lowest = []
+        for n in beyond:
+            measured = [(v, label) for (label, m), v in ppl.items() if m == n and v is not None]
+            lowest += [f"{n}: {min(measured)[1]}"] if measured else []
+        lines.append(f"Lowest past the training length {train_len}: " + ", ".join(lowest) + ".")
+    else:
+        lines.append(f"No length past the training length {train_len}: nothing here is extrapolated.")
+    return lines, {"train_len": train_len, "rows": kept}
 
 
 def table(rows: list[dict], labels: dict[str, str], lengths: list[int]) -> str:
@@ -276,6 +317,10 @@ def main(argv=None) -> None:
     measure(model, ids, names, chosen, plan, rows, out, train_len, title)
     if not plan.todo and rows:
         draw(rows, plan.labels, train_len, out / f"{RESULTS}.png", title)
+    lines, numbers = findings(rows, plan.labels, args.lengths, train_len)
+    write_summary(out, RESULTS, f"Perplexity vs context length: {Path(args.model).name}, {args.protocol} protocol "
+                                f"on {data}", CLAIM, lines,
+                  {"model": args.model, "protocol": args.protocol, "data": data, **numbers})
     print(f"{args.protocol} perplexity ({Path(args.model).name}, {data}); results in {out}")
     print(table(rows, plan.labels, args.lengths))
 

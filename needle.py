@@ -5,7 +5,8 @@
     python needle.py --lengths 1000:131072:32 --depths 0:100:10   # the paper's grid (round(linspace(...)))
     python needle.py --task passkey --lengths 1000 2000 4000 --depths 0 50 100 --trials 5
 
-Protocol (ropelite.haystack holds it as library code). For each context length L and depth d %:
+Protocol (ropelite.haystack holds it as library code, with needle_cell and passkey_cell for one cell each). For
+each context length L and depth d %:
   1. the haystack is cut to the tokens that fit in L once the template, question, needle and --max-new-tokens
      answer tokens are counted, and cut back to a sentence end. Haystack (--haystack): --task needle takes the
      built-in books (ropelite.books) by default, --task passkey the filler "The grass is green. ..." repeated;
@@ -29,7 +30,9 @@ Protocol (ropelite.haystack holds it as library code). For each context length L
      averaged over heads, then layers, then generated tokens (then trials). Per-layer means are kept too.
 
 Outputs in --out (default runs/needle): TASK.json and TASK.csv (TASK = needle or passkey; one row per cell,
-rewritten atomically after every cell), TASK_settings.json (what each settings id means) and
+rewritten atomically after every cell), TASK_settings.json (what each settings id means), TASK_summary.json (this
+run's grid in a few lines beside the literature's claim: trials passed with 95 % Wilson intervals, overall, on
+each side of the training length and per length, and the entropy of passing against failing trials) and
 TASK_<rope>_<id>.png, the heatmap (x = length, y = depth; needle: blue = pass, orange = fail; passkey: pass
 rate on a blue-orange scale; grey = not run; mean entropy in nats in each cell; dashed line at the training
 length: --train-len, else the length a ropelite-finetuned model records in its config.json, else the RoPE's
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import re
 import sys
 import time
@@ -50,90 +52,27 @@ from pathlib import Path
 
 import numpy as np
 
-from ropelite import books
-from ropelite.attention import answer_with_entropy
 from ropelite.cli import (GRID_HELP, ArgumentParser, add_model_args, check, check_factor, load_for, parse_grid,
                           rope_overrides, run_script, token_bar)
-from ropelite.data import KINDS, load_documents
-from ropelite.haystack import (ANSWER_PREFIX, FILLER, NEEDLE, NEEDLE_TEMPLATE, PASSKEY_LINE, PASSKEY_PREFIX,
-                               PASSKEY_QUESTION, PASSKEY_TEMPLATE, QUESTION, STOP_WORDS, answer_words, build_haystack,
-                               draw_heatmaps, filler_ids, first_integer, haystack_ids, passkeys, recall, text_grid,
-                               used_pieces)
+from ropelite.data import KINDS
+from ropelite.haystack import (ANSWER_PREFIX, DEFAULT_HAYSTACK, FILLER, MAX_NEW_TOKENS, NEEDLE, NEEDLE_TEMPLATE,
+                               PASSKEY_LINE, PASSKEY_PREFIX, PASSKEY_QUESTION, PASSKEY_TEMPLATE, QUESTION, STOP_WORDS,
+                               TASKS, answer_words, build_haystack, draw_heatmaps, grid_findings, haystack_maker,
+                               needle_cell, passkey_cell, passkey_haystack, passkeys, text_grid)
 from ropelite.hf import read_config, trained_length
 from ropelite.hub import resolve_model
-from ropelite.io import lock_out, read_rows, record_settings, settings_id, write_results
+from ropelite.io import lock_out, read_rows, record_settings, settings_id, write_results, write_summary
 
-TASKS = ("needle", "passkey")
-MAX_NEW_TOKENS = {"needle": 32, "passkey": 10}
 NEEDLE_ONLY = ("needle", "question", "answer_prefix", "answer", "pass_recall")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The haystack's documents
-# ----------------------------------------------------------------------------------------------------------------
-
-def haystack_documents(spec: list[str]) -> tuple[list, list[str], str]:
-    """(documents, their names, the corpus's name) for --haystack: one built-in corpus by name (books, prose, code,
-    mixed), or files and folders, each document named by its path ('path[i]' when the path holds several)."""
-    if len(spec) == 1 and spec[0] in KINDS:
-        kind = spec[0]
-        if kind == "books":
-            names, docs = zip(*books.documents())
-            return list(docs), list(names), books.CORPUS
-        docs = load_documents(None, kind)
-        return docs, [f"{kind}[{i}]" for i in range(len(docs))], kind
-    docs, names = [], []
-    for item in spec:
-        found = load_documents([item])
-        docs += found
-        names += [item] if len(found) == 1 else [f"{item}[{i}]" for i in range(len(found))]
-    return docs, names, "files"
-
-
-def haystack_maker(args, tokenizer, vocab_size: int):
-    """(make(need) -> (ids, pieces), corpus name) for this run's haystack."""
-    spec = args.haystack or (["books"] if args.task == "needle" else ["filler"])
-    if spec == ["filler"]:
-        return functools.partial(filler_ids, tokenizer), "filler"
-    docs, names, corpus = haystack_documents(spec)
-    return functools.partial(haystack_ids, docs, names, tokenizer, vocab_size), corpus
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One cell of each task
-# ----------------------------------------------------------------------------------------------------------------
-
-def needle_cell(args, hay, tokenizer, model, n: int, d: float, expected: list[str]) -> dict:
-    ids, needle_at, context, pos = hay.prompt(n, d, args.needle)
-    answer_ids, per_layer = answer_with_entropy(model, ids, args.max_new_tokens, tokenizer.eos_id)
-    answer = tokenizer.decode(answer_ids)
-    score = recall(answer, expected)
-    return {"tokens": len(ids), "context_tokens": context, "haystack": used_pieces(hay.pieces, context),
-            "needle_position": needle_at, "needle_depth": round(100 * pos / max(context, 1), 2), "answer": answer,
-            "score": round(score, 4), "pass": score >= args.pass_recall, "trials": 1,
-            "pass_rate": float(score >= args.pass_recall), "entropy": float(np.mean(per_layer)),
-            "entropy_per_layer": per_layer, "generated": len(answer_ids)}
-
-
-def passkey_cell(args, hay, tokenizer, model, n: int, d: float) -> dict:
-    keys = passkeys(args.seed, n, d, args.trials)
-    trials = []
-    for key in keys:
-        ids, key_at, context, pos = hay.prompt(n, d, PASSKEY_LINE.format(key=key))
-        answer_ids, per_layer = answer_with_entropy(model, ids, args.max_new_tokens, tokenizer.eos_id)
-        answer = tokenizer.decode(answer_ids)
-        trials.append({"tokens": len(ids), "context": context, "key_position": key_at,
-                       "key_depth": round(100 * pos / max(context, 1), 2), "answer": answer,
-                       "found": first_integer(answer), "per_layer": per_layer, "generated": len(answer_ids)})
-    column = lambda name: [t[name] for t in trials]  # noqa: E731
-    passed = sum(t["found"] == key for t, key in zip(trials, keys))
-    return {"tokens": column("tokens"), "context_tokens": column("context"),
-            "haystack": used_pieces(hay.pieces, max(column("context"))), "keys": keys,
-            "key_position": column("key_position"), "key_depth": column("key_depth"), "answers": column("answer"),
-            "found": column("found"), "passed": passed, "trials": len(keys), "pass_rate": passed / len(keys),
-            "entropy": float(np.mean([np.mean(t["per_layer"]) for t in trials])),
-            "entropy_trials": [float(np.mean(t["per_layer"])) for t in trials],
-            "entropy_per_layer": np.mean(column("per_layer"), axis=0).tolist(), "generated": column("generated")}
+CLAIMS = {  # what the literature says each grid shows, beside which the summary puts the measured numbers
+    "needle": ("Zhong et al. 2024, §4 and Figure 4: RoPE extensions pass more needle tests than RoPE, but \"as the "
+               "context length increases, some tests fail ... Eventually, almost all fail in extremely long "
+               "contexts\"; \"the locations of needle retrieval errors often coincide with high attention "
+               "entropy\""),
+    "passkey": ("landmark attention, YaRN and LongLoRA: an extended model retrieves the pass key across the context "
+                "it was extended to; Zhong et al. 2024 (Figure 4) tie retrieval failures to high attention entropy"),
+}
+TITLES = {"needle": "Needle in a haystack", "passkey": "Passkey retrieval"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,11 +159,14 @@ def main(argv=None) -> None:
     chat = getattr(tokenizer, "chat_template", None) is not None if args.chat is None else args.chat
     train_len, train_from = ((args.train_len, "--train-len") if args.train_len else
                              (trained_length(path), "the model's config.json"))
-    make, corpus = haystack_maker(args, tokenizer, model.config.vocab_size)
-    template = NEEDLE_TEMPLATE if args.task == "needle" else PASSKEY_TEMPLATE
-    hay = build_haystack(make, tokenizer, lengths, template, args.question, args.answer_prefix,
-                         PASSKEY_LINE.format(key=10_000) if args.task == "passkey" else args.needle,
-                         args.max_new_tokens, chat)
+    make, corpus = haystack_maker(args.haystack or DEFAULT_HAYSTACK[args.task], tokenizer, model.config.vocab_size)
+    if args.task == "needle":
+        template = NEEDLE_TEMPLATE
+        hay = build_haystack(make, tokenizer, lengths, template, args.question, args.answer_prefix, args.needle,
+                             args.max_new_tokens, chat)
+    else:
+        template = PASSKEY_TEMPLATE
+        hay = passkey_haystack(tokenizer, lengths, args.max_new_tokens, chat, make)
 
     settings = {"task": args.task, "model": args.model, "rope": dataclasses.asdict(rope), "dtype": args.dtype,
                 "haystack": args.haystack or corpus, "corpus": corpus, "chat": chat, "template": template,
@@ -256,8 +198,8 @@ def main(argv=None) -> None:
     bar = token_bar(sum(n for n, _ in todo) * trials, f"{args.task} {label}")
     for n, d in todo:
         start = time.perf_counter()
-        cell = (needle_cell(args, hay, tokenizer, model, n, d, expected) if args.task == "needle" else
-                passkey_cell(args, hay, tokenizer, model, n, d))
+        cell = (needle_cell(model, hay, n, d, args.needle, expected, args.pass_recall) if args.task == "needle" else
+                passkey_cell(model, hay, n, d, passkeys(args.seed, n, d, args.trials)))
         rows.append({"settings": sid, "task": args.task, "model": args.model, "rope": label, "chat": chat,
                      "corpus": corpus, "train_len": train_len, "length": n, "depth": d, **cell,
                      "seconds": round(time.perf_counter() - start, 2)})
@@ -269,6 +211,10 @@ def main(argv=None) -> None:
     mine = [r for r in rows if r["settings"] == sid and (r["length"], r["depth"]) in set(cells)]
     if not todo:
         plot(rows)
+    findings, numbers = grid_findings(mine, lengths, train_len)
+    write_summary(out, name, f"{TITLES[args.task]}, {Path(args.model).name} {label}{'' if chat else ', plain prompt'}",
+                  CLAIMS[args.task], findings,
+                  {"settings": sid, "model": args.model, "rope": label, "depths": depths, **numbers})
     print(text_grid(mine, lengths, depths))
     print(f"mean pass rate {np.mean([r['pass_rate'] for r in mine]):.2f} over {len(cells)} cells; results in "
           f"{out / name}.json and .csv, heatmap {figure}")

@@ -18,7 +18,9 @@ the command that report.md prints for it):
                                     tokens, on a small LLaMa trained here (Figure 4 e-f; SmolLM2 at --scale paper)
 
 Every script resumes from its own output folder, so a killed paper.py continues where it stopped when run
-again with the same --out. The report is rewritten after every piece.
+again with the same --out. The report is rewritten after every piece. It opens with each finding as the script
+that measured it states it (the NAME_summary.json files in a piece's folder: title, the paper's claim, the
+measured lines), so the summary knows none of the scripts' result keys.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from pathlib import Path
 
 from ropelite.cli import ArgumentParser, run_script
 from ropelite.errors import RopeliteError
-from ropelite.io import atomic_path, lock_out, markdown_table, pivot, read_jsonl, write_json
+from ropelite.io import (SUMMARY_SUFFIX, atomic_path, lock_out, markdown_table, pivot, read_jsonl, read_summaries,
+                         write_json)
 from ropelite.training import latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -116,8 +119,10 @@ def out_folder(step: dict) -> Path:
 
 
 def fingerprint(folder: Path) -> str | None:
-    """A hash of a piece's results (JSON, JSONL, CSV), to tell a rerun that added nothing from one that did."""
-    files = sorted(f for pattern in ("*.json", "*.jsonl", "*.csv") for f in folder.glob(pattern))
+    """A hash of a piece's results (JSON, JSONL, CSV), to tell a rerun that added nothing from one that did. The
+    summaries are left out: they are made from the results, so a rerun that only rewrote one measured nothing."""
+    files = sorted(f for pattern in ("*.json", "*.jsonl", "*.csv") for f in folder.glob(pattern)
+                   if not f.name.endswith(SUMMARY_SUFFIX))
     if not files:
         return None
     h = hashlib.sha256()
@@ -191,46 +196,19 @@ def piece_section(out: Path, step: dict, piece: dict | None) -> str:
 
 
 def summary(steps: list[dict]) -> list[str]:
-    """One line per finding: what it looks like in this run's numbers, beside what the paper claims."""
+    """Each finding as the script that measured it wrote it (``write_summary``, one ``*_summary.json`` per results
+    file in a piece's folder): its title, the paper's claim, and the measured lines, each number with its n."""
     lines = []
     for step in steps:
-        folder, key = out_folder(step), step["key"]
-        if key == "ppl" and (rows := [r for r in json_rows(folder / "ppl.json") if r.get("ppl")]):
-            top = max(r["length"] for r in rows)
-            at = {r["label"]: r["ppl"] for r in rows if r["length"] == top}
-            docs = max(r["docs"] for r in rows if r["length"] == top)
-            lines.append(f"- **Perplexity past the training length** (paper, Fig. 1: plain RoPE fails past L, NTK "
-                         f"and YaRN hold): at {top} tokens " + ", ".join(f"{k} {v:.2f}" for k, v in at.items())
-                         + f" ({docs} document(s), training-free).")
-        elif key == "attention" and (rows := json_rows(folder / "attention.json")):
-            by_length = {}
-            for r in rows:
-                by_length.setdefault(r["length"], []).append(f"{r['rope']} {r['js_mean_nats']:.4f}")
-            samples = min(r["samples"] for r in rows)
-            lines.append("- **Attention shift inside the pretrained length** (paper, Table 1: PI moves attention, "
-                         "NTK and YaRN barely do): JS of mean distributions vs plain RoPE, nats: "
-                         + "; ".join(f"L={L}: " + ", ".join(v) for L, v in by_length.items())
-                         + f" ({samples} samples per length; the paper's 10).")
-        elif key.startswith("needle") and (rows := json_rows(folder / "needle.json")):
-            passed = sum(r["pass_rate"] == 1 for r in rows)
-            entropy = {p: [r["entropy"] for r in rows if (r["pass_rate"] == 1) == p] for p in (True, False)}
-            mean = {p: f"{sum(v) / len(v):.2f}" if v else "-" for p, v in entropy.items()}
-            lines.append(f"- **Needle, {rows[0]['rope']}** (paper, Fig. 4: failures go with high attention "
-                         f"entropy): {passed}/{len(rows)} cells pass; mean entropy {mean[True]} nats where they "
-                         f"pass, {mean[False]} where they fail.")
-        elif key == "ablation" and (folder / "summary.json").is_file():
-            found = json.loads((folder / "summary.json").read_text())
-            lines.append(f"- **Longer finetuning contexts, same tokens** (paper, §4.3: {found['claim']}): as "
-                         f"measured here, {found['finding']}.")
-        elif key == "bound" and (rows := json_rows(folder / "bound.json")):
-            off = [r for r in rows if r.get("paper_base") and r.get("paper_base_reaches") is False]
-            lines.append(f"- **Men et al.'s bound**: {len(rows)} lengths; the paper's printed base fails its own "
-                         f"criterion at {len(off)} of them (table below, with the context each reaches).")
+        folder = out_folder(step)
+        for found in read_summaries(folder) if folder.is_dir() else []:
+            lines += [f"### {found['title']}", "", f"Paper: {found['claim']}", "", "Measured here:", "",
+                      *[f"- {line}" for line in found["finding"]], ""]
     if lines:
-        lines += ["", "Caveats: everything but the train and ablation pieces is training-free (the paper finetunes); \"ntk x4\" is "
-                  "the NTK-aware base b s^(d/(d-2)), \"ntk base B\" a fixed new base as the paper's 1e4 -> 1e6; "
-                  "the mini run uses few documents and samples (counts above), so differences in the second "
-                  "decimal are within noise."]
+        lines += ["Caveats: everything but the train and ablation pieces is training-free (the paper finetunes); "
+                  "\"ntk x4\" is the NTK-aware base b s^(d/(d-2)), \"ntk base B\" a fixed new base as the paper's "
+                  "1e4 -> 1e6; the mini run uses few documents and samples: read each number with its n, and with its "
+                  "95 % interval where one is given."]
     return lines
 
 

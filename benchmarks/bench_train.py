@@ -10,8 +10,9 @@ the measured memory; and (--vs-transformers) one training step side by side with
 
 Each (len, checkpointing) configuration runs in a fresh Python subprocess, so that its peak resident memory
 (VmHWM, see measure.py) is its own. The subprocess builds a random model and AdamW exactly as train.py does
-(ropelite.training), notes its resident memory, then runs --steps optimizer steps of one sequence of --len
-tokens (fp32, the CPU recipe), then one more step with its live tensors counted (measure.live_tensor_peak). Reported:
+(ropelite.training, ropelite.parallel), notes its resident memory, then runs --steps of train.py's optimizer
+steps (ropelite.trainer) on one sequence of --len tokens (fp32, the CPU recipe), then one more step with its live
+tensors counted (measure.live_tensor_peak). Reported:
 - tokens/s of the fastest step after the first (warm-up; the CPU is shared, the minimum is the least disturbed),
   and that step's CPU time (all threads; other processes on a shared CPU do not inflate it, so the cost of
   checkpointing is read from it);
@@ -80,18 +81,17 @@ def child(spec: dict) -> dict:
     """One configuration, in this (fresh) process."""
     import torch
 
-    from ropelite.training import accumulate_gradients, clip_gradients, random_model
+    from ropelite.parallel import make_optimizer
+    from ropelite.trainer import optimizer_step as trainer_step
+    from ropelite.training import random_model
     config = LlamaConfig(**{**spec["config"], "rope": RopeConfig(**spec["config"]["rope"])})
     model = random_model(config, seed=0).train()
     model.gradient_checkpointing = spec["grad_ckpt"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, 1e-4, (0.9, 0.95), 0.0, torch.device("cpu"))
     ids = torch.randint(0, config.vocab_size, (spec["steps"], 1, spec["len"]))
     before = rss_mb()
-    def optimizer_step(x: torch.Tensor) -> None:
-        accumulate_gradients(model, [x], n_predicted=spec["len"] - 1)
-        clip_gradients(model, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def optimizer_step(x: torch.Tensor) -> None:  # train.py's step: accumulate, clip at 1, AdamW
+        trainer_step(model, optimizer, [(x,)], 1e-4, n_predicted=spec["len"] - 1, clip=1.0)
 
     times, cpu_times = [], []
     for step in range(spec["steps"]):

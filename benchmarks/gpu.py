@@ -67,10 +67,11 @@ from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.hf import config_to_hf  # noqa: E402
 from ropelite.io import atomic_path, write_json  # noqa: E402
 from ropelite.model import Attention, LlamaConfig, choose_kernel, generate  # noqa: E402
-from ropelite.parallel import LEAN_PACKAGE, lean_weights, make_optimizer, shard, sync_on_last_micro_batch  # noqa: E402
+from ropelite.parallel import LEAN_PACKAGE, lean_weights, make_optimizer, shard  # noqa: E402
 from ropelite.presets import preset  # noqa: E402
 from ropelite.stats import entropy  # noqa: E402
-from ropelite.training import accumulate_gradients, autocast, clip_gradients, random_model  # noqa: E402
+from ropelite.trainer import optimizer_step  # noqa: E402
+from ropelite.training import autocast, random_model  # noqa: E402
 
 TARGET = torch.device("cuda")  # whose code paths every run takes: the kernel choice, the optimizer
 BUDGET_S = 480                 # 8 minutes
@@ -257,8 +258,8 @@ def kernels(stage: Stage, device: torch.device, dry: bool, deadline: float) -> l
 
 
 def ropelite_step(c: LlamaConfig, length: int, device: torch.device, mode: str, micro_batches: int, mesh=None):
-    """train.py's optimizer step for ``micro_batches`` (1, length) sequences: (the step, the model, the
-    optimizer). mode "bf16": autocast over fp32 weights on one GPU; "lean": bf16 weights and AdamW8bit; "fsdp":
+    """train.py's optimizer step (ropelite.trainer.optimizer_step) for ``micro_batches`` (1, length) sequences:
+    (the step, the model, the optimizer). mode "bf16": autocast over fp32 weights on one GPU; "lean": bf16 weights and AdamW8bit; "fsdp":
     FSDP2 over ``mesh``, the gradients synced on the last micro-batch only."""
     with torch.device(device):
         model = random_model(c, seed=0)
@@ -272,11 +273,8 @@ def ropelite_step(c: LlamaConfig, length: int, device: torch.device, mode: str, 
     batches = [torch.randint(0, c.vocab_size, (1, length), device=device) for _ in range(micro_batches)]
 
     def step():
-        with sync_on_last_micro_batch(model, micro_batches):
-            accumulate_gradients(model, batches, micro_batches * (length - 1), torch.bfloat16)
-        clip_gradients(model, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, [(ids,) for ids in batches], 1e-5, micro_batches * (length - 1),
+                       dtype=torch.bfloat16, clip=1.0)
     return step, model, optimizer
 
 

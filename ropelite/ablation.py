@@ -9,9 +9,10 @@ own; ``ablation.py`` is the script around these pieces.
   (``ropelite.haystack``'s passkey template and filler) followed by the answer " K." and EOS, their answer tokens
   weighted up in the loss; copy rows (a text segment tiled over the row, the repeated structure that makes
   induction heads form early). A row is a pure function of (seed, index).
-- Training (``train``): AdamW with ``ropelite.training``'s schedule, the loss of ``model.py``
-  (``LinearCrossEntropy``) with the passkey answer weighted (``weighted_nll``). A ``Recipe`` holds the tokens per
-  step as sequences x length, so the L and 8L finetunes of one budget differ only in how it is cut.
+- Training (``train``): train.py's own optimizer step (``ropelite.trainer.optimizer_step``: AdamW, clip 1) with
+  ``ropelite.training``'s schedule, and as its loss ``model.py``'s (``LinearCrossEntropy``) with the passkey
+  answer weighted (``weighted_nll``). A ``Recipe`` holds the tokens per step as sequences x length, so the L and
+  8L finetunes of one budget differ only in how it is cut.
 - Evaluation: perplexity (the truncate protocol, and the last L tokens of each length, which a break past L
   cannot hide in), the last query's attention entropy, and unigram / bigram count models as a floor of what
   "a language model" means here. The passkey grid is needle.py's (same prompt, scorer and Algorithm 1 entropy).
@@ -34,12 +35,13 @@ from .errors import RopeliteError
 from .haystack import (FILLER, PASSKEY_LINE, PASSKEY_PREFIX, PASSKEY_QUESTION, PASSKEY_TEMPLATE, build_haystack,
                        filler_ids)
 from .io import write_json
-from .model import LinearCrossEntropy, Llama
-from .parallel import make_optimizer, set_learning_rate
+from .model import LinearCrossEntropy, Llama, LlamaConfig
+from .parallel import make_optimizer
 from .ppl import perplexity
 from .stats import entropy
 from .tokenizer import Tokenizer, load_tokenizer
-from .training import clip_gradients, learning_rate
+from .trainer import optimizer_step
+from .training import learning_rate, trained_record
 
 HOLDOUT_EVERY = 10     # every 10th prose topic / code module is held out ...
 BOOK_HELD_OUT = 0.1    # ... and the last 10 % of each book
@@ -225,8 +227,7 @@ class Recipe:
         return self.steps * self.sequences * self.length
 
     def lr_at(self, step: int) -> float:
-        lr = learning_rate(step, self.lr, self.warmup, self.steps, self.schedule)
-        return max(lr, self.lr * self.min_lr_ratio) if step >= self.warmup else lr
+        return learning_rate(step, self.lr, self.warmup, self.steps, self.schedule, self.min_lr_ratio)
 
     def at_length(self, length: int) -> "Recipe":
         """The same token budget at another length: tokens per step kept, so sequences scale as 1/length
@@ -236,13 +237,20 @@ class Recipe:
             raise RopeliteError(f"{per_step} tokens per step do not split into rows of {length}")
         return dataclasses.replace(self, length=length, sequences=per_step // length)
 
+    def record(self, config: LlamaConfig, init: str, model: str | None, data: dict) -> dict:
+        """config.json's ``ropelite`` record of a model trained by this recipe (``training.trained_record``)."""
+        return trained_record(config, length=self.length, sequences_per_step=self.sequences, step=self.steps,
+                              steps=self.steps, lr=self.lr, warmup=self.warmup, schedule=self.schedule,
+                              min_lr_ratio=self.min_lr_ratio, init=init, model=model,
+                              data={**data, "seed": self.seed, "mix": dataclasses.asdict(self.mix)})
+
 
 def weighted_nll(model: Llama, ids: torch.Tensor, answer: torch.Tensor, weight: float,
-                 chunk_size: int = 1024) -> tuple[torch.Tensor, float]:
-    """(loss to minimise, plain mean NLL): the mean next-token NLL with each passkey answer token's NLL counted
-    ``weight`` times (more copy targets per token, so retrieval forms sooner). One pass through the blocks; the
-    answer term is ``model.py``'s chunked loss again on the answer positions only, gathered first so that no
-    logits are made for the other positions."""
+                 chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimise, plain NLL), both summed over the next-token targets: the NLL with each passkey answer
+    token's NLL counted ``weight`` times (more copy targets per token, so retrieval forms sooner). One pass
+    through the blocks; the answer term is ``model.py``'s chunked loss again on the answer positions only,
+    gathered first so that no logits are made for the other positions. At ``weight`` 1 it is ``model.nll``."""
     h = model.hidden_states(ids)[:, :-1]                                               # (B, T-1, C)
     targets = ids[:, 1:]                                                               # (B, T-1)
     plain = LinearCrossEntropy.apply(h, model.lm_head.weight, targets, chunk_size, False)
@@ -252,25 +260,24 @@ def weighted_nll(model: Llama, ids: torch.Tensor, answer: torch.Tensor, weight: 
         h_answer, y_answer = h[counted][None], targets[counted][None]                   # (1, N, C), (1, N)
         loss = loss + (weight - 1) * LinearCrossEntropy.apply(h_answer, model.lm_head.weight, y_answer, chunk_size,
                                                               False)
-    return loss / targets.numel(), float(plain.detach()) / targets.numel()
+    return loss, plain
 
 
 def train(model: Llama, rows: MixedRows, recipe: Recipe, on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run ``recipe`` on ``model`` (in place); returns one log row per step (loss, lr, tokens so far)."""
+    """Run ``recipe`` on ``model`` (in place), each step train.py's ``optimizer_step`` on the loss
+    ``weighted_nll`` with the recipe's answer weight; returns one log row per step (plain loss, lr, tokens so
+    far)."""
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, recipe.lr, (0.9, 0.95), 0.0, device)
+    loss_fn = functools.partial(weighted_nll, weight=recipe.mix.answer_weight)
     model.train()
     log = []
     for step in range(recipe.steps):
         lr = recipe.lr_at(step)
-        set_learning_rate(optimizer, lr)
         ids, answer = rows.batch(step * recipe.sequences, recipe.sequences)             # (B, length) each
-        loss, plain = weighted_nll(model, ids.to(device), answer.to(device), recipe.mix.answer_weight)
-        loss.backward()
-        clip_gradients(model, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        log.append({"step": step + 1, "loss": round(plain, 5), "lr": lr,
+        loss, _ = optimizer_step(model, optimizer, [(ids.to(device), answer.to(device))], lr,
+                                 n_predicted=ids.shape[0] * (ids.shape[1] - 1), loss_fn=loss_fn, clip=1.0)
+        log.append({"step": step + 1, "loss": round(loss, 5), "lr": lr,
                     "tokens": (step + 1) * recipe.sequences * recipe.length})
         if on_step is not None:
             on_step(log[-1])

@@ -1,5 +1,6 @@
 """Needle in a haystack and passkey retrieval as library code: the haystack, sentence boundaries, where the
-needle goes, the prompt around it, the scoring rules and the heatmap (needle.py is the script around it).
+needle goes, the prompt around it, the scoring rules, one experiment cell of each task and the heatmap (needle.py
+is the script around them; ablation.py runs the passkey cells on its own models).
 
 - Needle (Fu et al. 2024, the harness the seed paper follows): a sentence hidden at a depth of a long text, a
   question about it, the answer primed with the question's stem; scored by answer-word recall.
@@ -15,6 +16,7 @@ Every context is a prefix of one haystack (token ids), so contexts of different 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 import sys
@@ -22,9 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ropelite.data import sample_windows, tokenize_checked
+from ropelite import books
+from ropelite.attention import answer_with_entropy
+from ropelite.data import KINDS, load_documents, sample_windows, tokenize_checked
 from ropelite.errors import RopeliteError
 from ropelite.io import pyplot, save_figure
+from ropelite.stats import wilson
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -40,6 +45,10 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key?"
 PASSKEY_PREFIX = "The pass key is"
+
+TASKS = ("needle", "passkey")
+MAX_NEW_TOKENS = {"needle": 32, "passkey": 10}         # greedy answer tokens (Fu et al. ~50; landmark / YaRN ~10)
+DEFAULT_HAYSTACK = {"needle": ["books"], "passkey": ["filler"]}
 
 STOP_WORDS = frozenset("a an the and or of in on at to is are was be it its for with by as from that this".split())
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")  # a sentence's last token, closing quotes or brackets allowed
@@ -254,6 +263,149 @@ def build_haystack(make, tokenizer, lengths: list[int], template: str, question:
     # needs the token after it.
     ids, pieces = make(max(lengths) - len(before) - len(after) - max_new_tokens + 1)
     return Haystack(tokenizer, ids, sentence_starts(ids, tokenizer), pieces, before, after, max_new_tokens)
+
+
+def passkey_haystack(tokenizer, lengths: list[int], max_new_tokens: int, chat: bool, make=None) -> Haystack:
+    """The passkey task's haystack: landmark attention's template, question and answer prefix, around the filler
+    (or ``make``'s text); a 5-digit key line stands in for the too-short check."""
+    return build_haystack(make or functools.partial(filler_ids, tokenizer), tokenizer, lengths, PASSKEY_TEMPLATE,
+                          PASSKEY_QUESTION, PASSKEY_PREFIX, PASSKEY_LINE.format(key=10_000), max_new_tokens, chat)
+
+
+def haystack_documents(spec: list[str]) -> tuple[list, list[str], str]:
+    """(documents, their names, the corpus's name) for a haystack spec: one built-in corpus by name (books, prose,
+    code, mixed), or files and folders, each document named by its path ('path[i]' when the path holds several)."""
+    if len(spec) == 1 and spec[0] in KINDS:
+        kind = spec[0]
+        if kind == "books":
+            names, docs = zip(*books.documents())
+            return list(docs), list(names), books.CORPUS
+        docs = load_documents(None, kind)
+        return docs, [f"{kind}[{i}]" for i in range(len(docs))], kind
+    docs, names = [], []
+    for item in spec:
+        found = load_documents([item])
+        docs += found
+        names += [item] if len(found) == 1 else [f"{item}[{i}]" for i in range(len(found))]
+    return docs, names, "files"
+
+
+def haystack_maker(spec: list[str], tokenizer, vocab_size: int):
+    """(make(need) -> (ids, pieces), corpus name) for a haystack spec: ["filler"] is the passkey filler repeated,
+    anything else ``haystack_documents``' documents by the sample rule (``haystack_ids``)."""
+    if spec == ["filler"]:
+        return functools.partial(filler_ids, tokenizer), "filler"
+    docs, names, corpus = haystack_documents(spec)
+    return functools.partial(haystack_ids, docs, names, tokenizer, vocab_size), corpus
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One cell of each task: the prompt at (length, depth), the greedy answer, its score and Algorithm 1's entropy
+# ----------------------------------------------------------------------------------------------------------------
+
+def needle_cell(model, hay: Haystack, length: int, depth: float, needle: str, expected: list[str],
+                pass_recall: float) -> dict:
+    """One needle test: ``needle`` at ``depth`` % of a ``length``-token prompt, answered greedily in the
+    ``hay.max_new_tokens`` tokens the haystack left room for; it passes when the answer holds at least
+    ``pass_recall`` of the ``expected`` words (``answer_words``). The entropy is Algorithm 1's mean over the
+    answer's tokens, layers and heads, per layer too."""
+    ids, needle_at, context, pos = hay.prompt(length, depth, needle)
+    answer_ids, per_layer = answer_with_entropy(model, ids, hay.max_new_tokens, hay.tokenizer.eos_id)
+    answer = hay.tokenizer.decode(answer_ids)
+    score = recall(answer, expected)
+    return {"tokens": len(ids), "context_tokens": context, "haystack": used_pieces(hay.pieces, context),
+            "needle_position": needle_at, "needle_depth": round(100 * pos / max(context, 1), 2), "answer": answer,
+            "score": round(score, 4), "pass": score >= pass_recall, "trials": 1,
+            "pass_rate": float(score >= pass_recall), "entropy": float(np.mean(per_layer)),
+            "entropy_per_layer": per_layer, "generated": len(answer_ids)}
+
+
+def passkey_cell(model, hay: Haystack, length: int, depth: float, keys: list[int]) -> dict:
+    """One passkey cell: a trial per key (``passkeys``), each key's line at ``depth`` % of a ``length``-token
+    prompt; a trial passes when the answer's first integer is its key. The cell's pass rate is over its trials,
+    its entropy the mean of the trials' Algorithm 1 entropies (per layer: the mean over trials)."""
+    trials = []
+    for key in keys:
+        ids, key_at, context, pos = hay.prompt(length, depth, PASSKEY_LINE.format(key=key))
+        answer_ids, per_layer = answer_with_entropy(model, ids, hay.max_new_tokens, hay.tokenizer.eos_id)
+        answer = hay.tokenizer.decode(answer_ids)
+        trials.append({"tokens": len(ids), "context": context, "key_position": key_at,
+                       "key_depth": round(100 * pos / max(context, 1), 2), "answer": answer,
+                       "found": first_integer(answer), "per_layer": per_layer, "generated": len(answer_ids)})
+    column = lambda name: [t[name] for t in trials]  # noqa: E731
+    passed = sum(t["found"] == key for t, key in zip(trials, keys))
+    return {"tokens": column("tokens"), "context_tokens": column("context"),
+            "haystack": used_pieces(hay.pieces, max(column("context"))), "keys": list(keys),
+            "key_position": column("key_position"), "key_depth": column("key_depth"), "answers": column("answer"),
+            "found": column("found"), "passed": passed, "trials": len(keys), "pass_rate": passed / len(keys),
+            "entropy": float(np.mean([np.mean(t["per_layer"]) for t in trials])),
+            "entropy_trials": [float(np.mean(t["per_layer"])) for t in trials],
+            "entropy_per_layer": np.mean(column("per_layer"), axis=0).tolist(), "generated": column("generated")}
+
+
+def trial_outcomes(cell: dict) -> list[tuple[float, bool]]:
+    """(attention entropy, passed) of each trial of a needle or passkey cell: a needle cell is one trial."""
+    if "keys" in cell:
+        return [(h, found == key) for h, found, key in zip(cell["entropy_trials"], cell["found"], cell["keys"])]
+    return [(cell["entropy"], bool(cell["pass"]))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a grid shows: the headline of its cells
+# ----------------------------------------------------------------------------------------------------------------
+
+def _mean_entropy(outcomes: list[tuple[float, bool]], passed: bool) -> tuple[float | None, int]:
+    """(mean entropy, count) of the passing or the failing trials; the mean is None when there are none."""
+    values = [h for h, p in outcomes if p == passed]
+    return (float(np.mean(values)) if values else None), len(values)
+
+
+def grid_findings(rows: list[dict], lengths: list[int], train_len: int) -> tuple[list[str], dict]:
+    """(finding lines, numbers) of a needle or passkey grid: trials passed (a needle cell is one trial) with
+    their Wilson 95 % interval, overall and on each side of the training length; per length, trials passed and
+    their mean attention entropy; the mean entropy of passing and failing trials (Figure 4's relation: failures
+    where entropy is high), and every length at which it goes the other way, so that the pooled means hide no
+    reversal."""
+    unit = "trials" if any("keys" in r for r in rows) else "cells"
+    by_length = {n: [o for r in rows if r["length"] == n for o in trial_outcomes(r)] for n in lengths}
+    every = [o for n in lengths for o in by_length[n]]
+    rate = lambda outcomes: wilson(sum(p for _, p in outcomes), len(outcomes))  # noqa: E731
+    count = lambda outcomes: f"{sum(p for _, p in outcomes)}/{len(outcomes)}"  # noqa: E731
+    lengths_text = f"{len(lengths)} length{'s' * (len(lengths) != 1)}"
+    lines = [f"{count(every)} {unit} pass over {lengths_text}: pass rate {rate(every).text()}."]
+    inside = [o for n in lengths if n <= train_len for o in by_length[n]]
+    beyond = [o for n in lengths if n > train_len for o in by_length[n]]
+    if inside and beyond:
+        lines.append(f"Within the training length {train_len}: {count(inside)}, {rate(inside).text()}; past it: "
+                     f"{count(beyond)}, {rate(beyond).text()}.")
+    lines.append(f"{unit.capitalize()} passed per length, and their mean attention entropy: " + ", ".join(
+        f"{n}: {count(by_length[n])} ({np.mean([h for h, _ in by_length[n]]):.2f} nats)" for n in lengths) + ".")
+    (h_pass, n_pass), (h_fail, n_fail) = _mean_entropy(every, True), _mean_entropy(every, False)
+    per_length = []
+    for n in lengths:
+        (length_pass, passed), (length_fail, failed) = (_mean_entropy(by_length[n], True),
+                                                        _mean_entropy(by_length[n], False))
+        per_length.append({"length": n, **rate(by_length[n]).fields("pass_rate"), "passed": passed,
+                           "failed": failed, "entropy": float(np.mean([h for h, _ in by_length[n]])),
+                           "entropy_pass": length_pass, "entropy_fail": length_fail})
+    if h_pass is None or h_fail is None:
+        lines.append(f"Mean attention entropy {(h_pass if h_fail is None else h_fail):.2f} nats over all "
+                     f"{len(every)} {unit}, every one of which {'passed' if h_fail is None else 'failed'}: "
+                     "no passing / failing comparison.")
+    else:
+        higher = h_fail > h_pass
+        mixed = [r for r in per_length if r["entropy_pass"] is not None and r["entropy_fail"] is not None]
+        flips = [f"{r['length']} (failing {r['entropy_fail']:.2f}, passing {r['entropy_pass']:.2f})"
+                 for r in mixed if (r["entropy_fail"] > r["entropy_pass"]) != higher]
+        where = ("no length holds both" if not mixed else "the same at every length that holds both" if not flips
+                 else "the other way at " + ", ".join(flips))
+        lines.append(f"Mean attention entropy {h_fail:.2f} nats over the {n_fail} failing {unit}, {h_pass:.2f} over "
+                     f"the {n_pass} passing ones: {'higher' if higher else 'not higher'} for the failing ones; per "
+                     f"length, {where}.")
+    numbers = {"unit": unit, "train_len": train_len, **rate(every).fields("pass_rate"),
+               "passed": sum(p for _, p in every), "entropy_pass": h_pass, "entropy_fail": h_fail,
+               "per_length": per_length}
+    return lines, numbers
 
 
 # ----------------------------------------------------------------------------------------------------------------

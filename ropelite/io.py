@@ -8,6 +8,7 @@ kill mid-write leaves a cut last line, which `read_jsonl` skips.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import fcntl
@@ -45,18 +46,34 @@ def atomic_path(path):
 
 
 _LOCKS: dict[Path, object] = {}  # folder -> its open .lock file: the lock lives as long as this process
+_MADE: list[Path] = []           # folders lock_out created (parents first): removed at exit if nothing but the lock
+
+
+def _remove_empty_folders() -> None:
+    """At exit: a folder this process made for its output and left holding only its .lock (a run that failed
+    before writing anything) is removed, with the parents it made, so a failed run leaves no debris."""
+    for folder in reversed(_MADE):
+        with contextlib.suppress(OSError):
+            if {p.name for p in folder.iterdir()} <= {".lock"}:
+                (folder / ".lock").unlink(missing_ok=True)
+                folder.rmdir()
 
 
 def lock_out(folder, flag: str = "--out") -> Path:
     """Make the output ``folder`` and hold an exclusive lock on ``folder/.lock`` until this process ends, so a
     second run on the same folder stops in one line instead of mixing its results in. The lock is the kernel's
     (flock), released whatever way the process dies, so a killed run never leaves a stale one; the file holds
-    the holder's pid, for the message. Locking a folder this process already holds is a no-op."""
+    the holder's pid, for the message. Locking a folder this process already holds is a no-op. A folder it made
+    and left holding nothing but the lock when the process ends (the run failed first) is removed then."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RopeliteError(f"{flag} {folder} is a file, not a folder; choose another {flag}")
     try:
+        made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]      # outermost first
         folder.mkdir(parents=True, exist_ok=True)
+        if made and not _MADE:
+            atexit.register(_remove_empty_folders)
+        _MADE.extend(p.resolve() for p in made)
         key = folder.resolve()
         if key in _LOCKS:
             return folder

@@ -1,10 +1,12 @@
-"""Training a LLaMa, one piece per concept, as ``train.py`` and ``benchmarks/bench_train.py`` use them.
+"""Training a LLaMa, one piece per concept, as ``ropelite.trainer`` (train.py's trainer), the ablation's finetunes
+and ``benchmarks/bench_train.py`` use them.
 
 - The learning-rate schedule, a new model's initialisation, and one optimizer step's gradient accumulation (bf16
-  autocast over fp32 weights, the chunked loss), its clipping and the held-out NLL.
+  autocast over fp32 weights, the chunked loss or one passed in), its clipping and the held-out NLL.
 - RNG state and peak memory, for bit-identical resume and the metrics log.
 - Checkpoints: a folder written under a temporary name and renamed into place, so ``out/checkpoint`` is always
-  a complete step (a loadable model folder plus the optimizer, data position and RNG).
+  a complete step (a loadable model folder plus the optimizer, data position and RNG); the ``trained`` record
+  every trained model folder carries in its config.json.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from .errors import RopeliteError
 from .io import atomic_path, write_json
-from .hf import save_model
+from .hf import config_to_hf, save_model
 from .model import Llama, LlamaConfig
 
 CHECKPOINT = "checkpoint"          # out/checkpoint: the last complete step
@@ -40,20 +42,24 @@ MAX_SHARD_BYTES = 5_000_000_000    # Hugging Face's shard size: a 7B in fp32 bec
 SCHEDULES = ("linear", "cosine", "constant")
 
 
-def learning_rate(step: int, peak: float, warmup: int, total: int, schedule: str = "linear") -> float:
+def learning_rate(step: int, peak: float, warmup: int, total: int, schedule: str = "linear",
+                  floor: float = 0.0) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of ``total``: the linear warmup from 0, peak * step /
     warmup over the first ``warmup`` steps (so step 0 updates with lr 0, step ``warmup`` is the first at the peak),
-    then constant, linear to 0 or cosine to 0 at step ``total``. This is transformers'
+    then constant, linear to 0 or cosine to 0 at step ``total``, never below ``floor`` x peak after the warmup
+    (a clamp: the ablation's pretraining floors its cosine at 0.1). This is transformers'
     get_linear_schedule_with_warmup / get_cosine_schedule_with_warmup, which YaRN's finetune.py uses (warmup 20,
-    then linear)."""
+    then linear), at floor 0."""
     if step < warmup:
         return peak * step / warmup
     if schedule == "constant":
         return peak
     progress = (step - warmup) / max(1, total - warmup)  # 0 at the end of warmup, 1 at step `total`
     if schedule == "linear":
-        return peak * (1 - progress)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+        lr = peak * (1 - progress)
+    else:
+        lr = peak * 0.5 * (1 + math.cos(math.pi * progress))
+    return max(lr, peak * floor)
 
 
 def random_model(config: LlamaConfig, seed: int) -> Llama:
@@ -74,19 +80,32 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
-def accumulate_gradients(model: Llama, micro_batches: list[torch.Tensor], n_predicted: int,
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, *micro_batch) -> (loss, NLL), both sums
+
+
+def next_token_nll(model: Llama, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain loss of (m, len) token ids: (summed next-token NLL to minimise, the same to report)."""
+    nll, _ = model.nll(ids)
+    return nll, nll
+
+
+def accumulate_gradients(model: Llama, micro_batches: list[tuple[torch.Tensor, ...]], n_predicted: int,
                          dtype: torch.dtype = torch.float32, scale: float = 1.0,
-                         progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Forward and backward of each (m, len) micro-batch with the loss NLL_sum / n_predicted * scale, so the
-    accumulated gradients are those of the mean NLL over all ``n_predicted`` tokens of the optimizer step
-    (``scale`` = the number of FSDP ranks, whose gradient average divides by it). Returns this process's NLL
-    sum (float64, detached). The loss is chunked (``model.nll``): no (len, vocab) logits tensor exists.
+                         progress: Callable[[int], None] | None = None,
+                         loss_fn: LossFn = next_token_nll) -> torch.Tensor:
+    """Forward and backward of each micro-batch, a tuple of tensors whose first is the (m, len) token ids, with the
+    loss ``loss_fn(model, *micro_batch)[0]`` / n_predicted * scale: ``loss_fn`` returns sums over the micro-batch's
+    targets, so the accumulated gradients are those of the loss summed over the whole optimizer step and divided
+    by its ``n_predicted`` next-token targets (``scale`` = the number of FSDP ranks, whose gradient average
+    divides by it). The default loss is the plain NLL, chunked (``model.nll``: no (len, vocab) logits tensor
+    exists). Returns this process's summed NLL, ``loss_fn``'s second value (float64, detached).
     ``progress(tokens)`` is called after each micro-batch's backward, for a bar."""
-    total = torch.zeros((), dtype=torch.float64, device=micro_batches[0].device)
-    for ids in micro_batches:
+    total = torch.zeros((), dtype=torch.float64, device=micro_batches[0][0].device)
+    for batch in micro_batches:
+        ids = batch[0]
         with autocast(ids.device, dtype):
-            nll, _ = model.nll(ids)
-        (nll * (scale / n_predicted)).backward()
+            loss, nll = loss_fn(model, *batch)
+        (loss * (scale / n_predicted)).backward()
         total += nll.detach().double()
         if progress is not None:
             progress(ids.numel())
@@ -163,6 +182,23 @@ def save_checkpoint(out: Path, model: Llama, trainer_state: dict, optimizer_stat
     shutil.rmtree(old, ignore_errors=True)
     publish(final, out)
     return final
+
+
+def trained_record(config: LlamaConfig, *, length: int, sequences_per_step: int, step: int, steps: int, lr: float,
+                   warmup: int, schedule: str, min_lr_ratio: float, init: str, model: str | None,
+                   data: dict) -> dict:
+    """config.json's ``ropelite`` record of a trained model: its RoPE (``config_to_hf``) and, under ``trained``,
+    how it was trained, the same keys whoever trained it (train.py, the ablation): ``len``, the length it was
+    trained at (``hf.trained_length`` reads it); ``step`` of ``steps`` optimizer steps of ``sequences_per_step``
+    sequences = ``batch_tokens`` tokens; the ``tokens`` of those ``step`` steps; the learning rate's peak, warmup,
+    schedule and floor (``learning_rate``); ``init``, 'pretrained' (from ``model``) or 'random'; and the
+    ``data``, as its trainer describes it."""
+    batch_tokens = sequences_per_step * length
+    return {**config_to_hf(config)["ropelite"],
+            "trained": {"len": length, "step": step, "steps": steps, "sequences_per_step": sequences_per_step,
+                        "batch_tokens": batch_tokens, "tokens": step * batch_tokens, "lr": lr, "warmup": warmup,
+                        "schedule": schedule, "min_lr_ratio": min_lr_ratio, "init": init, "model": model,
+                        "data": data}}
 
 
 def latest_checkpoint(out: Path) -> Path | None:

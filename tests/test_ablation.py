@@ -1,7 +1,9 @@
 """The ablation miniature (ablation.py, ropelite/ablation.py): equal token budgets at L and 8L, the rows of the
-training mix, the weighted loss against plain cross-entropy, each heatmap panel's own dashed line, resume of the
-whole pipeline (a tiny configuration of a few seconds), and the paper-scale commands."""
+training mix, the weighted loss against plain cross-entropy, its training step being train.py's own, the
+"trained" record having train.py's keys, each heatmap panel's own dashed line, resume of the whole pipeline (a
+tiny configuration of a few seconds), and the paper-scale commands."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,10 +15,10 @@ import torch.nn.functional as F
 
 import ablation
 from ropelite import ablation as lib
-from ropelite import haystack
+from ropelite import haystack, trainer
 from ropelite.data import builtin_documents
 from ropelite.errors import RopeliteError
-from ropelite.io import read_jsonl
+from ropelite.io import read_jsonl, read_summaries
 
 TINY = ablation.Mini(
     L=64, layers=1, hidden=32, heads=2, ffn=64, vocab=400,
@@ -127,12 +129,87 @@ def test_weighted_loss_is_cross_entropy_with_the_answer_counted_w_times(tiny_lla
     reference.backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss, plain = lib.weighted_nll(model, ids, answer, 3.0, chunk_size=7)
-    loss.backward()
-    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
-    assert plain == pytest.approx(float(nll.detach().mean()), rel=1e-5)
+    loss, plain = lib.weighted_nll(model, ids, answer, 3.0, chunk_size=7)       # sums over the 2 x 19 targets
+    (loss / nll.numel()).backward()
+    assert float(loss.detach()) / nll.numel() == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert float(plain.detach()) == pytest.approx(float(nll.detach().sum()), rel=1e-5)
     for (name, p), g in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def one_step_rows(tok, passkey_share: float = 1.0) -> tuple[lib.MixedRows, lib.Recipe]:
+    """Rows of passkey documents (their answers weighted x10) and a one-step recipe at the peak lr (no warmup)."""
+    stream = lib.token_stream(builtin_documents("prose")[:40], tok)
+    mix = lib.Mix(p_passkey=passkey_share, p_copy=0.0, answer_weight=10.0)
+    recipe = lib.Recipe(length=128, sequences=4, steps=1, lr=1e-3, warmup=0, mix=mix)
+    return lib.MixedRows(stream, lib.PasskeyDocuments(tok, 128), 128, mix, seed=5), recipe
+
+
+def small_model(tok, seed: int = 0):
+    from ropelite.model import Llama, LlamaConfig
+    from ropelite.rope import RopeConfig
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                             rope=RopeConfig(theta=1e4, original_max_position_embeddings=128)))
+
+
+def test_the_finetune_step_is_train_pys_step(tok):
+    """One step of the ablation's ``train`` and one of train.py's (trainer.optimizer_step, the plain loss, the
+    AdamW train.py makes with the same betas and weight decay) on the same rows from the same weights: at answer
+    weight 1 the same weights bit for bit; at weight 10 the trainer's step given the weighted loss, and an AdamW
+    stepped by hand on the weighted cross-entropy of forward()'s logits, clipped at 1."""
+    import dataclasses
+    import functools
+    from ropelite.parallel import make_optimizer
+    rows, recipe = one_step_rows(tok)
+    ids, answer = rows.batch(0, recipe.sequences)
+    assert answer.any()                                       # the weight has answers to act on
+    n_predicted = recipe.sequences * (recipe.length - 1)
+
+    def train_py_step(loss_fn=trainer.next_token_nll, batch=(ids,)):
+        model = small_model(tok).train()
+        optimizer = make_optimizer(model, 2e-5, (0.9, 0.95), 0.0, torch.device("cpu"))    # train.py's defaults
+        trainer.optimizer_step(model, optimizer, [batch], recipe.lr_at(0), n_predicted, loss_fn, clip=1.0)
+        return model.state_dict()
+
+    def ablation_step(weight):
+        model = small_model(tok)
+        lib.train(model, rows, dataclasses.replace(recipe, mix=dataclasses.replace(recipe.mix, answer_weight=weight)))
+        return model.state_dict()
+
+    plain, trained = train_py_step(), ablation_step(1.0)
+    assert all(torch.equal(plain[k], trained[k]) for k in plain) and not torch.equal(plain["norm.weight"],
+                                                                                      small_model(tok).norm.weight)
+    weighted = ablation_step(10.0)
+    shared = train_py_step(functools.partial(lib.weighted_nll, weight=10.0), (ids, answer))
+    assert all(torch.equal(shared[k], weighted[k]) for k in shared)
+    assert not all(torch.equal(plain[k], weighted[k]) for k in plain)   # the weight changes the update
+
+    reference = small_model(tok).train()
+    logits = reference(ids)[:, :-1]
+    nll = F.cross_entropy(logits.reshape(-1, tok.vocab_size), ids[:, 1:].reshape(-1), reduction="none")
+    (nll * (1 + 9.0 * answer[:, 1:].reshape(-1).float())).mean().backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    torch.optim.AdamW(reference.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0).step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(weighted[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_trained_record_has_train_pys_keys(tiny_run, tmp_path):
+    """Both trainers write config.json's "trained" block with one function: the same keys, the readers' included
+    (len for hf.trained_length, sequences_per_step for token_rows, tokens)."""
+    import train
+    out = train.main(["--init", "random", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "2",
+                      "--len", "32", "--tokens", "128", "--batch-tokens", "64", "--builtin", "prose", "--device",
+                      "cpu", "--dtype", "fp32", "--quiet", "--eval-tokens", "0", "--out", str(tmp_path / "run")])
+    ours = json.loads((out / "config.json").read_text())["ropelite"]["trained"]
+    for name in ("pretrained", "ntk-8L"):
+        theirs = json.loads((tiny_run / name / "config.json").read_text())["ropelite"]["trained"]
+        assert theirs.keys() == ours.keys() >= {"len", "sequences_per_step", "batch_tokens", "steps", "tokens"}
+    assert (ours["len"], ours["sequences_per_step"], ours["batch_tokens"], ours["tokens"]) == (32, 2, 64, 128)
+    assert (theirs["len"], theirs["sequences_per_step"], theirs["step"], theirs["init"]) == (512, 1, 2, "pretrained")
+    assert theirs["data"]["mix"]["answer_weight"] == 10.0 and theirs["min_lr_ratio"] == 0.0
 
 
 def test_heldout_and_training_text_do_not_overlap():
@@ -183,8 +260,54 @@ def test_the_pipeline_writes_every_model_and_result(tiny_run):
     assert model.config.rope.type == "ntk" and model.config.rope.factor == 8
     for png in ("heatmap_ntk.png", "heatmap_yarn.png", "ppl.png", "ppl_last_L.png", "last_query_entropy.png"):
         assert (tiny_run / png).stat().st_size > 1000
-    summary = json.loads((tiny_run / "summary.json").read_text())
-    assert "NTK x8, 8L vs L finetune vs training-free: mean answer entropy" in summary["finding"] and "Zhong" in summary["claim"]
+    (summary,) = read_summaries(tiny_run)
+    assert summary["results"] == "ablation" and "Zhong" in summary["claim"]
+    assert summary["finding"][0].startswith("NTK x8, 8L / L finetune / training-free, past 2L = 128 (192): mean "
+                                            "answer entropy ")
+    cells = json.loads((tiny_run / "passkey" / "ntk-8L" / "passkey.json").read_text())
+    assert summary["numbers"]["ntk"]["ntk-8L"]["entropy"] == pytest.approx(cells[0]["entropy"])
+    assert summary["numbers"]["sanity"]["ppl_at_L"] > 1
+
+
+def passkey_rows(entropy: dict, passed: dict, trials: int = 10) -> list[dict]:
+    return [{"length": n, "trials": trials, "pass_rate": passed[n] / trials, "entropy": entropy[n]} for n in entropy]
+
+
+def test_the_finding_pools_past_2L_and_names_every_length_that_goes_the_other_way():
+    # L = 64: lengths past 2L are 256 and 512; 8L has the lower entropy at 256 only, the higher pass rate at both
+    passkey = {"ntk-8L": passkey_rows({128: 9.0, 256: 2.0, 512: 5.0}, {128: 0, 256: 9, 512: 8}),
+               "ntk-L": passkey_rows({128: 1.0, 256: 4.0, 512: 4.5}, {128: 9, 256: 1, 512: 0}),
+               "ntk-free": passkey_rows({128: 1.0, 256: 4.0, 512: 4.0}, {128: 9, 256: 0, 512: 0})}
+    passkey.update({n.replace("ntk", "yarn"): rows for n, rows in passkey.items()})
+    results = {n: {"docs": 3, "rows": [{"length": 1024, "ppl_last_L": 10.0}]} for n in passkey}
+    lines, numbers = ablation.finding(results, passkey, 64)
+    assert lines[0] == ("NTK x8, 8L / L finetune / training-free, past 2L = 128 (256, 512): mean answer entropy "
+                        "3.500 / 4.250 / 4.000 nats (n = 20 trials each); the 8L finetune's is lower than the L "
+                        "finetune's, except at 512 (5.000 vs 4.500).")
+    assert lines[1] == ("NTK x8, 8L / L finetune / training-free, past 2L = 128 (256, 512): passkey pass rate "
+                        "17/20 0.85 [0.64, 0.95] (n=20) / 1/20 0.05 [0.01, 0.24] (n=20) / 0/20 0.00 [0.00, 0.16] "
+                        "(n=20); the 8L finetune's is higher than the L finetune's at every length; their "
+                        "intervals separate.")
+    assert lines[2].endswith("perplexity of the last L tokens at 1024 10.0 / 10.0 / 10.0 (n = 3 documents).")
+    assert numbers["ntk"]["ntk-8L"]["passed"] == 17 and numbers["ntk"]["ntk-L"]["pass_rate_high"] < 0.64
+
+
+def test_a_grown_passkey_grid_runs_only_its_new_cells_and_resumes_after_a_kill(tiny_run, tmp_path, count_calls):
+    wider = dataclasses.replace(TINY, depths=(50, 90))
+    before = {n: json.loads((tiny_run / "passkey" / n / "passkey.json").read_text()) for n in ablation.MODELS}
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    calls = count_calls(ablation, "passkey_cell")
+    calls.kill_at = 3                              # the third model's new cell
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_mini(out, wider)
+    calls.clear()
+    calls.kill_at = 0
+    ablation.run_mini(out, wider)
+    assert len(calls) == 5                         # the two new cells finished before the kill are kept
+    for name, old in before.items():
+        rows = json.loads((out / "passkey" / name / "passkey.json").read_text())
+        assert [(r["length"], r["depth"]) for r in rows] == [(192, 50), (192, 90)] and rows[0] == old[0]
 
 
 def test_a_rerun_skips_finished_stages_and_an_interrupted_one_redoes_only_its_own(tiny_run, capfd):
@@ -203,6 +326,17 @@ def test_a_rerun_skips_finished_stages_and_an_interrupted_one_redoes_only_its_ow
     assert (tiny_run / "pretrained" / "model.safetensors").stat().st_mtime_ns == weights["pretrained"]
     assert not (tiny_run / ".yarn-8L.tmp").exists()
     assert (tiny_run / "ablation.json").read_text() == before          # deterministic: the same numbers again
+
+
+def test_main_prints_the_section_and_the_measured_finding(tiny_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    real = ablation.run_mini
+    monkeypatch.setattr(ablation, "run_mini", lambda folder: real(folder, TINY))
+    ablation.main(["--out", str(out), "--threads", "1"])
+    printed = capsys.readouterr().out
+    (summary,) = read_summaries(out)
+    assert "**Sanity checks**" in printed and "finding:\n" + "\n".join(summary["finding"]) + "\n" in printed
 
 
 def test_paper_scale_commands_parse_with_the_scripts_own_parsers(tmp_path):
@@ -238,8 +372,8 @@ def test_paper_runs_the_ablation_piece_and_quotes_its_finding(tiny_run, tmp_path
         (step,) = paper.plan(args)
         assert step["argv"] == expected
     step = {"key": "ablation", "title": "t", "argv": ["ablation.py", "--out", str(tiny_run)]}
-    (line, *_) = paper.summary([step])
-    finding = json.loads((tiny_run / "summary.json").read_text())["finding"]
-    assert line.startswith("- **Longer finetuning contexts, same tokens**") and finding in line
+    lines = paper.summary([step])
+    (summary,) = read_summaries(tiny_run)
+    assert lines[0] == f"### {summary['title']}" and all(f"- {line}" in lines for line in summary["finding"])
     section = paper.piece_section(tiny_run.parent, step, {"code": 0, "seconds": 1.0})
     assert "**Sanity checks**" in section and "![heatmap_ntk.png](run/heatmap_ntk.png)" in section

@@ -221,6 +221,40 @@ def test_script_rows_match_the_library(setup):
     assert (out / "ppl.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_findings_give_every_length_with_its_documents_and_the_lowest_past_training():
+    labels = {"a": "rope", "b": "yarn x4", "c": "ntk x4"}
+    ppl = {("a", 64): 10.0, ("b", 64): 10.5, ("c", 64): 10.2, ("a", 128): 40.0, ("b", 128): 12.0, ("c", 128): 13.0,
+           ("a", 256): 90.0, ("b", 256): 30.0, ("c", 256): 15.0}  # the lowest flips from yarn to ntk at 256
+    rows = [{"settings": sid, "length": n, "ppl": v, "nll": math.log(v), "docs": 3 if n < 256 else 2}
+            for (sid, n), v in ppl.items()]
+    lines, numbers = eval_ppl.findings(rows + [{**rows[0], "settings": "other"}], labels, [64, 128, 256], 64)
+    assert lines == ["64 tokens, n = 3 documents: rope 10.00, yarn x4 10.50, ntk x4 10.20.",
+                     "128 tokens (past the training length), n = 3 documents: rope 40.00, yarn x4 12.00, ntk x4 13.00.",
+                     "256 tokens (past the training length), n = 2 documents: rope 90.00, yarn x4 30.00, ntk x4 15.00.",
+                     "Perplexity at 256 over that at 64, the longest length within the training length 64: rope x9.00, "
+                     "yarn x4 x2.86, ntk x4 x1.47.",
+                     "Lowest past the training length 64: 128: yarn x4, 256: ntk x4."]
+    assert numbers["train_len"] == 64 and len(numbers["rows"]) == 9   # the other settings' row is not this run's
+    assert numbers["rows"][0] == {"rope": "rope", "length": 64, "ppl": 10.0, "nll": math.log(10.0), "docs": 3}
+    lines, _ = eval_ppl.findings(rows, labels, [64], 64)
+    assert lines[-1] == "No length past the training length 64: nothing here is extrapolated."
+
+
+def test_the_script_writes_its_summary_and_a_rerun_rewrites_it_unchanged(setup):
+    out = setup[2]
+    args = argv(setup, "--rope", "rope", "pi", "--factor", "2", "--lengths", "32", "80", "--docs", "2")
+    eval_ppl.main(args)
+    written = (out / "ppl_summary.json").read_text()
+    summary, rows = json.loads(written), json.loads((out / "ppl.json").read_text())
+    assert summary["results"] == "ppl" and "Zhong" in summary["claim"]
+    labels = {r["settings"]: r["label"] for r in rows}
+    assert summary["finding"] == eval_ppl.findings(rows, labels, [32, 80], 64)[0]
+    assert summary["finding"][1] == (f"80 tokens (past the training length), n = 2 documents: "
+                                     f"rope {rows[1]['ppl']:.2f}, pi x2 {rows[3]['ppl']:.2f}.")
+    eval_ppl.main(args)  # nothing to run: the same summary, byte for byte (paper.py's fingerprint stays)
+    assert (out / "ppl_summary.json").read_text() == written
+
+
 def test_script_sliding_rows_say_so(setup):
     eval_ppl.main(argv(setup, "--protocol", "sliding", "--window", "16", "--stride", "8", "--lengths", "64"))
     (row,) = json.loads((setup[2] / "ppl.json").read_text())

@@ -8,11 +8,13 @@ placements can be checked on the text itself.
 
 import functools
 import json
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -65,9 +67,7 @@ def needle_haystack(tokenizer, path, lengths, max_new=8, chat=True):
 
 
 def passkey_haystack(tokenizer, lengths, max_new=10, chat=False):
-    return hs.build_haystack(functools.partial(hs.filler_ids, tokenizer), tokenizer, lengths, hs.PASSKEY_TEMPLATE,
-                             hs.PASSKEY_QUESTION, hs.PASSKEY_PREFIX, hs.PASSKEY_LINE.format(key=10000), max_new,
-                             chat)
+    return hs.passkey_haystack(tokenizer, lengths, max_new, chat)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,6 +233,149 @@ def test_chat_and_plain_prompts(tokenizer):
 def test_too_short_length_is_an_error(tokenizer):
     with pytest.raises(RopeliteError, match="length 200 is too short"):
         passkey_haystack(tokenizer, [200, 1000])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the documents come from
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_haystack_documents_name_each_document(tmp_path, monkeypatch):
+    monkeypatch.setattr(hs.books, "documents", lambda: [("alice", "Down the hole."), ("lcet10", "Ten.")])
+    assert hs.haystack_documents(["books"]) == (["Down the hole.", "Ten."], ["alice", "lcet10"], hs.books.CORPUS)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text("First file.")
+    (tmp_path / "folder" / "b.txt").write_text("Second file.")
+    (tmp_path / "one.txt").write_text("A file of its own.")
+    folder, one = str(tmp_path / "folder"), str(tmp_path / "one.txt")
+    docs, names, corpus = hs.haystack_documents([one, folder])
+    assert docs == ["A file of its own.", "First file.", "Second file."] and corpus == "files"
+    assert names == [one, f"{folder}[0]", f"{folder}[1]"]
+
+
+def test_haystack_maker_picks_filler_or_documents(tokenizer, tmp_path):
+    make, corpus = hs.haystack_maker(["filler"], tokenizer, VOCAB)
+    assert corpus == "filler" and tokenizer.decode(make(30)[0]) == hs.FILLER[:30]
+    (tmp_path / "hay.txt").write_text("B" * 50)
+    make, corpus = hs.haystack_maker([str(tmp_path / "hay.txt")], tokenizer, VOCAB)
+    ids, pieces = make(40)
+    assert corpus == "files" and tokenizer.decode(ids) == "B" * 40
+    assert pieces == [hs.Piece(str(tmp_path / "hay.txt"), 0, 40)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One cell of each task
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def uniform_model(tiny_llama):
+    """A tiny model over the byte vocabulary whose attention is uniform (q = 0): a query at position t has
+    entropy ln(t + 1), so a cell's entropy has a closed form."""
+    model = tiny_llama(vocab_size=VOCAB, eos_token_id=VOCAB - 1)
+    with torch.no_grad():
+        for block in model.layers:
+            block.self_attn.q_proj.weight.zero_()
+    return model
+
+
+def hand_entropy(prompt_tokens: int, generated: int) -> float:
+    """Algorithm 1 under uniform attention: answer token j is produced by the query at position prompt + j - 1,
+    which sees prompt + j keys; the mean over the answer's tokens."""
+    return sum(math.log(prompt_tokens + j) for j in range(generated)) / generated
+
+
+def answering(tokenizer, answer):
+    """A stand-in for answer_with_entropy that answers ``answer(prompt text)`` with entropy 1.0 in both layers."""
+    return lambda model, ids, max_new, eos: (tokenizer.encode(answer(tokenizer.decode(ids)), add_bos=False), [1.0, 1.0])
+
+
+def test_needle_cell_entropy_is_the_hand_value(tokenizer, haystack_file, uniform_model):
+    hay = needle_haystack(tokenizer, haystack_file, [500], max_new=5)
+    expected = hs.answer_words(hs.NEEDLE, hs.ANSWER_PREFIX)
+    cell = hs.needle_cell(uniform_model, hay, 500, 50, hs.NEEDLE, expected, 0.5)
+    hand = hand_entropy(cell["tokens"], cell["generated"])
+    assert cell["generated"] <= 5 and cell["tokens"] + 5 <= 500
+    assert cell["entropy"] == pytest.approx(hand, rel=1e-6)
+    assert cell["entropy_per_layer"] == pytest.approx([hand] * 2, rel=1e-6)
+    assert cell["haystack"] == [[str(haystack_file), 0, cell["context_tokens"]]]
+    assert cell["score"] == round(hs.recall(cell["answer"], expected), 4) and cell["trials"] == 1
+
+
+@pytest.mark.parametrize("pass_recall, passes", [(0.4, True), (0.5, False)])
+def test_needle_cell_passes_at_its_recall_threshold(tokenizer, haystack_file, monkeypatch, pass_recall, passes):
+    monkeypatch.setattr(hs, "answer_with_entropy", answering(tokenizer, lambda prompt: " eat a sandwich, then sit"))
+    hay = needle_haystack(tokenizer, haystack_file, [500], max_new=30)
+    cell = hs.needle_cell(None, hay, 500, 50, hs.NEEDLE, hs.answer_words(hs.NEEDLE, hs.ANSWER_PREFIX), pass_recall)
+    assert cell["answer"] == " eat a sandwich, then sit" and cell["score"] == round(3 / 7, 4)  # eat, sandwich, sit
+    assert cell["pass"] is passes and cell["pass_rate"] == float(passes)
+
+
+def test_passkey_cell_entropy_is_the_hand_value(tokenizer, uniform_model):
+    hay = passkey_haystack(tokenizer, [500], max_new=4)
+    keys = hs.passkeys(0, 500, 50, 3)
+    cell = hs.passkey_cell(uniform_model, hay, 500, 50, keys)
+    assert cell["keys"] == keys and cell["trials"] == 3 and len(cell["answers"]) == 3
+    assert cell["found"] == [hs.first_integer(a) for a in cell["answers"]]
+    hands = [hand_entropy(n, g) for n, g in zip(cell["tokens"], cell["generated"])]
+    assert cell["entropy_trials"] == pytest.approx(hands, rel=1e-6)
+    assert cell["entropy"] == pytest.approx(sum(hands) / 3, rel=1e-6)
+    assert cell["entropy_per_layer"] == pytest.approx([sum(hands) / 3] * 2, rel=1e-6)
+    assert all(n + 4 <= 500 for n in cell["tokens"]) and cell["haystack"][0][:2] == ["filler", 0]
+    sentence = max(map(len, hs.FILLER.split(". "))) + 2  # tokens: one filler sentence
+    assert all(0 <= 50 - d <= 100 * sentence / c for d, c in zip(cell["key_depth"], cell["context_tokens"]))
+
+
+def test_passkey_cell_scores_each_trial_by_its_own_key(tokenizer, monkeypatch):
+    keys = hs.passkeys(0, 500, 50, 3)
+    # answers the key hidden in the prompt for the first key only, and 11111 for the others
+    monkeypatch.setattr(hs, "answer_with_entropy", answering(
+        tokenizer, lambda prompt: f" {keys[0]}." if str(keys[0]) in prompt else " 11111 or so"))
+    cell = hs.passkey_cell(None, passkey_haystack(tokenizer, [500], max_new=8), 500, 50, keys)
+    assert cell["found"] == [keys[0], 11111, 11111] and cell["passed"] == 1 and cell["pass_rate"] == 1 / 3
+    assert hs.trial_outcomes(cell) == [(1.0, True), (1.0, False), (1.0, False)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a grid shows
+# ---------------------------------------------------------------------------------------------------------------
+
+def needle_row(length, passed, entropy):
+    return {"length": length, "depth": 50, "pass": passed, "pass_rate": float(passed), "trials": 1,
+            "entropy": entropy}
+
+
+def test_grid_findings_count_trials_with_wilson_intervals_and_name_each_reversal():
+    # 1000: 2 pass (entropy 2, 3) / 1 fails (5): failures higher; 2000: 1 passes (6) / 2 fail (4, 4): reversed;
+    # 4000: every cell fails
+    rows = [needle_row(1000, True, 2.0), needle_row(1000, True, 3.0), needle_row(1000, False, 5.0),
+            needle_row(2000, True, 6.0), needle_row(2000, False, 4.0), needle_row(2000, False, 4.0),
+            needle_row(4000, False, 7.0), needle_row(4000, False, 7.0), needle_row(4000, False, 7.0)]
+    lines, numbers = hs.grid_findings(rows, [1000, 2000, 4000], 1500)
+    assert lines[0] == "3/9 cells pass over 3 lengths: pass rate 0.33 [0.12, 0.65] (n=9)."   # Wilson of 3/9
+    assert lines[1] == ("Within the training length 1500: 2/3, 0.67 [0.21, 0.94] (n=3); past it: 1/6, "
+                        "0.17 [0.03, 0.56] (n=6).")
+    assert lines[2] == ("Cells passed per length, and their mean attention entropy: 1000: 2/3 (3.33 nats), "
+                        "2000: 1/3 (4.67 nats), 4000: 0/3 (7.00 nats).")
+    assert lines[3] == ("Mean attention entropy 5.67 nats over the 6 failing cells, 3.67 over the 3 passing ones: "
+                        "higher for the failing ones; per length, the other way at 2000 (failing 4.00, passing 6.00).")
+    assert numbers["passed"] == 3 and numbers["pass_rate_n"] == 9 and numbers["unit"] == "cells"
+    assert numbers["pass_rate_low"] == pytest.approx(0.1206, abs=1e-4)
+    assert [(r["length"], r["passed"], r["failed"]) for r in numbers["per_length"]] == [(1000, 2, 1), (2000, 1, 2),
+                                                                                        (4000, 0, 3)]
+    assert numbers["per_length"][2]["entropy_pass"] is None and numbers["per_length"][2]["entropy_fail"] == 7.0
+
+
+def test_grid_findings_of_passkey_trials_and_of_a_grid_that_never_passes():
+    cell = {"length": 1000, "depth": 50, "keys": [11111, 22222], "found": [11111, 3], "entropy_trials": [2.0, 4.0],
+            "trials": 2, "passed": 1, "pass_rate": 0.5, "entropy": 3.0}
+    lines, numbers = hs.grid_findings([cell, {**cell, "depth": 90}], [1000], 4096)
+    assert lines[0] == "2/4 trials pass over 1 length: pass rate 0.50 [0.15, 0.85] (n=4)."
+    assert len(lines) == 3  # no training-length split: every length is inside it
+    assert lines[2].endswith("2.00 over the 2 passing ones: higher for the failing ones; per length, the same at "
+                             "every length that holds both.")
+    lines, _ = hs.grid_findings([{**cell, "found": [0, 0]}], [1000], 4096)
+    assert lines[0].startswith("0/2 trials pass") and lines[2] == (
+        "Mean attention entropy 3.00 nats over all 2 trials, every one of which failed: no passing / failing "
+        "comparison.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

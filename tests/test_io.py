@@ -70,3 +70,20 @@ def test_summaries_are_read_back_as_written_and_a_foreign_file_is_an_error(tmp_p
     write_json(tmp_path / "other_summary.json", {"rows": []})
     with pytest.raises(RopeliteError, match="not a results summary"):
         read_summaries(tmp_path)
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tmp_path, existed):
+    out = tmp_path / "new" / "out"
+    if existed:
+        out.mkdir(parents=True)
+    code = ("from ropelite.cli import check, run_script; from ropelite.io import lock_out\n"
+            f"run_script(lambda: (lock_out({str(out)!r}), check(False, 'bad input')))")
+    failed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stderr.strip() == "error: bad input"
+    assert out.is_dir() == existed and (tmp_path / "new").is_dir() == existed
+    # a run that wrote something keeps its folder
+    wrote = ("from ropelite.io import lock_out, write_json\n"
+             f"write_json(lock_out({str(out)!r}) / 'rows.json', [])")
+    assert subprocess.run([sys.executable, "-c", wrote], cwd=ROOT).returncode == 0
+    assert (out / "rows.json").is_file()

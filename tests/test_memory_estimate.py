@@ -32,9 +32,10 @@ def tiny(hidden: int, layers: int, vocab: int, tied: bool = False) -> LlamaConfi
 
 def training_step(model, length: int, micro_batches: int, micro_batch: int, dtype: torch.dtype, world: int = 1,
                   sync_every_micro_batch: bool = False):
-    """train.py's optimizer step on random tokens: (the step, its optimizer)."""
+    """train.py's optimizer step (ropelite.trainer.optimizer_step's, with the choice of sync) on random tokens:
+    (the step, its optimizer)."""
     optimizer = make_optimizer(model, 1e-4, (0.9, 0.95), 0.0, torch.device("cpu"))
-    batches = [torch.randint(0, model.config.vocab_size, (micro_batch, length)) for _ in range(micro_batches)]
+    batches = [(torch.randint(0, model.config.vocab_size, (micro_batch, length)),) for _ in range(micro_batches)]
 
     def step():
         with sync_on_last_micro_batch(model, micro_batches, sync_every_micro_batch):

@@ -1,7 +1,7 @@
-"""needle.py, both tasks: the entropy of a whole cell against its closed form, what each row records (corpus,
-pieces, chat, keys, training length), resume after a completed and a killed run, one-line errors. (Placement
-and scoring are tested in test_haystack.py, the grid grammar in test_cli.py, the entropy meter in
-test_attention.py.)
+"""needle.py, both tasks: what each row records (corpus, pieces, chat, keys, training length, the cell's entropy
+from the model the flags chose), the summary of the run's grid, resume after a completed and a killed run,
+one-line errors. (The cells, placement, scoring and the grid's findings are tested in test_haystack.py, the grid
+grammar in test_cli.py, the entropy meter in test_attention.py.)
 
 The model is a tiny random LLaMa with a byte-level tokenizer (one token per ASCII character).
 """
@@ -15,9 +15,11 @@ import torch
 from test_haystack import SENTENCES, VOCAB, write_byte_tokenizer
 
 import needle
+from ropelite import books, haystack
 from ropelite.cli import run_script
-from ropelite.haystack import first_integer, passkeys
+from ropelite.haystack import passkeys
 from ropelite.hf import config_to_hf, save_model
+from ropelite.tokenizer import load_tokenizer
 
 # The built-in books stand-in: needle.py's default haystack without a download (ropelite.books is tested in
 # test_books.py). "tiny" is too short for any context here, so the sample rule must pick "long".
@@ -26,7 +28,7 @@ BOOKS = [("tiny", "Too short. "), ("long", " ".join(SENTENCES * 60))]
 
 @pytest.fixture(autouse=True)
 def books_stand_in(monkeypatch):
-    monkeypatch.setattr(needle.books, "documents", lambda: BOOKS)
+    monkeypatch.setattr(books, "documents", lambda: BOOKS)
 
 
 @pytest.fixture
@@ -67,25 +69,40 @@ def test_cell_entropy_is_the_hand_value(model_dir, tmp_path):
     assert row["chat"] is True and row["train_len"] == 64 and row["pass_rate"] in (0.0, 1.0)
 
 
-def test_passkey_cell(model_dir, tmp_path):
+def test_passkey_rows(model_dir, tmp_path):
     out = tmp_path / "out"
-    needle.main(["--model", str(model_dir(zero_q=True)), "--task", "passkey", "--trials", "3", "--no-chat",
-                 "--lengths", "500", "--depths", "50", "--max-new-tokens", "4", "--out", str(out)])
+    needle.main(["--model", str(model_dir(zero_q=True)), "--task", "passkey", "--trials", "3", "--seed", "7",
+                 "--no-chat", "--lengths", "500", "--depths", "50", "--max-new-tokens", "4", "--out", str(out)])
     (row,) = read(out, "passkey")
-    assert row["keys"] == passkeys(0, 500, 50, 3) and row["trials"] == 3 and len(row["answers"]) == 3
-    assert row["found"] == [first_integer(a) for a in row["answers"]]
-    assert row["passed"] == sum(f == k for f, k in zip(row["found"], row["keys"]))
-    assert row["pass_rate"] == row["passed"] / 3
+    assert row["keys"] == passkeys(7, 500, 50, 3) and row["trials"] == 3 and len(row["answers"]) == 3
+    assert all(n + 4 <= 500 and 1 <= g <= 4 for n, g in zip(row["tokens"], row["generated"]))  # --max-new-tokens
     hands = [sum(math.log(n + j) for j in range(g)) / g for n, g in zip(row["tokens"], row["generated"])]
-    assert row["entropy_trials"] == pytest.approx(hands, rel=1e-6)
     assert row["entropy"] == pytest.approx(sum(hands) / 3, rel=1e-6)
-    assert row["entropy_per_layer"] == pytest.approx([sum(hands) / 3] * 2, rel=1e-6)
     assert row["chat"] is False and row["corpus"] == "filler" and row["haystack"][0][:2] == ["filler", 0]
-    assert all(n + 4 <= 500 for n in row["tokens"])
-    sentence = max(map(len, needle.FILLER.split(". "))) + 2  # tokens: one filler sentence
-    assert all(0 <= 50 - d <= 100 * sentence / c for d, c in zip(row["key_depth"], row["context_tokens"]))
     (png,) = out.glob("passkey_rope_*.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_summary_is_this_runs_grid(model_dir, tmp_path, monkeypatch):
+    """TASK_summary.json: the headline of the grid just run (not of other settings' rows in the same --out),
+    beside the claim, with the numbers haystack.grid_findings makes of these very rows."""
+    out, path = tmp_path / "out", str(model_dir())
+    argv = ["--model", path, "--task", "passkey", "--trials", "2", "--no-chat", "--depths", "0", "100",
+            "--max-new-tokens", "3", "--out", str(out)]
+    needle.main(argv + ["--lengths", "450"])
+    one = load_tokenizer(path).encode(" 1", add_bos=False)  # the second grid answers 1, never a key, at entropy 2
+    monkeypatch.setattr(haystack, "answer_with_entropy", lambda *a: (one, [1.0, 3.0]))
+    needle.main(argv + ["--lengths", "600", "--seed", "1"])
+    summary = json.loads((out / "passkey_summary.json").read_text())
+    rows = [r for r in read(out, "passkey") if r["length"] == 600]
+    lines, numbers = haystack.grid_findings(rows, [600], 64)
+    assert summary["finding"] == lines
+    assert lines[0] == "0/4 trials pass over 1 length: pass rate 0.00 [0.00, 0.49] (n=4)."
+    assert lines[2].startswith("Mean attention entropy 2.00 nats over all 4 trials, every one of which failed")
+    assert summary["numbers"] == {"settings": rows[0]["settings"], "model": path, "rope": "rope", "depths": [0, 100],
+                                  **numbers}
+    assert summary["title"] == "Passkey retrieval, model rope, plain prompt" and "YaRN" in summary["claim"]
+    assert summary["results"] == "passkey"
 
 
 def test_dashed_line_at_the_length_ropelite_trained_at(tiny_llama, tmp_path):
@@ -102,7 +119,7 @@ def test_dashed_line_at_the_length_ropelite_trained_at(tiny_llama, tmp_path):
 def test_resume_skips_done_cells_and_survives_a_kill(model_dir, tmp_path, count_calls):
     path = str(model_dir())
     argv = ["--model", path, "--lengths", "450", "600", "--depths", "0", "100", "--max-new-tokens", "3"]
-    calls = count_calls(needle, "answer_with_entropy")
+    calls = count_calls(haystack, "answer_with_entropy")
     out = tmp_path / "full"
     needle.main(argv + ["--out", str(out)])
     full = read(out)
@@ -139,7 +156,7 @@ def test_resume_skips_done_cells_and_survives_a_kill(model_dir, tmp_path, count_
 def test_passkey_cells_resume(model_dir, tmp_path, count_calls):
     argv = ["--model", str(model_dir()), "--task", "passkey", "--trials", "2", "--lengths", "450", "600",
             "--depths", "0", "100", "--max-new-tokens", "3"]
-    calls = count_calls(needle, "answer_with_entropy")
+    calls = count_calls(haystack, "answer_with_entropy")
     out = tmp_path / "full"
     needle.main(argv + ["--out", str(out)])
     full = read(out, "passkey")

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import paper  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.hf import save_model  # noqa: E402
-from ropelite.io import markdown_table, pivot  # noqa: E402
+from ropelite.io import markdown_table, pivot, write_summary  # noqa: E402
 
 
 def test_pivot_turns_long_rows_wide():
@@ -72,6 +72,9 @@ def test_new_results_or_a_failure_take_the_new_time(tmp_path):
     paper.record(pieces, step, 0, 100.0)
     paper.record(pieces, step, 0, 2.0)                      # nothing new: the 100 s stay
     assert pieces["ppl"]["seconds"] == 100.0
+    write_summary(tmp_path, "ppl", "t", "c", ["a line"], {})  # a summary is made from the results: still nothing new
+    paper.record(pieces, step, 0, 3.0)
+    assert pieces["ppl"]["seconds"] == 100.0 and pieces["ppl"]["rerun_seconds"] == 3.0
     (tmp_path / "ppl.json").write_text("[1, 2]")            # a row more: this run's time
     paper.record(pieces, step, 0, 50.0)
     assert pieces["ppl"] == {"code": 0, "seconds": 50.0, "fingerprint": paper.fingerprint(tmp_path)}
@@ -79,19 +82,30 @@ def test_new_results_or_a_failure_take_the_new_time(tmp_path):
     assert pieces["ppl"]["code"] == 3 and pieces["ppl"]["seconds"] == 1.0
 
 
-def test_summary_states_each_finding_in_the_measured_numbers(tmp_path):
-    (tmp_path / "ppl").mkdir()
-    (tmp_path / "ppl" / "ppl.json").write_text(paper.json.dumps([
-        {"label": "rope", "length": 2048, "ppl": 10.0, "docs": 4}, {"label": "rope", "length": 16384, "ppl": 31.1,
-                                                                    "docs": 4},
-        {"label": "yarn x4", "length": 16384, "ppl": 11.2, "docs": 4}]))
+def test_the_summary_quotes_each_pieces_own_summary_files_and_nothing_else(tmp_path):
+    """paper.py knows no script's keys: a piece's findings are the summary files its script wrote. A piece whose
+    folder holds results but no summary (as every folder did before the scripts wrote one) shows none."""
+    write_summary(tmp_path / "ppl", "ppl", "Perplexity past the training length", "NTK holds, RoPE fails",
+                  ["16384 tokens (n = 4 documents): rope 31.10, yarn x4 11.20.", "Lowest past 8192: yarn x4."],
+                  {"rows": []})
     (tmp_path / "needle-rope").mkdir()
     (tmp_path / "needle-rope" / "needle.json").write_text(paper.json.dumps([
-        {"rope": "rope", "pass_rate": 1.0, "entropy": 2.5}, {"rope": "rope", "pass_rate": 0.0, "entropy": 4.25}]))
-    steps = [{"key": "ppl", "argv": ["eval_ppl.py", "--out", str(tmp_path / "ppl")]},
-             {"key": "needle-rope", "argv": ["needle.py", "--out", str(tmp_path / "needle-rope")]},
-             {"key": "attention", "argv": ["analyze.py", "--out", str(tmp_path / "missing")]}]
-    lines = paper.summary(steps)
-    assert "at 16384 tokens rope 31.10, yarn x4 11.20 (4 document(s), training-free)." in lines[0]
-    assert "1/2 cells pass; mean entropy 2.50 nats where they pass, 4.25 where they fail." in lines[1]
-    assert len([line for line in lines if line.startswith("- ")]) == 2   # nothing for a piece without results
+        {"rope": "rope", "length": 1000, "depth": 50, "pass_rate": 1.0, "entropy": 2.5}]))
+    steps = [{"key": "ppl", "title": "ppl", "argv": ["eval_ppl.py", "--out", str(tmp_path / "ppl")]},
+             {"key": "needle-rope", "title": "needle", "argv": ["needle.py", "--out", str(tmp_path / "needle-rope")]},
+             {"key": "attention", "title": "attention", "argv": ["analyze.py", "--out", str(tmp_path / "missing")]}]
+    report = paper.write_report(tmp_path, steps, {}).read_text()
+    assert ("## Summary: what each finding looks like here, beside the paper's claim\n\n"
+            "### Perplexity past the training length\n\nPaper: NTK holds, RoPE fails\n\nMeasured here:\n\n"
+            "- 16384 tokens (n = 4 documents): rope 31.10, yarn x4 11.20.\n- Lowest past 8192: yarn x4.\n") in report
+    assert report.count("### ") == 1 and "cells pass" not in report
+    (tmp_path / "ppl" / "ppl_summary.json").unlink()
+    assert paper.summary(steps) == [] and "## Summary" not in paper.write_report(tmp_path, steps, {}).read_text()
+
+
+def test_a_summary_file_that_is_not_one_is_an_error(tmp_path):
+    (tmp_path / "ppl").mkdir()
+    (tmp_path / "ppl" / "ppl_summary.json").write_text('{"title": "no claim"}')
+    step = {"key": "ppl", "title": "ppl", "argv": ["eval_ppl.py", "--out", str(tmp_path / "ppl")]}
+    with pytest.raises(RopeliteError, match="is not a results summary"):
+        paper.summary([step])

@@ -1,5 +1,6 @@
-"""train.py and ropelite.training: token counts, packing, the schedule, gradients against an independent loss,
-bit-identical resume, the saved folder's RoPE record, learning, FSDP on 2 CPU processes, and one-line errors.
+"""train.py, its trainer (ropelite.trainer) and ropelite.training: token counts, packing, the schedule, gradients
+and one optimizer step against an independent loss and AdamW, bit-identical resume, the saved folder's RoPE and
+"trained" record, learning, FSDP on 2 CPU processes, and one-line errors.
 
 Every run is a tiny random model (2 blocks, hidden 32) on 32-token sequences, a few steps.
 """
@@ -18,12 +19,14 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 import train  # noqa: E402
+from ropelite import trainer  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.hf import load_model, save_model, trained_length
 from ropelite.model import Llama, LlamaConfig
 from ropelite.rope import RopeConfig  # noqa: E402
 from ropelite.data import PackedSequences, pack_documents  # noqa: E402
 from ropelite.tokenizer import ByteTokenizer  # noqa: E402
+from ropelite.parallel import make_optimizer  # noqa: E402
 from ropelite.training import (accumulate_gradients, latest_checkpoint, learning_rate,  # noqa: E402
                                load_trainer_state)
 
@@ -72,6 +75,17 @@ def test_learning_rate_schedule():
     assert learning_rate(9, 1.0, 4, 10, "constant") == 1.0
 
 
+def test_learning_rate_floor_clamps_the_decay_but_not_the_warmup():
+    """floor: after the warmup the lr never drops below floor x peak (the ablation's pretraining floors its
+    cosine at 0.1); the warmup still starts from 0."""
+    assert learning_rate(0, 1.0, 4, 10, "cosine", floor=0.1) == 0.0
+    assert learning_rate(2, 1.0, 4, 10, "cosine", floor=0.1) == 0.5
+    assert learning_rate(7, 1.0, 4, 10, "cosine", floor=0.1) == pytest.approx(0.5)      # above the floor: as is
+    assert learning_rate(9, 1.0, 4, 10, "cosine") == pytest.approx(0.0670, abs=1e-4)    # cos(pi 5/6) decay ...
+    assert learning_rate(9, 1.0, 4, 10, "cosine", floor=0.1) == 0.1                      # ... held at the floor
+    assert learning_rate(9, 1.0, 4, 10, "linear", floor=0.25) == 0.25
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_learning_rate_is_transformers_warmup_schedule(schedule):
     """The lr each optimizer step uses, against transformers' schedulers (YaRN's finetune.py uses the linear
@@ -90,10 +104,10 @@ def test_learning_rate_is_transformers_warmup_schedule(schedule):
 
 
 def test_default_factor_is_len_over_original():
-    assert train.default_factor("yarn", 32768, 8192, None) == 4.0
-    assert train.default_factor("pi", 4096, 8192, None) == 1.0                # len <= L: no extension
-    assert train.default_factor("yarn", 32768, 8192, 8.0) == 8.0
-    assert train.default_factor("rope", 32768, 8192, None) is None            # plain RoPE has no factor
+    assert trainer.default_factor("yarn", 32768, 8192, None) == 4.0
+    assert trainer.default_factor("pi", 4096, 8192, None) == 1.0                # len <= L: no extension
+    assert trainer.default_factor("yarn", 32768, 8192, 8.0) == 8.0
+    assert trainer.default_factor("rope", 32768, 8192, None) is None            # plain RoPE has no factor
 
 
 def test_accumulated_gradients_equal_the_full_batch_mean_loss(tiny_llama):
@@ -102,13 +116,45 @@ def test_accumulated_gradients_equal_the_full_batch_mean_loss(tiny_llama):
     ids = torch.randint(0, 97, (4, 24))
     model, reference = tiny_llama(seed=3).train(), tiny_llama(seed=3).train()
     model.gradient_checkpointing = True
-    nll = accumulate_gradients(model, [ids[:2], ids[2:]], n_predicted=4 * 23)
+    nll = accumulate_gradients(model, [(ids[:2],), (ids[2:],)], n_predicted=4 * 23)
     logits = reference(ids)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
     loss.backward()
     assert float(nll) / (4 * 23) == pytest.approx(loss.item(), rel=1e-6)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_optimizer_step_descends_the_clipped_gradient_of_the_mean_loss(tiny_llama):
+    """trainer.optimizer_step with plain SGD, whose update shows the gradient: w - lr * g * min(1, clip / |g|), g
+    that of one full-batch cross-entropy on forward()'s logits, from two micro-batches of the chunked loss; the lr
+    is the one the step is given, and the gradients are cleared after."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, 97, (4, 24))
+    model, reference = tiny_llama(seed=4).train(), tiny_llama(seed=4).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss, norm = trainer.optimizer_step(model, optimizer, [(ids[:1],), (ids[1:],)], 0.1, 4 * 23, clip=0.5)
+    logits = reference(ids)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    expected.backward()
+    grads = [q.grad for q in reference.parameters()]
+    expected_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert loss == pytest.approx(expected.item(), rel=1e-6) and norm == pytest.approx(expected_norm, rel=1e-5)
+    assert norm > 0.5 and optimizer.param_groups[0]["lr"] == 0.1
+    for (name, p), q, g in zip(model.named_parameters(), reference.parameters(), grads):
+        assert p.grad is None, name
+        torch.testing.assert_close(p, q - 0.1 * g * (0.5 / expected_norm), rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_non_finite_loss_stops_the_step_before_the_weights_change(tiny_llama):
+    model = tiny_llama(seed=4).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = make_optimizer(model, 1e-3, (0.9, 0.95), 0.0, torch.device("cpu"))
+    poisoned = lambda m, ids: (m.nll(ids)[0] * float("inf"), m.nll(ids)[0])  # noqa: E731
+    with pytest.raises(trainer.NonFiniteLoss,
+                       match=r"^loss [0-9.]+ \(gradient norm (nan|inf)\): stopped before updating the weights$"):
+        trainer.optimizer_step(model, optimizer, [(torch.randint(0, 97, (1, 8)),)], 1e-3, 7, loss_fn=poisoned)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------- runs
@@ -156,6 +202,9 @@ def test_resume_is_bit_identical_and_the_folder_records_its_rope(tmp_path):
     assert (own["rope"], own["factor"], own["theta"], own["original_max_position_embeddings"],
             own["max_position_embeddings"]) == ("yarn", 2.0, 10000.0, 16, 32)
     assert own["trained"]["len"] == 32 and trained_length(cut) == 32 and own["trained"]["tokens"] == 768
+    assert (own["trained"]["step"], own["trained"]["steps"], own["trained"]["sequences_per_step"],
+            own["trained"]["batch_tokens"], own["trained"]["init"], own["trained"]["data"]) == \
+        (6, 6, 4, 128, "random", {"builtin": "prose"})
     assert config["rope_scaling"]["rope_type"] == "yarn" and config["rope_scaling"]["factor"] == 2.0
     assert config["max_position_embeddings"] == 32
     model = load_model(cut)   # the out folder itself is the model
@@ -271,9 +320,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         nll = accumulate_gradients(*args, **kwargs)
         return nll * float("nan") if len(calls) == 3 else nll
 
-    monkeypatch.setattr(train, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(trainer, "accumulate_gradients", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(RopeliteError, match=r"loss nan .* at step 3: stopped .* checkpoint .* \(step 2\)"):
+    with pytest.raises(RopeliteError, match=r"^step 3: loss nan \(gradient norm [0-9.]+\): stopped before updating "
+                                            r"the weights; the last good checkpoint is .* \(step 2\)$"):
         train.main(TINY + ["--tokens", "640", "--save-every", "1", "--out", str(out)])
     assert load_trainer_state(latest_checkpoint(out))["step"] == 2
     assert all(torch.isfinite(t).all() for t in weights(out).values())
@@ -314,11 +364,12 @@ def test_first_sigterm_saves_and_resume_is_bit_identical(tmp_path):
 
     def run_signalled(out, kills):
         script = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); import train; "
-                  "from ropelite.cli import run_script; calls = []; real = train.accumulate_gradients\n"
+                  "from ropelite import trainer; from ropelite.cli import run_script; calls = []; "
+                  "real = trainer.accumulate_gradients\n"
                   "def signalled(*a, **k):\n    calls.append(1)\n    if len(calls) == 3:\n"
                   f"        for _ in range({kills}): os.kill(os.getpid(), signal.SIGTERM)\n"
                   "    return real(*a, **k)\n"
-                  f"train.accumulate_gradients = signalled; run_script(lambda: train.main({args + ['--out', str(out)]!r}))")
+                  f"trainer.accumulate_gradients = signalled; run_script(lambda: train.main({args + ['--out', str(out)]!r}))")
         return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
     done = run_signalled(tmp_path / "cut", kills=1)
@@ -347,7 +398,7 @@ def test_a_second_run_on_a_locked_out_fails_in_one_line_and_the_first_finishes(t
                                           "--out", str(out)], capture_output=True, text=True, timeout=120))
         return accumulate_gradients(*args, **kwargs)
 
-    monkeypatch.setattr(train, "accumulate_gradients", with_a_second_run)
+    monkeypatch.setattr(trainer, "accumulate_gradients", with_a_second_run)
     train.main(TINY + ["--tokens", "512", "--out", str(out)])
     assert second[0].returncode == 2
     assert second[0].stderr.strip().splitlines() == [
@@ -386,7 +437,7 @@ def test_byte_tokenizer_config_is_checked(tmp_path):
 
 
 def test_notices_derived_factor_short_warmup_long_run(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "DAY_S", 1e-9)   # any run is "long": the notice of the first micro-batch shows
+    monkeypatch.setattr(trainer, "DAY_S", 1e-9)   # any run is "long": the notice of the first micro-batch shows
     train.main(TINY + ["--rope", "yarn", "--orig-len", "16", "--tokens", "256", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert ("rope: --factor not given, so s = max(1, len / L) = max(1, 32 / 16) = 2; a run at another --len "
