@@ -2,6 +2,7 @@
 k/v expanded for the memory-efficient kernel), mixed-precision FSDP2 on 2 gloo processes, torch.compile per
 block, and the lean mode (bf16 weights + torchao's 8-bit AdamW: the loss falls, resume is exact)."""
 
+import gc
 import importlib.util
 import json
 import math
@@ -146,6 +147,11 @@ def _sync_modes_worker(rank: int, world: int, rendezvous: str, out: str) -> None
         saved[every] = {"synced": synced, "grads": grads}
     if rank == 0:
         torch.save(saved, out)
+    # Both ranks done, and no FSDP tensor left for gloo's threads to release during the interpreter's exit (which
+    # aborts the process: pytorch/pytorch#179291)
+    dist.barrier()
+    del model, grads, saved
+    gc.collect()
     dist.destroy_process_group()
 
 
