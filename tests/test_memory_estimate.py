@@ -113,8 +113,8 @@ def test_parallel_py_quotes_the_estimate():
 
 # ---------------------------------------------------------------------------------------------- measured, 1 process
 
-ONE_PROCESS = {  # name: (config, len, estimate/step options); each peaks in another phase of the step
-    "fp32, loss-bound": (tiny(256, 4, 8192), 1024, dict()),
+ONE_PROCESS = {  # name: (config, len, estimate/step options); with FSDP below, each phase is the peak of some case
+    "fp32, vocabulary 8192": (tiny(256, 4, 8192), 1024, dict()),
     "fp32, no checkpointing": (tiny(128, 4, 2048), 512, dict(grad_ckpt=False)),
     "fp32, 3 micro-batches": (tiny(64, 2, 512), 256, dict(micro_batches=3)),
     "fp32, 2 micro-batches of 2": (tiny(64, 2, 512), 256, dict(micro_batches=2, micro_batch=2)),
