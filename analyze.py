@@ -5,8 +5,8 @@
     python analyze.py attention --reference-model path/to/long-context-model --lengths 8192
     python analyze.py attention --data book.txt --samples 10 --lengths 2048   # 10 windows of one long book
     python analyze.py attention --model path/to/model --rope rope --lengths 128 256 512 1024 2048  # entropy vs L
-    python analyze.py bound --dim 128                        # Men et al.'s table, 1K..128K (~5 CPU-minutes)
-    python analyze.py bound --dim 128 --lengths 1024:1048576  # all of it, to 1M (hours: the cost grows like L^2)
+    python analyze.py bound --dim 128                        # Men et al.'s table, 1K..128K (about 10 s)
+    python analyze.py bound --dim 128 --lengths 1024:1048576  # all of it, to 1M (about 2 minutes on 2 cores)
     python analyze.py freqs --rope rope pi ntk yarn dynamic llama3 --factor 4
     python analyze.py freqs --dim 128 --theta 10000 --original 4096 --factor 16
 
@@ -30,17 +30,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ropelite.attention import DEFINITIONS, Variant, measure, pick_samples, state_meta, summarize
+from ropelite import attention, bound
+from ropelite.attention import DEFINITIONS, Variant, measure, pick_samples, state_meta
 from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, load_for, parse_grid,
                           run_script, token_bar, variant_config)
-from ropelite.data import TEXT_SUFFIXES, load_documents
+from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
 from ropelite.hf import read_config
-from ropelite.io import lock_out, pyplot, save_figure, write_csv, write_json
+from ropelite.io import lock_out, pyplot, save_figure, write_csv, write_json, write_summary
 from ropelite.model import LlamaConfig
-from ropelite.presets import PRESETS, preset
-from ropelite.rope import (MEN_RESOLUTION, RopeConfig, bulk_base_for_context, context_of_base, first_negative_B,
-                           men_B, min_base_for_context, rope_inv_freq)
+from ropelite.rope import RopeConfig, pair_table
 
 # ----------------------------------------------------------------------------------------------------------------
 # attention: seed paper Figure 2 and Table 1
@@ -206,31 +205,17 @@ def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
     return variants, reference, tokenizers, vocab
 
 
-def corpus_names(args, count: int) -> tuple[str, list[str | None]]:
-    """The corpus's name for result files and each document's name where it has one: the built-in books, and
-    --data text files (one document each)."""
-    if args.data:
-        files = [Path(item).expanduser() for item in args.data]
-        whole = len(files) == count and all(f.is_file() and f.suffix in TEXT_SUFFIXES for f in files)
-        return "data: " + " ".join(args.data), [f.name for f in files] if whole else [None] * count
-    if args.builtin == "books":
-        from ropelite.books import document_names
-        return "builtin:books", document_names()
-    return f"builtin:{args.builtin}", [None] * count
-
-
 def attention_main(args) -> None:
     lengths = parse_grid(args.lengths, "--lengths")
     check(lengths[0] >= 2, "--lengths must be at least 2 tokens")
     check(args.samples >= 1, "--samples must be at least 1")
     check(args.max_curves >= 0, "--max-curves must be >= 0")
     docs = load_documents(args.data, args.builtin, min_chars=math.ceil(4.5 * max(lengths)))
-    corpus, names = corpus_names(args, len(docs))
+    corpus, names = attention.corpus_names(args.data, args.builtin, len(docs))
     variants, reference, tokenizers, vocab = load_variants(args)
     entries = variants + ([] if reference in variants else [reference])
     picks = pick_samples(docs, tokenizers, vocab, lengths, args.samples)
-    windows = {str(L): [{"document": s.document, "name": names[s.document], "token_offset": s.offset}
-                        for s in picks[L]] for L in lengths}
+    windows = {str(L): [s.record(names) for s in picks[L]] for L in lengths}
     out = Path(args.out)
     settings = {"model": args.model, "reference_model": args.reference_model, "dtype": args.dtype,
                 "data": corpus, "samples": args.samples, "lengths": lengths,
@@ -247,11 +232,7 @@ def attention_main(args) -> None:
             red = measure(entries, reference, picks[L], out / f"attention_L{L}.npz", meta, bar)
             used = list(dict.fromkeys(names[s.document] or s.document for s in picks[L]))  # in sample order
             named = ", ".join(map(str, used)) if len(used) <= 6 else f"{len(used)} documents"
-            for v in entries:
-                n = red[v.label].samples
-                rows.append({"length": L, "rope": v.label, "reference": reference.label, "samples": n,
-                             "documents": len(used), "distributions": n * v.config.num_hidden_layers *
-                             v.config.num_attention_heads, **summarize(red[v.label], red[reference.label])})
+            rows += attention.length_rows(L, entries, reference, red, len(used))
             write_csv(out / "attention.csv", rows)
             write_json(out / "attention.json", {"settings": settings, "definitions": DEFINITIONS,
                                                 "windows": windows, "rows": rows})
@@ -259,6 +240,8 @@ def attention_main(args) -> None:
                                             args.max_curves, f"{title}; {corpus}, {named}"),
                         out / f"attention_L{L}.png", dpi=110)
             save_figure(entropy_figure(rows), out / "attention_entropy.png", dpi=110)
+            write_summary(out, "attention", *attention.summary(rows, c.rope.original_max_position_embeddings,
+                                                               args.reference_model is None))
     print(table1(rows))
     print(f"wrote {out}/attention.json, attention.csv, attention_L*.png, attention_entropy.png")
 
@@ -285,33 +268,26 @@ Men et al. 2024 (Theorem 1): B_m = sum_{i<d/2} cos(m theta_i), theta_i = b^(-2i/
 ability to attend more to similar tokens than to random ones. The context a base reaches is
 L_b = sup{L : B_m >= 0 for every m in [0, L]}; the lower bound of the base for a context L is the smallest b whose
 B_m >= 0 for every m <= L. The feasible set is not monotone in b (narrow feasible islands lie below the bulk), so
-rope.min_base_for_context scans upwards from b = L with steps certified by a bound on the slope of B in ln b
-(|dB_m/d ln b| <= m sum_i (2i/d) theta_i): every base skipped is proven infeasible, except in gaps of at most
---resolution (relative) where min_m B_m is within a hair of 0. The bulk is the smallest scanned base above which
-every scanned base up to --bulk-up-to times the smallest one is feasible.
+bound.min_base_scan walks up from b = 1 with steps certified by a bound on B's slope and curvature in ln b
+(|B_m(u + s) - B_m(u) - s B_m'(u)| <= s^2 sum_i x_i^2 (phi_i^2 + phi_i) / 2, u = ln b, x_i = 2i/d, phi_i = m theta_i):
+at each base one m with B_m < 0 proves every base up to the next one infeasible. Where that step would be below
+--resolution (relative), the scan steps by --resolution and a witness at the next base must reach back over the
+step; a step it cannot close is an open gap, the only place an island could hide. The answer is checked by direct
+float64 sums over every m <= L. The bulk is the smallest base above which every base up to --bulk-up-to times
+the smallest one is feasible, by a certified walk down from there.
 
-bound.json/csv: one row per length: our min_base (the infimum) and bulk_base; the paper's printed base (d=128
-only), whether it satisfies its own criterion (B_m >= 0 for all m <= L) and the context it reaches; the context
-our base reaches. Contexts are searched up to 2L. Then, per model (--model, --theta with --dim; default:
+bound.json/csv: one row per length: our min_base, infeasible_below (every base from 1 up to it is proven to fail,
+so the infimum lies between the two), open_gaps, bulk_base; the paper's printed base (d=128 only), whether it
+satisfies its own criterion (B_m >= 0 for all m <= L) and the context it reaches; the context our base reaches.
+Contexts are searched up to 2L. Then, per model (--model, --theta with --dim; default:
 SmolLM2-135M and LLaMa-2-7B), the context its base reaches (searched up to 2^22) next to its training length.
 bound.png: B_m for --plot-bases (log x, m up to max(2^20, the longest length)), the first negative m of each
 marked. Rows are written after each length; a rerun with the same --dim, --resolution and --bulk-up-to skips the
 lengths already in bound.json.
 """
 
-# Men et al. 2024, their table of lower bounds of the base (d = 128), as printed (two digits).
-PAPER_BASES_D128 = {1024: 4.3e3, 2048: 1.6e4, 4096: 2.7e4, 8192: 8.4e4, 16384: 3.1e5, 32768: 6.4e5,
-                    65536: 2.1e6, 131072: 7.8e6, 262144: 3.6e7, 524288: 6.4e7, 1048576: 5.1e8}
-
-
-def known_models() -> list[tuple]:
-    """(name, head dim, base, training length) of the preset models: their base is known without loading them."""
-    return [(name, c.head_dim, c.rope.theta, c.rope.original_max_position_embeddings)
-            for name, c in ((name, preset(name)) for name in PRESETS)]
-
-
 def model_context_rows(args) -> list[dict]:
-    """How far the base of each model reaches, next to the length it was trained at."""
+    """bound.model_rows of --model (their config.json) and of --theta at --dim, or of the preset models."""
     from ropelite.hub import resolve_model
 
     found = []
@@ -319,24 +295,7 @@ def model_context_rows(args) -> list[dict]:
         c = read_config(resolve_model(name))
         found.append((name, c.head_dim, c.rope.theta, c.rope.original_max_position_embeddings))
     found += [(f"theta={t:g}", args.dim, t, None) for t in args.theta or []]
-    rows = []
-    for name, dim, base, trained in found or known_models():
-        reached = context_of_base(dim, base, 1 << 22)
-        rows.append({"model": name, "dim": dim, "base": base, "trained_length": trained, "context_reached": reached,
-                     "reaches_trained_length": None if trained is None else reached >= trained})
-    return rows
-
-
-def bound_row(dim: int, length: int, resolution: float, bulk_up_to: float) -> dict:
-    found = min_base_for_context(dim, length, resolution=resolution)
-    bulk = bulk_base_for_context(dim, length, found, found * bulk_up_to, resolution)
-    row = {"length": length, "dim": dim, "resolution": resolution, "bulk_up_to": bulk_up_to, "min_base": found,
-           "bulk_base": bulk, "min_base_context": context_of_base(dim, found, 2 * length)}
-    paper = PAPER_BASES_D128.get(length) if dim == 128 else None
-    reached = None if paper is None else context_of_base(dim, paper, 2 * length)
-    row.update(paper_base=paper, paper_base_reaches=None if paper is None else reached >= length,
-               paper_base_context=reached, min_base_over_paper=None if paper is None else found / paper)
-    return row
+    return bound.model_rows(found or bound.known_models())
 
 
 def draw_B(dim: int, bases: list[float], max_m: int, path: Path) -> None:
@@ -346,8 +305,8 @@ def draw_B(dim: int, bases: list[float], max_m: int, path: Path) -> None:
                                   np.geomspace(1, max_m, 20000).round()])).astype(np.int64)
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for base in bases:
-        line, = ax.plot(m, men_B(m, dim, base), linewidth=0.6, label=f"b = {base:g}")
-        first = first_negative_B(dim, base, max_m)
+        line, = ax.plot(m, bound.men_B(m, dim, base), linewidth=0.6, label=f"b = {base:g}")
+        first = bound.first_negative_B(dim, base, max_m)
         if first is not None:
             ax.axvline(first, color=line.get_color(), linestyle=":", linewidth=1)
     ax.axhline(0, color="black", linewidth=0.8)
@@ -374,33 +333,27 @@ def bound_main(args) -> None:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise RopeliteError(f"{path} is not an analyze.py bound file; use another --out") from None
     same = {r["length"]: r for r in old if (r.get("dim"), r.get("resolution"), r.get("bulk_up_to"))
-            == (args.dim, args.resolution, args.bulk_up_to)}
+            == (args.dim, args.resolution, args.bulk_up_to) and "infeasible_below" in r}  # the certified scan's
     models = model_context_rows(args)
     rows = []
-    definitions = {
-        "B_m": "sum_{i<d/2} cos(m b^(-2i/d)) (Men et al. 2024, Theorem 1)",
-        "min_base": "smallest base with B_m >= 0 for all m <= length, by a scan whose steps are certified by a "
-                    "slope bound on B: every base below is proven infeasible except in gaps of relative width "
-                    "<= resolution, and the true infimum is at most resolution below",
-        "bulk_base": "smallest scanned base above which every scanned base up to bulk_up_to * min_base is "
-                     "feasible (null: the last one is not)",
-        "*_context": "largest L with B_m >= 0 for all m <= L, searched up to 2 * length",
-        "paper_base_reaches": "the printed base satisfies B_m >= 0 for all m <= length",
-        "context_reached": "largest L with B_m >= 0 for all m <= L, searched up to 2^22"}
     for L in tqdm(lengths, desc="bound", unit="length", dynamic_ncols=True):
-        rows.append(same.get(L) or bound_row(args.dim, L, args.resolution, args.bulk_up_to))
-        write_json(path, {"definitions": definitions, "rows": rows, "models": models})
+        rows.append(same.get(L) or bound.bound_row(args.dim, L, args.resolution, args.bulk_up_to))
+        write_json(path, {"definitions": bound.DEFINITIONS, "rows": rows, "models": models})
         write_csv(out / "bound.csv", rows)
+        write_summary(out, "bound", *bound.summary(rows))
     write_csv(out / "bound_models.csv", models)
     draw_B(args.dim, args.plot_bases, max(max(lengths), 1 << 20), out / "bound.png")
-    print(f"resolution {args.resolution:g} (relative, in b); bulk scanned up to {args.bulk_up_to:g} x min base")
-    print(f"{'length':>8} {'min base':>12} {'bulk':>10} {'paper':>8} {'paper ok':>8} {'paper reaches':>13}")
+    print(f"resolution {args.resolution:g} (relative, in b); bulk walked down from {args.bulk_up_to:g} x min base")
+    print("min base: the smallest base that reaches the length; every base up to 'proven below' fails")
+    print(f"{'length':>8} {'min base':>12} {'proven below':>13} {'gaps':>4} {'bulk':>10} {'paper':>8} {'paper ok':>8} "
+          f"{'paper reaches':>13}")
     for r in rows:
         paper = "-" if r["paper_base"] is None else f"{r['paper_base']:.2g}"
         ok = "-" if r["paper_base_reaches"] is None else "yes" if r["paper_base_reaches"] else "NO"
         reach = "-" if r["paper_base_context"] is None else str(r["paper_base_context"])
         bulk = "-" if r["bulk_base"] is None else f"{r['bulk_base']:.4g}"
-        print(f"{r['length']:>8} {r['min_base']:>12.7g} {bulk:>10} {paper:>8} {ok:>8} {reach:>13}")
+        print(f"{r['length']:>8} {r['min_base']:>12.7g} {r['infeasible_below']:>13.7g} {r['open_gaps']:>4} {bulk:>10} "
+              f"{paper:>8} {ok:>8} {reach:>13}")
     for m in models:
         print(f"{m['model']}: d={m['dim']} base {m['base']:g} reaches {m['context_reached']} tokens"
               + ("" if m["trained_length"] is None else f" (trained at {m['trained_length']})"))
@@ -446,18 +399,13 @@ def freqs_main(args) -> None:
     factor = args.factor if args.factor is not None else config.rope.factor if config.rope.factor > 1 else 4.0
     length = args.length if args.length is not None else int(round(L * factor))
     check(length >= 1, "--length must be positive")
-    original = rope_inv_freq(dim, theta)
     rows, summary = [], []
     for name in dict.fromkeys(args.rope):
         rope = variant_config(config, name, factor, args.base, args.rope).rope
-        inv_freq, attention_factor = rope.frequencies(dim, length)
         label = rope.describe()
-        summary.append({"rope": label, "config": dataclasses.asdict(rope), "attention_factor": attention_factor})
-        for i, (t, t_new) in enumerate(zip(original.tolist(), inv_freq.tolist())):
-            wavelength = 2 * math.pi / t_new
-            rows.append({"rope": label, "pair": i, "theta": t, "theta_new": t_new,
-                         "wavelength_original": 2 * math.pi / t, "wavelength": wavelength, "scale": t / t_new,
-                         "rotations_in_original_context": L / wavelength})
+        summary.append({"rope": label, "config": dataclasses.asdict(rope),
+                        "attention_factor": rope.frequencies(dim, length)[1]})
+        rows += [{"rope": label, **r} for r in pair_table(rope, dim, length)]
     out = Path(args.out)
     write_json(out / "freqs.json", {"settings": {"source": source, "dim": dim, "theta": theta, "original": L,
                                                  "length": length}, "variants": summary, "rows": rows})
@@ -532,8 +480,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--dim", type=int, default=128, help="rotary dimension d (head dim; default 128, the paper's)")
     b.add_argument("--lengths", nargs="+", default=["1024:131072"], metavar="N",
                    help=f"context lengths, {GRID_HELP} (default 1024:131072, the powers of two from 1K to 128K: "
-                        "about 5 CPU-minutes, 12 minutes on 2 busy cores; 1024:1048576 is the paper's whole "
-                        "table: hours, the scan's cost grows like L^2)")
+                        "about 10 s; 1024:1048576 is the paper's whole table: about 2 minutes on 2 cores)")
     b.add_argument("--model", nargs="+", default=None, metavar="MODEL",
                    help="models whose reachable context to report (config.json only: head dim and rope_theta)")
     b.add_argument("--theta", nargs="+", type=float, default=None, metavar="BASE",
@@ -541,9 +488,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "d=64 b=1e5 and LLaMa-2-7B d=128 b=1e4)")
     b.add_argument("--plot-bases", nargs="+", type=float, default=[1e4, 1e5, 1e6, 1e7], metavar="BASE",
                    help="bases drawn in bound.png (default 1e4 1e5 1e6 1e7)")
-    b.add_argument("--resolution", type=float, default=MEN_RESOLUTION,
+    b.add_argument("--resolution", type=float, default=bound.MEN_RESOLUTION,
                    help="smallest step of the certified scan, relative in b: the widest gap where an island could "
-                        f"hide (default {MEN_RESOLUTION:g}, rope.MEN_RESOLUTION)")
+                        f"hide (default {bound.MEN_RESOLUTION:g}, bound.MEN_RESOLUTION)")
     b.add_argument("--bulk-up-to", type=float, default=1.5,
                    help="scan for the bulk threshold up to this many times the smallest base (default 1.5)")
     b.add_argument("--out", default="runs/analyze", help=out_help)

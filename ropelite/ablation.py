@@ -35,7 +35,8 @@ from .errors import RopeliteError
 from .haystack import (FILLER, PASSKEY_LINE, PASSKEY_PREFIX, PASSKEY_QUESTION, PASSKEY_TEMPLATE, build_haystack,
                        filler_ids)
 from .io import write_json
-from .model import LinearCrossEntropy, Llama, LlamaConfig
+from .loss import LinearCrossEntropy
+from .model import Llama, LlamaConfig
 from .parallel import make_optimizer
 from .ppl import perplexity
 from .stats import entropy

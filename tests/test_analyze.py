@@ -3,7 +3,6 @@ computation from full (eager, every row) attention matrices of separately loaded
 against a direct evaluation of B_m; frequency maps against hand values; one-line errors.
 """
 
-import argparse
 import json
 import math
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import analyze
-from ropelite import attention
+from ropelite import attention, bound
 from ropelite.cli import run_script
 from ropelite.hf import load_model, save_model
 from ropelite.rope import RopeConfig
@@ -136,6 +135,12 @@ def test_reduction_equals_brute_force_on_full_attention(setup, tmp_path):
         assert rows[(L, "pi x4")]["js_mean_nats"] > 1e-4                      # the variants really differ
         assert (out / f"attention_L{L}.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "attention_entropy.png").is_file()
+    summary = json.loads((out / "attention_summary.json").read_text())   # the headline, for paper.py
+    quoted = {(r["length"], r["rope"]): r for r in summary["numbers"]["js_mean_nats"]}
+    assert set(quoted) == {key for key in rows if key[1] != "rope"} and summary["numbers"]["pretrained_length"] == ORIGINAL
+    for key, r in quoted.items():   # two samples: the number and its n, too few for an interval
+        assert (r["js_mean_nats"], r["js_mean_nats_n"], r["js_mean_nats_low"]) == (rows[key]["js_mean_nats"], 2, None)
+    assert len(summary["finding"]) == 2 and all("(n=2)" in line for line in summary["finding"])
 
 
 def test_reference_model(setup, tmp_path, tiny_llama):
@@ -194,9 +199,9 @@ def test_books_are_the_default_and_named(setup, tmp_path, monkeypatch):
         (names[1], 0), (names[2], 0), (names[3], 0), (names[1], 24)]
     for name in ("one.txt", "two.md"):
         (tmp_path / name).write_text("text")
-    files = argparse.Namespace(data=[str(tmp_path / "one.txt"), str(tmp_path / "two.md")], builtin="books")
-    assert analyze.corpus_names(files, 2)[1] == ["one.txt", "two.md"]       # a text file is one document
-    assert analyze.corpus_names(files, 1)[1] == [None]                      # one was empty: no names to guess
+    files = [str(tmp_path / "one.txt"), str(tmp_path / "two.md")]
+    assert attention.corpus_names(files, "books", 2)[1] == ["one.txt", "two.md"]   # a text file is one document
+    assert attention.corpus_names(files, "books", 1)[1] == [None]                  # one was empty: no names to guess
 
 
 def test_figures_have_keys(tmp_path):
@@ -266,13 +271,11 @@ def test_bound_table_against_a_direct_scan(tmp_path):
     for L, r in rows.items():
         base = r["min_base"]
         assert reaches(128, base, L)
-        # The tool is exact to its refinement step (base - base/1.002) / 100: a scan 20x finer, over the scan
-        # step below, finds feasible bases only within that one step (the feasible set is closed, so the true
-        # infimum lies there)
-        step = (base - base / 1.002) / 100
-        below = np.linspace(base / 1.002, base, 2001)[:-1]
-        feasible = [b for b in below if reaches(128, b, L)]
-        assert all(b > base - step for b in feasible)
+        # every base from 1 up to infeasible_below fails: a grid over the last 0.2 % below it finds no feasible
+        # one, and the infimum is pinned to within the resolution
+        assert r["open_gaps"] == 0 and r["infeasible_below"] <= base <= r["infeasible_below"] * (1 + 2e-7)
+        below = np.linspace(r["infeasible_below"] / 1.002, r["infeasible_below"], 2001)[:-1]
+        assert not [b for b in below if reaches(128, b, L)]
         assert r["min_base_context"] >= L
     assert rows[1024]["paper_base"] == 4.3e3 and rows[512]["paper_base"] is None
     assert rows[1024]["paper_base_reaches"] == reaches(128, 4.3e3, 1024)
@@ -295,7 +298,7 @@ def test_bound_flags_and_resume(tmp_path, monkeypatch):
     (model,) = json.loads((out / "bound.json").read_text())["models"]
     assert model == {"model": "theta=500", "dim": 16, "base": 500, "trained_length": None,
                      "context_reached": first - 1, "reaches_trained_length": None}
-    monkeypatch.setattr(analyze, "min_base_for_context", lambda *a, **k: pytest.fail("recomputed a done length"))
+    monkeypatch.setattr(bound, "min_base_scan", lambda *a, **k: pytest.fail("recomputed a done length"))
     analyze.main(argv)
 
 

@@ -78,6 +78,70 @@ def test_reduction_summary_against_numpy():
     assert set(r) <= set(attention.DEFINITIONS)
 
 
+def bootstrap_js_by_hand(p, q, resamples, seed):
+    """Percentile-bootstrap ends of JS(mean p, mean q) over samples, resampled in pairs, written with numpy."""
+    rng = np.random.default_rng(seed)
+    n = len(p)
+    js = lambda a, b: (-plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2)  # noqa: E731
+    values = [js(p[i].mean(0), q[i].mean(0)) for i in rng.integers(0, n, (resamples, n))]
+    return np.percentile(values, [2.5, 97.5])
+
+
+def test_js_of_means_interval():
+    S, layers, heads, L = 8, 2, 3, 10
+    p, q = random_distributions(2, (S, layers, heads, L)), random_distributions(3, (S, layers, heads, L))
+    mine, ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
+    for s in range(S):
+        mine.add(torch.from_numpy(p[s]), torch.from_numpy(q[s]))
+        ref.add(torch.from_numpy(q[s]), None)
+    got = attention.js_of_means(mine, ref)
+    per_sample_p, per_sample_q = p.mean((1, 2)), q.mean((1, 2))                 # (S, L)
+    assert got.n == S and got.estimate == pytest.approx(attention.summarize(mine, ref)["js_mean_nats"], rel=1e-12)
+    low, high = bootstrap_js_by_hand(per_sample_p, per_sample_q, 20_000, seed=7)   # another seed, another code
+    assert got.low == pytest.approx(low, rel=0.05) and got.high == pytest.approx(high, rel=0.05)
+    assert got.low < got.high
+    assert attention.js_of_means(mine, ref, seed=0) == got                      # seeded: the same interval
+    # the same sample n times has nothing to resample: the interval is the point; two samples give none
+    same, same_ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
+    for _ in range(4):
+        same.add(torch.from_numpy(p[0]), None)
+        same_ref.add(torch.from_numpy(q[0]), None)
+    one = attention.js_of_means(same, same_ref)
+    assert one.low == pytest.approx(one.estimate, rel=1e-9) and one.high == pytest.approx(one.estimate, rel=1e-9)
+    few, few_ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
+    for s in range(2):
+        few.add(torch.from_numpy(p[s]), None)
+        few_ref.add(torch.from_numpy(q[s]), None)
+    assert attention.js_of_means(few, few_ref).low is None
+
+
+def summary_rows(cells, length=100):
+    """attention rows for ``summary``: (label, rope type, estimate, low, high) against plain RoPE."""
+    return [{"length": length, "rope": label, "rope_type": kind, "reference": "rope", "js_mean_nats": e,
+             "js_mean_nats_low": lo, "js_mean_nats_high": hi, "js_mean_nats_n": 10}
+            for label, kind, e, lo, hi in cells] + [
+        {"length": length, "rope": "rope", "rope_type": "rope", "reference": "rope", "js_mean_nats": 0.0,
+         "js_mean_nats_low": 0.0, "js_mean_nats_high": 0.0, "js_mean_nats_n": 10}]
+
+
+def test_summary_gives_the_verdict_beside_the_claim():
+    claim_holds = summary_rows([("pi x4", "pi", 0.05, 0.04, 0.06), ("ntk x4", "ntk", 0.001, 0.0005, 0.002),
+                                ("yarn x4", "yarn", 0.002, 0.001, 0.003)])
+    title, claim, finding, numbers = attention.summary(claim_holds, pretrained_length=200, reference_is_rope=True)
+    assert "PI" in claim and "Table 1" in claim
+    (line,) = finding
+    assert line.startswith("L=100: JS of means vs rope, nats: pi x4 0.0500 [0.0400, 0.0600] (n=10)")
+    assert "as the paper says" in line
+    assert [(r["rope"], r["js_mean_nats"], r["js_mean_nats_n"]) for r in numbers["js_mean_nats"]] == [
+        ("pi x4", 0.05, 10), ("ntk x4", 0.001, 10), ("yarn x4", 0.002, 10)]   # the reference itself is left out
+    against = summary_rows([("pi x4", "pi", 0.001, 0.0005, 0.002), ("yarn x4", "yarn", 0.05, 0.04, 0.06)])
+    assert "against the paper" in attention.summary(against, 200, True)[2][0]
+    overlap = summary_rows([("pi x4", "pi", 0.01, 0.001, 0.02), ("ntk x4", "ntk", 0.005, 0.002, 0.03)])
+    assert "cannot tell" in attention.summary(overlap, 200, True)[2][0]
+    assert "does not cover" in attention.summary(claim_holds, 50, True)[2][0]       # past the pretrained length
+    assert "no verdict" in attention.summary(claim_holds, 200, False)[2][0]         # another model's reference
+
+
 def test_reduction_against_another_architecture_has_no_pairs():
     mine = attention.Reduction(2, 4, 8)
     mine.add(torch.from_numpy(random_distributions(0, (2, 4, 8))), torch.from_numpy(random_distributions(1, (2, 2, 8))))
@@ -145,7 +209,7 @@ def test_state_round_trip_and_what_it_must_match(tmp_path):
     back = attention.load_state(path, meta)                                               # same run, all samples
     assert list(back) == ["a", "b"] and back["a"].samples == 1
     for label in red:
-        for field in ("per_head_sum", "entropy_sum", "js_sum"):
+        for field in ("per_head_sum", "entropy_sum", "js_sum", "sample_means"):
             assert torch.equal(getattr(back[label], field), getattr(red[label], field))
     assert attention.load_state(path, {**meta, "labels": ["a", "c"]}) is None
     assert attention.load_state(path, {**meta, "settings": {**meta["settings"], "length": 9}}) is None

@@ -337,3 +337,53 @@ def test_saved_config_means_the_same_rope_to_transformers(tiny_llama, tmp_path, 
     ids = ids_for(T)
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_every_variant_round_trips_through_config_json():
+    """config_to_hf then config_from_hf gives back the same RopeConfig, for every variant of the table."""
+    from ropelite.hf import config_to_hf
+    from ropelite.model import LlamaConfig
+    assert {r.type for r in ROUND_TRIP.values()} == set(ROPE_TYPES)   # a new variant needs a case here
+    for case, rope in ROUND_TRIP.items():
+        config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope=rope)
+        assert config_from_hf(json.loads(json.dumps(config_to_hf(config)))) == config, case
+
+
+def test_a_new_variant_is_one_function_and_one_table_entry(monkeypatch, tiny_llama, tmp_path):
+    """Two variants that exist only in this test, registered in the table and nowhere else, run through
+    RopeConfig, the model, the factor rule of the scripts, and config.json both ways: one that transformers
+    would name (PI on the slow half of the pairs), one it runs as plain RoPE at a new base (b' = b s^2)."""
+    from ropelite import cli
+    from ropelite.hf import config_to_hf
+    from ropelite.rope import VARIANTS, RopeVariant, pi_inv_freq, rope_inv_freq
+
+    def half_pi(c, dim, seq_len):
+        theta = rope_inv_freq(dim, c.theta)
+        return torch.cat([theta[: dim // 4], pi_inv_freq(dim, c.theta, c.factor)[dim // 4:]])
+
+    monkeypatch.setitem(VARIANTS, "halfpi", RopeVariant("halfpi", half_pi, hf_type="half_linear",
+                                                        hf_length="rope_scaling"))
+    monkeypatch.setitem(VARIANTS, "square", RopeVariant(
+        "square", lambda c, d, n: rope_inv_freq(d, c.theta * c.factor ** 2), hf_type=None, changes_base=True,
+        plain_base=lambda c, d: c.theta * c.factor ** 2))
+    half = RopeConfig(type="halfpi", theta=1e4, factor=4.0, original_max_position_embeddings=L)
+    theta = torch.tensor([1e4 ** (-2 * i / 16) for i in range(8)], dtype=torch.float64)
+    freqs, attention = half.frequencies(16, 10)
+    torch.testing.assert_close(freqs, torch.cat([theta[:4], theta[4:] / 4]), rtol=1e-12, atol=0)
+    assert attention == 1.0 and half.describe() == "halfpi x4"
+    plain = tiny_llama(rope=RopeConfig(theta=1e4, original_max_position_embeddings=L))
+    with pytest.raises(RopeliteError, match="--rope halfpi needs --factor"):
+        cli.variant_config(plain.config, "halfpi", None, None, ["halfpi"])
+    for rope in (half, RopeConfig(type="square", theta=1e4, factor=3.0, original_max_position_embeddings=L)):
+        config = plain.config.with_rope(rope.type, rope.factor)
+        assert config.rope == rope
+        written = config_to_hf(config)
+        assert config_from_hf(written) == config
+        model = tiny_llama(rope=rope)
+        save_model(model, tmp_path / rope.type)
+        assert_same_model(model, load_model(tmp_path / rope.type))
+    assert written["rope_theta"] == 9e4 and written["rope_scaling"] is None   # square: plain RoPE at b s^2
+    scaling = config_to_hf(plain.config.with_rope("halfpi", 4.0))["rope_scaling"]
+    assert scaling == {"rope_type": "half_linear", "type": "half_linear", "factor": 4.0,
+                       "original_max_position_embeddings": L}

@@ -1,4 +1,4 @@
-"""The chunked loss (ropelite.model.LinearCrossEntropy, Llama.nll): loss and gradients equal the unchunked
+"""The chunked loss (ropelite.loss.LinearCrossEntropy, Llama.nll): loss and gradients equal the unchunked
 ``F.cross_entropy`` on full logits, in float32 and under bf16; the gradients are made in the forward pass (the
 logits of each chunk are computed once per step, not again in backward), and not at all in evaluation."""
 
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import ropelite.model
-from ropelite.model import LinearCrossEntropy
+import ropelite.loss
+from ropelite.loss import LinearCrossEntropy
 
 T, C, V = 29, 16, 50
 CHUNKS = [1, 7, 29, 1000]  # one row; 7 does not divide T = 29; exactly T; larger than T
@@ -130,14 +130,14 @@ def test_llama_gradients_under_bf16_autocast(tiny_llama, tied):
 
 
 def log_chunks(monkeypatch) -> list[bool]:
-    """Replace ropelite.model._chunk_nll for this test by a wrapper logging each call's ``with_grad``."""
-    calls, real = [], ropelite.model._chunk_nll
+    """Replace ropelite.loss._chunk_nll for this test by a wrapper logging each call's ``with_grad``."""
+    calls, real = [], ropelite.loss._chunk_nll
 
     def logged(h, targets, weight, with_grad):
         calls.append(with_grad)
         return real(h, targets, weight, with_grad)
 
-    monkeypatch.setattr(ropelite.model, "_chunk_nll", logged)
+    monkeypatch.setattr(ropelite.loss, "_chunk_nll", logged)
     return calls
 
 
