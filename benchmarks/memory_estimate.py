@@ -5,8 +5,8 @@
 
 The recipe is train.py's: AdamW over fp32 master weights (weights, gradients and two moments: 16 bytes per
 parameter, divided by the number of GPUs under FSDP2), bf16 compute, gradient checkpointing per block, an O(len)
-attention kernel (ropelite.model.choose_kernel) and the chunked loss (model.nll: ropelite.loss.LinearCrossEntropy, 1024
-positions at a time). One GPU: bf16 autocast over the fp32 weights, so the residual stream stays fp32 and every
+attention kernel (ropelite.model.choose_kernel) and the chunked loss (model.nll: ropelite.loss's
+LinearCrossEntropy, 1024 positions at a time). One GPU: bf16 autocast over the fp32 weights, so the residual stream stays fp32 and every
 matmul reads bf16 copies of its operands. Several GPUs: FSDP2's MixedPrecisionPolicy (ropelite.parallel),
 which all-gathers bf16 weights, so the residual stream is bf16 and there are no autocast copies. Lean
 (train.py --lean, one GPU): bf16 weights and gradients and torchao's AdamW8bit, whose moments are 8-bit codes
