@@ -259,8 +259,8 @@ def kernels(stage: Stage, device: torch.device, dry: bool, deadline: float) -> l
 
 def ropelite_step(c: LlamaConfig, length: int, device: torch.device, mode: str, micro_batches: int, mesh=None):
     """train.py's optimizer step (ropelite.trainer.optimizer_step) for ``micro_batches`` (1, length) sequences:
-    (the step, the model, the optimizer). mode "bf16": autocast over fp32 weights on one GPU; "lean": bf16 weights and AdamW8bit; "fsdp":
-    FSDP2 over ``mesh``, the gradients synced on the last micro-batch only."""
+    (the step, the model, the optimizer). mode "bf16": autocast over fp32 weights on one GPU; "lean": bf16
+    weights and AdamW8bit; "fsdp": FSDP2 over ``mesh``, the gradients synced on the last micro-batch only."""
     with torch.device(device):
         model = random_model(c, seed=0)
     if mode == "fsdp":
@@ -397,7 +397,8 @@ def needle_case(stage: Stage, device: torch.device, dry: bool) -> dict:
                                               attention_rows=last, last_only=True), device, 1)
         whole, _, peak = measure(lambda: generate(model, ids, stage.steps, on_attention=observe), device, 1)
         if device.type != "cuda":
-            peak = live_tensor_peak(lambda: generate(model, ids, stage.steps, on_attention=observe), model)["peak"] / GIB
+            decode = live_tensor_peak(lambda: generate(model, ids, stage.steps, on_attention=observe), model)
+            peak = decode["peak"] / GIB
     del model
     release(device)
     return {"model": stage.model + (" (toy)" if dry else ""), "prompt_len": stage.len, "new_tokens": stage.steps,
@@ -436,7 +437,8 @@ def table(rows: list[dict], columns: list[str]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         if "error" in row or "skipped" in row:
-            lines.append(f"| {row.get('model', row.get('stage', ''))} | {row.get('error') or 'skipped: ' + row['skipped']} |")
+            why = row.get("error") or "skipped: " + row["skipped"]
+            lines.append(f"| {row.get('model', row.get('stage', ''))} | {why} |")
         else:
             lines.append("| " + " | ".join(fmt(row.get(k)) for k in columns) + " |")
     return lines

@@ -6,11 +6,11 @@
 The recipe is train.py's: AdamW over fp32 master weights (weights, gradients and two moments: 16 bytes per
 parameter, divided by the number of GPUs under FSDP2), bf16 compute, gradient checkpointing per block, an O(len)
 attention kernel (ropelite.model.choose_kernel) and the chunked loss (model.nll: ropelite.loss's
-LinearCrossEntropy, 1024 positions at a time). One GPU: bf16 autocast over the fp32 weights, so the residual stream stays fp32 and every
-matmul reads bf16 copies of its operands. Several GPUs: FSDP2's MixedPrecisionPolicy (ropelite.parallel),
-which all-gathers bf16 weights, so the residual stream is bf16 and there are no autocast copies. Lean
-(train.py --lean, one GPU): bf16 weights and gradients and torchao's AdamW8bit, whose moments are 8-bit codes
-with one fp32 scale per 256 values: 2 + 2 + 2 (1 + 4/256) bytes per parameter.
+LinearCrossEntropy, 1024 positions at a time). One GPU: bf16 autocast over the fp32 weights, so the residual
+stream stays fp32 and every matmul reads bf16 copies of its operands. Several GPUs: FSDP2's MixedPrecisionPolicy
+(ropelite.parallel), which all-gathers bf16 weights, so the residual stream is bf16 and there are no autocast
+copies. Lean (train.py --lean, one GPU): bf16 weights and gradients and torchao's AdamW8bit, whose moments are
+8-bit codes with one fp32 scale per 256 values: 2 + 2 + 2 (1 + 4/256) bytes per parameter.
 
 The step's peak is the largest of four moments (``PHASES``), each a sum of what is alive then:
     the loss          the kept activations, the final norm's, and the loss's forward or backward (below)
@@ -249,7 +249,8 @@ def table_rows(models: dict[str, LlamaConfig], lengths, gpus_list, micro_batch: 
                     row["total_1gpu_no_ckpt_GiB"] = round(
                         estimate(config, length, grad_ckpt=False, **common)["total"] / GIB, 1)
                     if dtype == "bf16":
-                        row["total_1gpu_lean_GiB"] = round(estimate(config, length, lean=True, **common)["total"] / GIB, 1)
+                        lean = estimate(config, length, lean=True, **common)
+                        row["total_1gpu_lean_GiB"] = round(lean["total"] / GIB, 1)
                 else:
                     every = estimate(config, length, sync_every_micro_batch=True, **common)
                     row[f"total_{gpus}gpu_sync_every_GiB"] = round(every["total"] / GIB, 1)
@@ -270,7 +271,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    p = ArgumentParser(prog="memory_estimate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="memory_estimate.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=list(PRESETS),
                    help=f"presets ({', '.join(PRESETS)}) or model folders with a config.json (default: both presets)")
     p.add_argument("--len", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="sequence lengths")

@@ -7,10 +7,10 @@ and gradients are reduce-scattered in fp32 into fp32 shards, which AdamW updates
 
 The lean mode fits a LLaMa-2-7B at 32K on one 80 GB GPU (``benchmarks/memory_estimate.py``, column
 total_1gpu_lean_GiB: 53.6 GiB): weights and gradients in bf16 and torchao's AdamW8bit, whose two moments are
-8-bit codes with one fp32 scale per block of 256 values, so 2 + 2 + 2.03 bytes per parameter instead of 16. Its updates are rounded to bf16 stochastically
-(``bf16_stochastic_round``): round-to-nearest would drop every update smaller than half a bf16 ulp of the weight
-(|w| 2^-9, i.e. a relative change below 0.2%, and lr 2e-5 makes nearly all of them that small), while
-stochastic rounding keeps them right on average.
+8-bit codes with one fp32 scale per block of 256 values, so 2 + 2 + 2.03 bytes per parameter instead of 16. Its
+updates are rounded to bf16 stochastically (``bf16_stochastic_round``): round-to-nearest would drop every update
+smaller than half a bf16 ulp of the weight (|w| 2^-9, i.e. a relative change below 0.2%, and lr 2e-5 makes nearly
+all of them that small), while stochastic rounding keeps them right on average.
 """
 
 from __future__ import annotations
