@@ -52,10 +52,11 @@ from .training import (LossFn, accumulate_gradients, checkpoint_state, clip_grad
 
 # A resumed run must be the same run: --resume takes every flag from the checkpoint but these of the invocation
 # itself, and those that do not change the numbers the run computes, which may be given anew (--micro-batch
-# regroups the same sum: equal up to float rounding; --keep-attention saves what it would recompute; --compile
+# and --sync-every-micro-batch regroup the same sum: equal up to float rounding; --keep-attention saves what it would recompute; --compile
 # runs the same blocks compiled). Any other flag given must equal the checkpoint's.
 PER_INVOCATION = {"resume", "out", "stop_after", "quiet", "device", "dry_run"}
-MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok", "compile", "keep_attention"}
+MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok", "compile", "keep_attention",
+              "sync_every_micro_batch"}
 DAY_S = 86400  # a run estimated longer than this on this device gets a notice up front
 # The budget's defaults. A pretrained model's finetune follows YaRN's GPU recipe: 400 steps of 262,144 tokens
 # (64 sequences at 4K, 8 at 32K). A new model (--init random) is sized for a CPU: minutes at a few thousand
@@ -564,17 +565,19 @@ class NonFiniteLoss(RopeliteError):
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, ...]],
                    lr: float, n_predicted: int, loss_fn: LossFn = next_token_nll, dtype: torch.dtype = torch.float32,
-                   clip: float = 1.0, world: int = 1,
-                   progress: Callable[[int], None] | None = None) -> tuple[float, float]:
+                   clip: float = 1.0, world: int = 1, progress: Callable[[int], None] | None = None,
+                   sync_every_micro_batch: bool = False) -> tuple[float, float]:
     """One update of ``model`` from this process's micro-batches of an optimizer step: the learning rate set to
     ``lr``; the gradients of ``loss_fn`` (default the plain next-token NLL; the ablation passes its weighted one)
     accumulated, divided by the step's ``n_predicted`` targets of all ``world`` processes
     (``accumulate_gradients``; under FSDP2 reduced once, after the last micro-batch); the global gradient norm
     clipped to ``clip`` (0 = off); ``optimizer``'s update (AdamW in train.py and the ablation). Returns (the
     step's mean NLL over all processes in nats/token, the gradient norm before clipping); ``progress(tokens)``
-    after each micro-batch. A non-finite loss or norm raises NonFiniteLoss here, before the weights change."""
+    after each micro-batch; ``sync_every_micro_batch``: FSDP2 reduce-scatters after every micro-batch instead (no
+    unsharded gradients held between them, more communication). A non-finite loss or norm raises NonFiniteLoss
+    here, before the weights change."""
     set_learning_rate(optimizer, lr)
-    with sync_on_last_micro_batch(model, len(micro_batches)):  # FSDP: one reduce-scatter per step
+    with sync_on_last_micro_batch(model, len(micro_batches), sync_every_micro_batch):  # FSDP: once per step
         nll = accumulate_gradients(model, micro_batches, n_predicted, dtype, scale=world, progress=progress,
                                    loss_fn=loss_fn)
     if world > 1:
@@ -726,7 +729,8 @@ def fit(run: TrainingRun, model: Llama, optimizer, start: int, dist: Dist) -> in
                 try:
                     loss, norm = optimizer_step(model, optimizer, run.micro_batches(step, dist), lr, run.n_predicted,
                                                 dtype=run.dtype, clip=args.clip, world=dist.world,
-                                                progress=progress.micro_batch)
+                                                progress=progress.micro_batch,
+                                                sync_every_micro_batch=args.sync_every_micro_batch)
                 except NonFiniteLoss as e:
                     raise RopeliteError(f"step {step + 1}: {e}; {kept_checkpoint(run.out)}") from None
                 done = step + 1

@@ -680,3 +680,21 @@ def test_more_than_one_epoch_needs_the_flag(tmp_path):
 def test_device_cuda_without_cuda_is_one_line(tmp_path):
     with pytest.raises(RopeliteError, match=r"^--device cuda: .*; use --device cpu$"):
         train.main(TINY + ["--tokens", "256", "--device", "cuda", "--out", str(tmp_path / "run")])
+
+
+def test_sync_every_micro_batch_reaches_the_step(tmp_path, monkeypatch):
+    """--sync-every-micro-batch is handed to FSDP's sync context of every step (parallel.py's tests check what it
+    does on 2 processes); a --resume may turn it on or off, since the gradients are the same sum."""
+    seen = []
+    real = trainer.sync_on_last_micro_batch
+
+    def spy(model, n, every=False):
+        seen.append((n, every))
+        return real(model, n, every)
+
+    monkeypatch.setattr(trainer, "sync_on_last_micro_batch", spy)
+    out = tmp_path / "run"
+    train.main(TINY + ["--tokens", "256", "--save-every", "1", "--stop-after", "1", "--eval-tokens", "0",
+                       "--out", str(out)])
+    train.main(["--resume", "--out", str(out), "--sync-every-micro-batch", "--quiet"])
+    assert seen == [(2, False), (2, True)]
