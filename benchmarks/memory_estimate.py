@@ -75,7 +75,7 @@ from ropelite.presets import PRESETS, preset
 
 GIB = 2**30
 LOSS_CHUNK = 1024  # model.nll's chunk_size
-BATCH_TOKENS = 262144  # train.py's --batch-tokens default (tests/test_memory_estimate.py checks they agree)
+BATCH_TOKENS = 262144  # train.py's --batch-tokens for a pretrained model's default budget (tests check they agree)
 # The CUDA context, with the lazy module loading PyTorch turns on (CUDA >= 11.7), before the first kernel:
 # 287 MB (pytorch/pytorch#86509), about 400 MB (pytorch/pytorch#109888), 426 MiB with torch 2.10 and CUDA 13
 # (unslothai/unsloth-zoo#1053); the kernels a training step then loads (cuBLAS, attention) add to it. Half a GiB

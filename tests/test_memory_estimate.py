@@ -56,8 +56,11 @@ def measured_peak(step, model, optimizer, repeats: int = 1) -> int:
 # ---------------------------------------------------------------------------------------------- by hand
 
 def test_batch_tokens_is_train_py_s_default():
-    import train
-    assert me.BATCH_TOKENS == train.build_parser().get_default("batch_tokens")
+    """train.py derives --batch-tokens from the budget: a pretrained model's default budget gets YaRN's."""
+    from ropelite import trainer
+    assert me.BATCH_TOKENS == trainer.YARN_BATCH_TOKENS
+    for length in (4096, 32768):
+        assert trainer.default_batch_tokens(trainer.DEFAULT_TOKENS["pretrained"], length, 1) == me.BATCH_TOKENS
     assert me.default_micro_batches(4096, gpus=8) == 8 and me.default_micro_batches(32768, gpus=8) == 1
 
 
