@@ -378,8 +378,8 @@ def main(argv=None) -> None:
     plan = Plan(args, variants, rows, data, window, stride)
     stale = [r for r in rows if r["settings"] in plan.known and "ppl_n" not in r]
     if stale:  # rows written before perplexities carried their interval: measured again, with it
-        print(f"eval_ppl: {len(stale)} row{'s' * (len(stale) != 1)} in {out} have no interval (an older ropelite): measuring again",
-              file=sys.stderr)
+        print(f"eval_ppl: {len(stale)} row{'s' * (len(stale) != 1)} in {out} have no interval (an older "
+              "ropelite): measuring again", file=sys.stderr)
         rows = [r for r in rows if r not in stale]
     record_settings(out, RESULTS, plan.known)
     skipped = len(variants) * len(args.lengths) - len(plan.todo)

@@ -307,7 +307,8 @@ def test_findings_give_every_length_with_its_interval_and_the_lowest_past_traini
     assert numbers["comparisons"] == []
     # two documents: no interval, the line says n
     two = [ppl_row("a", 64, 10.0, None, None, docs=2), ppl_row("b", 64, 11.0, None, None, docs=2)]
-    assert eval_ppl.findings(two, labels, [64], 64)[0][0] == "64 tokens, 2 documents: rope 10.00 (n=2), yarn x4 11.00 (n=2)."
+    assert eval_ppl.findings(two, labels, [64], 64)[0][0] == ("64 tokens, 2 documents: rope 10.00 (n=2), "
+                                                            "yarn x4 11.00 (n=2).")
 
 
 def test_growth_is_paired_over_the_same_documents_only():
