@@ -55,20 +55,29 @@ def plogp(p: np.ndarray) -> np.ndarray:
     return np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)
 
 
+def js_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """JS(a, b) = H(m) - (H(a) + H(b)) / 2, m = (a + b) / 2: the entropy form, not the KL form of ropelite.stats."""
+    return -plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2
+
+
+def reductions(p: np.ndarray, q: np.ndarray) -> tuple:
+    """(variant's, reference's) Reduction over the samples of p and q, (samples, layers, heads, L) each."""
+    mine, ref = attention.Reduction(*p.shape[1:]), attention.Reduction(*q.shape[1:])
+    for s in range(len(p)):
+        mine.add(torch.from_numpy(p[s]), torch.from_numpy(q[s]))
+        ref.add(torch.from_numpy(q[s]), None)
+    return mine, ref
+
+
 def test_reduction_summary_against_numpy():
     S, layers, heads, L = 3, 2, 4, 12
     p, q = random_distributions(0, (S, layers, heads, L)), random_distributions(1, (S, layers, heads, L))
-    mine, ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
-    for s in range(S):
-        mine.add(torch.from_numpy(p[s]).float(), torch.from_numpy(q[s]).float())
-        ref.add(torch.from_numpy(q[s]).float(), None)
+    mine, ref = reductions(p.astype(np.float32), q.astype(np.float32))   # float32, as last_rows gives them
     r = attention.summarize(mine, ref)
-    # JS(a, b) = H(m) - (H(a) + H(b)) / 2, m = (a + b) / 2: the entropy form, not the KL form of ropelite.stats
-    js = lambda a, b: (-plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2)  # noqa: E731
     pbar, qbar = p.mean((0, 1, 2)), q.mean((0, 1, 2))
-    assert r["js_mean_nats"] == pytest.approx(js(pbar, qbar), rel=1e-5)
-    assert r["js_mean_bits"] == pytest.approx(js(pbar, qbar) / math.log(2), rel=1e-5)
-    assert r["js_per_distribution_nats"] == pytest.approx(js(p, q).mean(), rel=1e-5)
+    assert r["js_mean_nats"] == pytest.approx(js_np(pbar, qbar), rel=1e-5)
+    assert r["js_mean_bits"] == pytest.approx(js_np(pbar, qbar) / math.log(2), rel=1e-5)
+    assert r["js_per_distribution_nats"] == pytest.approx(js_np(p, q).mean(), rel=1e-5)
     assert r["entropy_per_layer"] == pytest.approx((-plogp(p).sum(-1)).mean((0, 2)).tolist(), rel=1e-5)
     assert r["entropy"] == pytest.approx(-plogp(p).sum(-1).mean(), rel=1e-5)
     assert r["entropy_of_mean"] == pytest.approx(-plogp(pbar).sum(), rel=1e-5)
@@ -84,18 +93,14 @@ def bootstrap_js_by_hand(p, q, resamples, seed):
     with numpy: the percentiles less the resamples' mean excess over the estimate."""
     rng = np.random.default_rng(seed)
     n = len(p)
-    js = lambda a, b: (-plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2)  # noqa: E731
-    values = [js(p[i].mean(0), q[i].mean(0)) for i in rng.integers(0, n, (resamples, n))]
-    return np.percentile(values, [2.5, 97.5]) - (np.mean(values) - js(p.mean(0), q.mean(0)))
+    values = [js_np(p[i].mean(0), q[i].mean(0)) for i in rng.integers(0, n, (resamples, n))]
+    return np.percentile(values, [2.5, 97.5]) - (np.mean(values) - js_np(p.mean(0), q.mean(0)))
 
 
 def test_js_of_means_interval():
     S, layers, heads, L = 8, 2, 3, 10
     p, q = random_distributions(2, (S, layers, heads, L)), random_distributions(3, (S, layers, heads, L))
-    mine, ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
-    for s in range(S):
-        mine.add(torch.from_numpy(p[s]), torch.from_numpy(q[s]))
-        ref.add(torch.from_numpy(q[s]), None)
+    mine, ref = reductions(p, q)
     got = attention.js_of_means(mine, ref)
     per_sample_p, per_sample_q = p.mean((1, 2)), q.mean((1, 2))                 # (S, L)
     assert got.n == S and got.estimate == pytest.approx(attention.summarize(mine, ref)["js_mean_nats"], rel=1e-12)
@@ -106,10 +111,7 @@ def test_js_of_means_interval():
     # q tilted towards late keys: the means differ clearly and the interval is the hand one at both ends
     tilt = q * np.exp(np.linspace(0, 2, L))
     tilt /= tilt.sum(-1, keepdims=True)
-    mine, ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
-    for s in range(S):
-        mine.add(torch.from_numpy(p[s]), torch.from_numpy(tilt[s]))
-        ref.add(torch.from_numpy(tilt[s]), None)
+    mine, ref = reductions(p, tilt)
     got = attention.js_of_means(mine, ref)
     low, high = bootstrap_js_by_hand(per_sample_p, tilt.mean((1, 2)), 20_000, seed=7)
     assert 0 < low and got.low == pytest.approx(low, rel=0.05) and got.high == pytest.approx(high, rel=0.05)
@@ -136,14 +138,10 @@ def test_js_of_means_interval_holds_its_estimate_when_the_variants_barely_differ
     p = random_distributions(6, (S, layers, heads, L))
     q = p * np.clip(1 + 0.05 * rng.standard_normal(p.shape), 0.01, None)
     q /= q.sum(-1, keepdims=True)
-    mine, ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
-    for s in range(S):
-        mine.add(torch.from_numpy(p[s]), torch.from_numpy(q[s]))
-        ref.add(torch.from_numpy(q[s]), None)
+    mine, ref = reductions(p, q)
     got = attention.js_of_means(mine, ref)
-    js = lambda a, b: (-plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2)  # noqa: E731
     idx = np.random.default_rng(1).integers(0, S, (2000, S))
-    resampled = [js(p.mean((1, 2))[i].mean(0), q.mean((1, 2))[i].mean(0)) for i in idx]
+    resampled = [js_np(p.mean((1, 2))[i].mean(0), q.mean((1, 2))[i].mean(0)) for i in idx]
     assert np.percentile(resampled, 2.5) > got.estimate          # the plain percentile interval misses it
     assert 0 <= got.low <= got.estimate <= got.high
 
@@ -185,17 +183,13 @@ def test_summary_gives_the_numbers_and_the_claims_pairs_for_a_verdict():
 def test_entropy_and_per_distribution_js_carry_their_spread_over_samples():
     S, layers, heads, L = 5, 2, 3, 10
     p, q = random_distributions(4, (S, layers, heads, L)), random_distributions(5, (S, layers, heads, L))
-    mine, ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
-    for s in range(S):
-        mine.add(torch.from_numpy(p[s]), torch.from_numpy(q[s]))
-        ref.add(torch.from_numpy(q[s]), None)
+    mine, ref = reductions(p, q)
     r = attention.summarize(mine, ref)
     h = -plogp(p).sum(-1)                                                          # (S, layers, heads)
     assert r["entropy_se"] == pytest.approx(np.std(h.mean((1, 2)), ddof=1) / math.sqrt(S), rel=1e-9)
     assert r["entropy_per_layer_se"] == pytest.approx(np.std(h.mean(2), axis=0, ddof=1) / math.sqrt(S), rel=1e-9)
     assert r["entropy_n"] == S
-    js = lambda a, b: (-plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2)  # noqa: E731
-    per_sample = js(p, q).mean((1, 2))                                             # (S,)
+    per_sample = js_np(p, q).mean((1, 2))                                             # (S,)
     expected = bootstrap_mean(per_sample)
     assert r["js_per_distribution_nats"] == pytest.approx(per_sample.mean(), rel=1e-9)
     assert (r["js_per_distribution_nats_low"], r["js_per_distribution_nats_high"]) == pytest.approx(
