@@ -114,13 +114,18 @@ def perplexity_interval(window_nll: list[list[float]], window_tokens: list[int],
     """PPL with its seeded percentile-bootstrap 95 % interval (ropelite.stats.bootstrap_mean) over the units
     that score separate tokens: the documents under truncate (one window each), the windows under sliding.
 
-    Window i of document d, of mean NLL m_{d,i} over n_i scored tokens, is the unit u_{d,i} = k m_{d,i} n_i / N
-    (k windows and N = sum n_i scored tokens per document): its share of its document's NLL, scaled so that the
-    plain mean of the u over every window of every document is the mean over documents of each document's mean
-    NLL, the PPL's own average. Then PPL = exp(mean u), and each resample's exp(mean) gives the interval. Under
-    truncate k = 1 and u_d is the document's mean NLL. No interval below 3 units (``ppl_n`` says how many)."""
-    k, total = len(window_tokens), sum(window_tokens)
-    units = np.asarray(window_nll, dtype=np.float64) * np.asarray(window_tokens) * (k / total)  # (docs, k)
+    The mean NLL is a ratio, R = sum_i s_i / sum_i n_i over the K windows of every document (window i scores n_i
+    tokens whose NLL sums to s_i = n_i m_i; every document reads the same tokens, so R is also the mean over
+    documents of each document's mean NLL). Windows score unequal counts (the first W - 1, the others S), so
+    their plain mean NLLs are not exchangeable units: each window is the unit z_i = R + K n_i (m_i - R) / sum n,
+    its influence on the ratio (the delta method), whose plain mean is R exactly. A window of average NLL is R
+    whatever its size; one that departs counts by its share of the tokens. PPL = exp(mean z), and each
+    resample's exp(mean) gives the interval. Under truncate every n_i is the same and z_d is the document's mean
+    NLL. No interval below 3 units (``ppl_n`` says how many)."""
+    m = np.asarray(window_nll, dtype=np.float64)                                      # (docs, k)
+    n = np.broadcast_to(np.asarray(window_tokens, dtype=np.float64), m.shape)         # (docs, k)
+    ratio = float((m * n).sum() / n.sum())
+    units = ratio + m.size * n * (m - ratio) / n.sum()                                 # (docs, k)
     return bootstrap_mean(units.reshape(-1), seed=seed, transform=math.exp)
 
 

@@ -158,19 +158,22 @@ def test_the_interval_is_a_bootstrap_over_documents_and_the_nlls_reproduce_the_p
     assert (two["ppl_low"], two["ppl_high"], two["ppl_n"]) == (None, None, 2)
 
 
-def test_the_sliding_interval_resamples_windows_weighted_by_their_tokens(tiny_llama):
-    """Sliding: the units are the windows; window i of a document, whose n_i scored tokens have NLL sum s_i, is
-    k s_i / N (k windows, N scored tokens per document), so the units' plain mean is the mean document NLL."""
+def test_the_sliding_interval_resamples_windows_by_their_influence_on_the_ratio(tiny_llama):
+    """Sliding: the units are the windows; window i, whose n_i scored tokens have NLL sum s_i, is
+    R + K (s_i - R n_i) / N (R = sum s / sum n, K windows and N tokens in all), so their plain mean is R, the mean
+    document NLL, and a window of average NLL counts as R whatever its size."""
     model = tiny_llama()
     docs = [random_ids(10, s).numpy() for s in (11, 12)]
     result = perplexity(model, docs, 10, "sliding", window=4, stride=2)   # windows score 3, 2, 2, 2 tokens
-    units = []
+    sums, counts = [], []
     for d in docs:
         ids = torch.from_numpy(d)
-        sums = [token_nll(model, ids[0:4])[0:3].sum(), token_nll(model, ids[2:6])[1:3].sum(),
-                token_nll(model, ids[4:8])[1:3].sum(), token_nll(model, ids[6:10])[1:3].sum()]
-        units += [4 * float(s) / 9 for s in sums]
-    assert np.mean(units) == pytest.approx(result["nll"], rel=1e-5)
+        sums += [float(token_nll(model, ids[0:4])[0:3].sum()), float(token_nll(model, ids[2:6])[1:3].sum()),
+                 float(token_nll(model, ids[4:8])[1:3].sum()), float(token_nll(model, ids[6:10])[1:3].sum())]
+        counts += [3, 2, 2, 2]
+    ratio = sum(sums) / sum(counts)
+    units = [ratio + 8 * (s - ratio * n) / 18 for s, n in zip(sums, counts)]
+    assert np.mean(units) == pytest.approx(ratio) and ratio == pytest.approx(result["nll"], rel=1e-5)
     expected = bootstrap_mean(units, transform=math.exp)
     assert result["ppl_n"] == 8 and result["ppl_unit"] == "windows" and result["window_tokens"] == [3, 2, 2, 2]
     assert (result["ppl_low"], result["ppl_high"]) == pytest.approx((expected.low, expected.high), rel=1e-5)
@@ -179,6 +182,9 @@ def test_the_sliding_interval_resamples_windows_weighted_by_their_tokens(tiny_ll
     for means, nll in zip(result["window_nll"], result["doc_nll"]):
         assert np.dot(means, [3, 2, 2, 2]) / 9 == pytest.approx(nll, rel=1e-12)
     assert perplexity_interval(result["window_nll"], [3, 2, 2, 2]).low == result["ppl_low"]
+    # windows of equal NLL per token, of any size, leave nothing to resample: the interval is the point
+    flat = perplexity_interval([[2.0, 2.0, 2.0, 2.0]] * 2, [3, 2, 2, 2])
+    assert flat.low == pytest.approx(math.exp(2.0)) and flat.high == pytest.approx(math.exp(2.0))
 
 
 def test_perplexity_refuses_short_documents(tiny_llama):
