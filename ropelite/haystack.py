@@ -10,7 +10,9 @@ is the script around them; ablation.py runs the passkey cells on its own models)
   the key goes in as sentences at a sentence boundary, exactly as the needle does, so both tasks share one
   placement rule.
 
-Every context is a prefix of one haystack (token ids), so contexts of different lengths share their text.
+Every context is a prefix of one haystack (token ids), so contexts of different lengths share their text. Every
+pass rate carries its Wilson 95 % interval and every mean entropy its standard error, over trials in a cell and
+pooled per length (``cell_intervals``, ``pooled_by_length``); below 3 units they are null and n is given.
 """
 
 from __future__ import annotations

@@ -58,9 +58,9 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
 
 
 @torch.no_grad()
-def window_nll(model: Llama, ids: torch.Tensor, window: int, stride: int, chunk_size: int = 512,
-               on_tokens: Callable[[int], None] | None = None, rope: RopeConfig | None = None,
-               ) -> list[tuple[float, int]]:
+def window_sums(model: Llama, ids: torch.Tensor, window: int, stride: int, chunk_size: int = 512,
+                on_tokens: Callable[[int], None] | None = None, rope: RopeConfig | None = None,
+                ) -> list[tuple[float, int]]:
     """(sum of NLL, number of scored tokens) of each window of one document ``ids`` (T,), read with
     ``sliding_windows``. ``on_tokens(n)`` is told how many tokens each forward pass read (for a progress bar);
     ``rope`` is the variant to run (default: the model's own)."""
@@ -98,7 +98,7 @@ def perplexity(model: Llama, docs: list[np.ndarray], length: int, protocol: str 
     per_window = []
     for ids in docs:
         x = torch.as_tensor(np.asarray(ids[:length], dtype=np.int64), device=device)
-        per_window.append(window_nll(model, x, window, stride, chunk_size, on_tokens, rope))
+        per_window.append(window_sums(model, x, window, stride, chunk_size, on_tokens, rope))
     doc_nll = [sum(s for s, _ in w) / sum(n for _, n in w) for w in per_window]
     nll = float(np.mean(doc_nll))
     window_tokens = [n for _, n in per_window[0]]  # every document reads the same `length` tokens: same windows

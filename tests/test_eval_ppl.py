@@ -21,7 +21,7 @@ from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.hf import load_model, save_model
 from ropelite.model import Llama
 from ropelite.ppl import (choose_documents, effective_base, perplexity, perplexity_interval,  # noqa: E402
-                          sliding_windows, window_nll)
+                          sliding_windows, window_sums)
 from ropelite.rope import RopeConfig  # noqa: E402
 from ropelite.stats import bootstrap_mean  # noqa: E402
 
@@ -90,7 +90,7 @@ def test_sliding_nll_is_the_hand_sum_over_windows(tiny_llama):
                 + token_nll(model, ids[2:6])[1:3].sum()   # tokens 4, 5 with context 2..
                 + token_nll(model, ids[4:8])[1:3].sum()   # tokens 6, 7
                 + token_nll(model, ids[6:10])[1:3].sum())  # tokens 8, 9
-    windows = window_nll(model, ids, window=4, stride=2, chunk_size=1)
+    windows = window_sums(model, ids, window=4, stride=2, chunk_size=1)
     assert [n for _, n in windows] == [3, 2, 2, 2]
     total, count = sum(s for s, _ in windows), sum(n for _, n in windows)
     assert count == 9
@@ -104,7 +104,7 @@ def test_sliding_nll_is_the_hand_sum_over_windows(tiny_llama):
 def test_sliding_scores_every_token_exactly_once(tiny_llama, n, window, stride):
     model = tiny_llama()
     ids = random_ids(n, 2)
-    assert sum(count for _, count in window_nll(model, ids, window, stride)) == n - 1
+    assert sum(count for _, count in window_sums(model, ids, window, stride)) == n - 1
     scored = [p for _, end, first in sliding_windows(n, window, stride) for p in range(first, end)]
     assert scored == list(range(1, n))  # each position once, in order
 
