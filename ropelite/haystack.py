@@ -529,7 +529,7 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
     if rated:
         fig.colorbar(image, ax=list(axes[0]), label="pass rate", shrink=0.9)
     numbers = (["k/n: trials passed"] * rated + ["number: mean attention entropy of the answer (nats)",
-               "strip: pass rate per length over its depths and trials, bar = Wilson 95 % interval"])
+               "strip: pass rate per length (all depths),", "bar: its Wilson 95 % interval"])
     fig.suptitle("\n".join([title] * bool(title) + numbers), fontsize=9)
     if handles:  # a complete passkey grid inside the training length has nothing to key but the colorbar
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
