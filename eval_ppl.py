@@ -140,6 +140,7 @@ def draw(rows: list[dict], labels: dict[str, str], train_len: int, path: Path, t
     drawn larger first. A log axis needs positive finite values: others are left out with a warning, and with
     none left the figure is skipped (the JSON and CSV hold every row)."""
     plt = pyplot()
+    from matplotlib.patches import Patch
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     finite = [r for r in rows if r["settings"] in labels and r["ppl"] is not None and 0 < r["ppl"] < math.inf]
     dropped = sum(r["settings"] in labels for r in rows) - len(finite)
@@ -173,7 +174,11 @@ def draw(rows: list[dict], labels: dict[str, str], train_len: int, path: Path, t
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    if any(r.get("ppl_low") is not None for r in finite):   # key the shading too
+        ax.legend(handles=[*ax.get_legend_handles_labels()[0],
+                           Patch(color="grey", alpha=0.3, label="95 % interval (bootstrap)")], fontsize=8)
+    else:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     save_figure(fig, path)

@@ -515,6 +515,8 @@ def test_rows_name_their_documents_and_lines_stay_apart(setup, monkeypatch):
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert any(label for label in labels)                                    # the y axis is labelled
     assert ax.get_title().endswith(f"\n4 documents: {data}#0, {data}#1, {data}#2, {data}#3")  # named
+    assert ax.get_legend().get_texts()[-1].get_text() == "95 % interval (bootstrap)"      # the shaded bands
+    assert len(ax.collections) == 2                                                       # one per variant
     assert eval_ppl.named_documents(["lcet10"]) == "lcet10"
     assert eval_ppl.named_documents(list("abcdefg")) == "7 documents: a, b, c, d, e and 2 more"
 
