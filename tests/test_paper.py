@@ -139,3 +139,11 @@ def test_a_difference_reproduces_only_when_the_intervals_separate(tmp_path):
     assert paper.verdict({**comparisons[0], "expected": "lower"}).startswith(f"{claim}: **goes against the paper**")
     write_summary(tmp_path / "attention", "attention", "JS", "c", ["a line"], {})   # no comparisons: no verdict
     assert not any(line.startswith("Verdict") for line in paper.summary([step]))
+
+
+def test_the_mini_finetune_says_what_it_can_and_cannot_show(tmp_path):
+    args = paper.argparse.Namespace(model="smollm2", device="cpu", scale="mini", only=["train"], out=str(tmp_path))
+    step, = paper.plan(args)
+    section = paper.piece_section(tmp_path, step, None)
+    assert step["title"] == "A short YaRN finetune: held-out loss"
+    assert "cannot show: any gain past the training length" in section and "never sees a position beyond 512" in section
