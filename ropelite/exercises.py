@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .bound import men_B
-from .rope import (apply_rope, apply_rope_adjacent, ntk_inv_freq, pi_inv_freq, rope_cos_sin, rope_inv_freq, yarn_inv_freq,
-                   yarn_mscale, yarn_ramp)
+from .rope import (apply_rope, apply_rope_adjacent, ntk_inv_freq, pi_inv_freq, rope_cos_sin, rope_inv_freq,
+                   yarn_inv_freq, yarn_mscale, yarn_ramp)
 from .stats import entropy
 
 CASES = 200  # random inputs per check
@@ -55,7 +55,8 @@ class Exercise:
     (a frequency vector; YaRN's frequencies and attention factor) and the mistakes it recognises."""
 
     check: str                           # the check's name, as the learner calls it
-    signature: str                       # the learner's function, in words
+    signature: str                       # the learner's function, in words (said when it fails to run or its output
+    #                                      has the wrong shape)
     reference: Callable                  # ropelite's own, taking the same arguments
     reference_name: str
     draw: Callable[[np.random.Generator], dict]   # one random input: argument name -> value, in call order
@@ -92,7 +93,8 @@ def _difference(ex: Exercise, expected, got) -> str | None:
     for (name, index), want, have in zip(ex.parts, [_array(e) for e in _split(expected, len(ex.parts))], got_parts):
         label = f"{name} " if len(ex.parts) > 1 else ""
         if want.shape != have.shape:
-            return f"{label}has shape {have.shape}, expected {want.shape}" + (f" (one per {index[0]})" * (want.ndim == 1))
+            per = f" (one per {index[0]})" if want.ndim == 1 else ""
+            return f"{label}has shape {have.shape}, expected {want.shape}{per}"
         bad = ~np.isclose(have, want, rtol=ex.rtol, atol=ex.atol)
         if bad.any():
             at = np.unravel_index(int(np.flatnonzero(bad)[0]), want.shape)
@@ -167,9 +169,12 @@ def check(ex: Exercise, fn: Callable, cases: int = CASES, seed: int = 0) -> Verd
         try:
             got = fn(*_fresh(case).values())
         except Exception as e:  # noqa: BLE001 -- a learner's function may fail in any way; say how, and where
-            return Verdict(False, f"{ex.check}: {name} raised {type(e).__name__}: {e}\n  {where}", case, expected)
+            return Verdict(False, f"{ex.check}: {name} raised {type(e).__name__}: {e}\n  {where}\n"
+                                  f"  (the check calls {ex.signature})", case, expected)
         diff = _difference(ex, expected, got)
         if diff is not None:
+            if "has shape" in diff or diff.startswith("the output is not"):   # a matter of form: say the form
+                diff += f"\n  (the check calls {ex.signature})"
             hint = _hint(ex, case, expected, got)
             message = (f"{ex.check}: {name} differs from {ex.reference_name}\n  {where}\n  {diff}"
                        + ("\n" + textwrap.fill(f"hint: {hint}", 110, initial_indent="  ", subsequent_indent="    ")
@@ -341,7 +346,8 @@ BOUND = Exercise(
          lambda m, dim, base: float(torch.cos(m * _pairs_exponent(dim, base)).sum())),
         ("d/2 terms, one per pair: i runs over 0 .. d/2 - 1",
          lambda m, dim, base: float(torch.cos(m * base ** (-2 * torch.arange(dim, dtype=torch.float64) / dim)).sum())),
-        ("one cos per pair: each pair is counted twice here (d terms)", lambda m, dim, base: 2 * float(men_B(m, dim, base))),
+        ("one cos per pair: each pair is counted twice here (d terms)",
+         lambda m, dim, base: 2 * float(men_B(m, dim, base))),
         ("B_m sums cos(m theta_i), not sin",
          lambda m, dim, base: float(torch.sin(m * rope_inv_freq(dim, base)).sum())),
         ("a sum over the d/2 pairs, not a mean", lambda m, dim, base: float(men_B(m, dim, base)) / (dim // 2)),

@@ -138,7 +138,8 @@ def mismatch(expected: str, got: str) -> str | None:
             same = a == b if unit is None else abs(float(a) - float(b)) <= unit * (1 + 1e-9)
             if not same:
                 allowed = "exactly" if unit is None else f"within {unit:g}"
-                return f"line {n}: {b} where the tour prints {a} (numbers must match {allowed}):\n  expected: {w}\n  got:      {h}"
+                return (f"line {n}: {b} where the tour prints {a} (numbers must match {allowed}):\n"
+                        f"  expected: {w}\n  got:      {h}")
     return None
 
 
