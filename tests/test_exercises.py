@@ -78,6 +78,21 @@ MISTAKES = [
         rope.rope_inv_freq(x.shape[-1], base), positions)), "halves layout"),
     (check_rotation, lambda x, positions, base: rotate(x, -positions, base), "the other way"),
     (check_rotation, lambda x, positions, base: x, "unturned"),
+    (check_rotation, lambda x, positions, base: rope.apply_rope_adjacent(x, *rope.rope_cos_sin(
+        base ** (-torch.arange(x.shape[-1] // 2, dtype=torch.float64) / x.shape[-1]), positions)), "2i/d"),
+    (check_pi, lambda d, b, s: rope.rope_inv_freq(d, b * s), "same s"),
+    (check_pi, lambda d, b, s: b ** (-torch.arange(d // 2, dtype=torch.float64) / d) / s, "2i/d"),
+    (check_ntk, lambda d, b, s: rope.rope_inv_freq(d, b * s ** ((d - 2) / d)), "upside down"),
+    (check_ntk, lambda d, b, s: rope.rope_inv_freq(d, b), "base is unchanged"),
+    (check_yarn, lambda d, b, s, L: (rope.rope_inv_freq(d, b) / s * (1 - rope.yarn_ramp(d, b, L))
+                                     + rope.rope_inv_freq(d, b) * rope.yarn_ramp(d, b, L),
+                                     rope.yarn_attention_factor(s)), "backwards"),
+    (check_entropy, lambda p: float(stats.entropy(p)) / math.log(10), "log base 10"),
+    (check_entropy, lambda p: float(stats.entropy(p)) / math.log(len(p)), "divided by ln n"),
+    (check_B, lambda m, d, b: float(torch.cos(m * b ** (-2 * torch.arange(d, dtype=torch.float64) / d)).sum()),
+     "d/2 terms"),
+    (check_B, lambda m, d, b: float(torch.cos(m * rope.rope_inv_freq(d, b)).repeat(2).sum()), "counted twice"),
+    (check_B, lambda m, d, b: float(torch.cos(m * rope.rope_inv_freq(d, b)).mean()), "not a mean"),
 ]
 
 

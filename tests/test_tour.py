@@ -179,6 +179,7 @@ def check_tour(todo: list[Block], cwd: Path, shown: list[str]) -> None:
     assert not found, "\n\n".join(found)
 
 
+@pytest.mark.slow
 def test_tour_without_smollm2(tmp_path):
     """Every block that does not need SmolLM2, in order, prints what the tour says."""
     text = TOUR.read_text()
@@ -227,6 +228,7 @@ def test_mismatch_rule():
     assert mismatch("", "") is None and mismatch("", "something") is not None       # no block: prints nothing
 
 
+@pytest.mark.slow
 def test_changing_one_printed_output_fails(tmp_path):
     """The harness notices an edited output block: the first block that prints, with one number changed."""
     text = TOUR.read_text()
