@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from ropelite import ablation as lib
 from ropelite.cli import DTYPES, ArgumentParser, check, run_script, token_bar
-from ropelite.hf import load_model, save_model
+from ropelite.hf import load_model, save_model, trained_length
 from ropelite.haystack import MAX_NEW_TOKENS, draw_heatmaps, passkey_cell, passkey_haystack, passkeys
 from ropelite.io import (lock_out, markdown_table, pivot, pyplot, read_rows, save_figure, write_csv, write_json,
                          write_results, write_summary)
@@ -137,11 +137,6 @@ class Finetune:
     @property
     def name(self) -> str:
         return f"{self.arm}.{self.stream}{self.seed}"
-
-    @property
-    def label(self) -> str:
-        length = "8L" if self.times > 1 else "L"
-        return f"{ROPE_NAMES[self.rope]} x8, finetuned at {length}{STREAM_LABELS[self.stream]}, seed {self.seed}"
 
 
 def finetunes(cfg: Mini) -> list[Finetune]:
@@ -598,8 +593,9 @@ def pooled_cells(out: Path, cfg: Mini, arm: str, stream: str | None) -> list[dic
 
 
 def trained_len(out: Path, cfg: Mini, arm: str, stream: str | None) -> int:
-    """Where a heatmap panel's dashed line goes: the length the model was last trained at."""
-    return cfg.L * (8 if stream is not None and arm.endswith("8L") else 1)
+    """Where a heatmap panel's dashed line goes: the length the arm's models were last trained at (a finetune's
+    own; the training-free extensions were only ever trained at L), as their config.json says."""
+    return trained_length(model_folder(out, arm_models(cfg, arm, stream)[0]))
 
 
 def draw_all(out: Path, cfg: Mini, stats: list[dict]) -> None:
@@ -732,7 +728,9 @@ def section(out: Path, cfg: Mini, at: dict, rows: list[dict], windows: list[lib.
         f"**Intervals and verdicts** (rules fixed before the run). Every number is a mean with its 95 % interval: "
         f"Wilson's for a pass rate (the trials of all seeds pooled; the per-seed rates follow in brackets), else a "
         f"percentile bootstrap (seed {lib.BOOTSTRAP_SEED}, seeds and units resampled independently) over finetune "
-        f"seeds and held-out windows or passkey trials; a perplexity is exp of the mean NLL. At each length >= 2L, "
+        f"seeds and held-out windows or passkey trials (for a single model, the training-free ones and the text "
+        f"stream's one seed, over its windows or trials only); a perplexity is exp of the mean NLL. At each "
+        f"length >= 2L, "
         f"claim 1 (the 8L finetune's entropy is below both the L finetune's and the training-free model's; its "
         f"pass rate above; its perplexity below) *holds* when both pairs of intervals separate that way, *does not "
         f"hold* when either separates the other way, and is *unclear* otherwise. Claim 2 (the L finetune stays near "
@@ -794,7 +792,7 @@ def report(out: Path, cfg: Mini, split: lib.Split, windows: list[lib.Window], ov
     lines = finding(cfg, stats, rows)
     write_summary(out, "ablation", TITLE, PAPER_CLAIM, lines,
                   {"verdicts": rows, "sanity": checks, "windows": len(windows), "seeds": list(cfg.seeds),
-                   "text_seeds": list(cfg.text_seeds), "timing": timing})
+                   "text_seeds": list(cfg.text_seeds), "this_invocation": timing})
     return lines
 
 

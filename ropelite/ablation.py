@@ -134,8 +134,8 @@ class Split:
 
 def split_documents(kinds: tuple[str, ...] = ("books", "prose", "code")) -> Split:
     """Books: the head of each trains, its tail (``book_cut``) is held out, named ``book[from:]`` (characters).
-    Prose topics and code modules: their ``overlap_groups``; every HOLDOUT_EVERY-th group (the 5th, 15th, ...)
-    is held out whole. A held-out document with more than OVERLAP_LIMIT of its word runs in the training text
+    Prose topics and code modules: their ``overlap_groups``; every HOLDOUT_EVERY-th group (groups 5, 15, 25, ...
+    counted from 0) is held out whole. A held-out document with more than OVERLAP_LIMIT of its word runs in the training text
     is dropped (neither trained nor evaluated on)."""
     train, held = [], {}
     for kind in kinds:
