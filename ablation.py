@@ -346,12 +346,17 @@ def run_tasks(out: Path, cfg: Mini, windows: list[lib.Window], dtype: str, worke
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         jobs = [pool.submit(run_task, out, cfg, name, windows, dtype, threads, False) for name in names]
-        with tqdm(total=len(jobs), desc=f"finetune + evaluate ({workers} processes)", unit="model") as bar:
-            for job in concurrent.futures.as_completed(jobs):
-                name, clock = job.result()
-                timing[name] = clock
-                bar.update(1)
-                bar.set_postfix_str(f"{name} {clock['wall_s']:.0f} s")
+        try:
+            with tqdm(total=len(jobs), desc=f"finetune + evaluate ({workers} processes)", unit="model") as bar:
+                for job in concurrent.futures.as_completed(jobs):
+                    name, clock = job.result()
+                    timing[name] = clock
+                    bar.update(1)
+                    bar.set_postfix_str(f"{name} {clock['wall_s']:.0f} s")
+        except BaseException:
+            for job in jobs:      # a failed or interrupted run stops at once: what finished is kept (resume)
+                job.cancel()
+            raise
     return timing
 
 

@@ -469,12 +469,14 @@ def window_rows(model: Llama, window: np.ndarray, lengths: list[int], L: int) ->
     the truncate protocol averages the first L, hardest tokens into every length), ``last_query_entropy`` the
     mean over layers and heads of the entropy (nats) of query n-1's attention over keys 0..n-1 (the row Figure 2
     of the seed paper plots). Logits, softmax and entropy in float32 whatever dtype the weights are."""
-    T = max(lengths)
+    if list(lengths) != sorted(set(lengths)):
+        raise RopeliteError(f"window_rows takes distinct lengths in increasing order, got {lengths}")
+    T = lengths[-1]
     x = torch.as_tensor(window[:T], dtype=torch.long).unsqueeze(0)                     # (1, T)
     rows = {}
 
     def keep(layer: int, positions: torch.Tensor, probs: torch.Tensor) -> None:
-        rows.setdefault(layer, probs[0].float())                                      # (H, len(lengths), T)
+        rows.setdefault(layer, probs[0].float())              # (H, len(lengths), T): rows in increasing position
 
     queries = torch.tensor([n - 1 for n in lengths])
     h = model.hidden_states(x, on_attention=keep, attention_rows=queries)[0, :-1]      # (T-1, C)

@@ -649,3 +649,8 @@ def test_paper_runs_the_ablation_piece_and_quotes_its_finding(tiny_run, tmp_path
     assert lines[0] == f"### {summary['title']}" and all(f"- {line}" in lines for line in summary["finding"])
     section = paper.piece_section(out.parent, step, {"code": 0, "seconds": 1.0})
     assert "**Sanity checks**" in section and "![heatmap_ntk.png](run/heatmap_ntk.png)" in section
+
+
+def test_window_rows_wants_increasing_lengths(tiny_llama):
+    with pytest.raises(RopeliteError, match="increasing order"):
+        lib.window_rows(tiny_llama(), np.arange(64) % 97, [64, 32], L=32)
