@@ -73,14 +73,21 @@ sums, so memory is O(L * heads * layers), never O(L^2).
                         convex); null when the reference model has another number of layers or heads
   entropy_per_layer     mean over (s, h) of H(p_{s,l,h}) = -sum p ln p, nats, per layer; entropy = their mean;
                         entropy_of_mean = H(pbar); uniform attention over L keys would give ln L
+Intervals, over the samples (the units that read separate text): js_mean_nats_low/high, a seeded percentile
+bootstrap, paired (the same resampled samples for the variant and the reference); js_per_distribution_nats_low/
+high, a bootstrap of the per-sample means; entropy_se and entropy_per_layer_se, the standard error over samples.
+Below 3 samples they are null and the table gives n alone.
 The reference is plain RoPE on the same model and length, or --reference-model (its own checkpoint RoPE, its own
 tokenizer on the same documents). The paper's Table 1 values exceed ln 2, so its unit is not a single JS in nats.
 
 Outputs in --out: attention.json (settings, these definitions, the windows, one row per (length, variant)),
 attention.csv (the rows), attention_L<L>.png (Figure 2: one panel per variant, log y, x = key position, thin lines
 coloured by layer), attention_entropy.png (entropy per layer, and with several lengths entropy against L: the
-last-query entropy vs length of one model is `--rope rope --lengths 128 256 512 1024 2048`) and attention_L<L>.npz (running sums: per_head_sum (layers, heads, L) = sum over samples, entropy and
-JS sums per layer, samples done). The npz is rewritten after every sample, so a killed run resumes there.
+last-query entropy vs length of one model is `--rope rope --lengths 128 256 512 1024 2048`),
+attention_summary.json (the headline beside the paper's claim, for paper.py) and attention_L<L>.npz (per_head_sum
+(layers, heads, L) = sum over samples; per sample: the mean distribution, the entropy and JS per layer; samples
+done). The npz is rewritten after every sample, so a killed run resumes there. The printed table gives the JS of
+means and the entropy with their intervals.
 """
 
 def distribution_figure(panels: list[tuple[str, np.ndarray]], length: int, max_curves: int, title: str):
@@ -247,15 +254,28 @@ def attention_main(args) -> None:
 
 
 def table1(rows: list[dict]) -> str:
-    """Table 1 as text: one line per length, JS(pbar_variant, pbar_reference) in nats, per-distribution JS in ()."""
+    """Table 1 as text: per length and variant, JS(pbar_variant, pbar_reference) in nats with its 95 % bootstrap
+    interval over samples, then the last query's entropy with its standard error over samples; n in the header
+    (no interval, no standard error below 3 samples)."""
     labels = list(dict.fromkeys(r["rope"] for r in rows))
-    width = max(17, *(len(lab) + 2 for lab in labels))
-    lines = ["JS of mean distributions vs the reference, nats (mean per-distribution JS in parentheses)",
-             "length " + "".join(f"{lab:>{width}}" for lab in labels)]
-    for L in dict.fromkeys(r["length"] for r in rows):
-        cells = {r["rope"]: f"{r['js_mean_nats']:.4f} ({r['js_per_distribution_nats']:.3f})"
-                 for r in rows if r["length"] == L}
-        lines.append(f"{L:>6} " + "".join(f"{cells.get(lab, '-'):>{width}}" for lab in labels))
+    compared = [lab for lab in labels if any(r["rope"] == lab != r["reference"] for r in rows)]  # JS to itself: 0
+    cell = {(r["length"], r["rope"]): r for r in rows}
+    js = {key: f"{r['js_mean_nats']:.4f}" + ("" if r["js_mean_nats_low"] is None else
+                                             f" [{r['js_mean_nats_low']:.4f}, {r['js_mean_nats_high']:.4f}]")
+          for key, r in cell.items()}
+    h = {key: f"{r['entropy']:.3f}" + ("" if r["entropy_se"] is None else f" ± {r['entropy_se']:.3f}")
+         for key, r in cell.items()}
+    width = max([17, *(len(lab) + 2 for lab in labels), *(len(t) + 2 for t in [*js.values(), *h.values()])])
+    lines = []
+    reference = rows[0]["reference"] if rows else ""
+    for name, text, shown in ((f"JS of mean distributions vs {reference}, nats [95 % bootstrap interval over "
+                               "samples]", js, compared),
+                              ("entropy of the last query's attention, nats, mean ± standard error over samples", h,
+                               labels)):
+        lines += [name, "length  samples" + "".join(f"{lab:>{width}}" for lab in shown)]
+        for L in dict.fromkeys(r["length"] for r in rows):
+            n = next(r["samples"] for r in rows if r["length"] == L)
+            lines.append(f"{L:>6} {n:>8}" + "".join(f"{text.get((L, lab), '-'):>{width}}" for lab in shown))
     return "\n".join(lines)
 
 

@@ -16,27 +16,35 @@ each context length L and depth d %:
   2. the needle (or the pass-key line) goes in at d % of that context, moved back to the nearest sentence
      boundary before it (a token ending in . ! or ? followed by one starting with whitespace; the context start
      counts, where a newline separates the needle from the first sentence);
-  3. the prompt: inside the model's chat template when the tokenizer has one (--chat / --no-chat), else plain
-     text, the answer primed with --answer-prefix ("The pass key is" for passkey); the model decodes greedily
-     with the KV cache, up to --max-new-tokens tokens (needle 32, passkey 10);
+  3. the prompt: needle, inside the model's chat template when the tokenizer has one (Fu et al. on instruct
+     models); passkey, plain text (the passkey protocol of landmark attention, YaRN and LongLoRA: inside an
+     instruct template SmolLM2 explains the phrase instead of retrieving the key); --chat / --no-chat choose. The
+     answer is primed with --answer-prefix ("The pass key is" for passkey); the model decodes greedily with the
+     KV cache, up to --max-new-tokens tokens (needle 32, passkey 10);
   4. scoring. needle: the answer words are the needle's words after the answer prefix, minus stop words
      (default: eat sandwich sit dolores park sunny day), lower-cased with punctuation stripped; a cell passes
      when the answer contains at least --pass-recall (default 0.5) of them. passkey (landmark attention, YaRN,
      LongLoRA): --trials keys K per cell, 5-digit, deterministic from (--seed, length, depth, trial) and distinct;
-     a trial passes when the first integer in the answer equals K; the cell's pass rate is over its trials.
-     Raw answers are kept;
+     a trial passes when the first integer in the answer equals K; the cell's pass rate is over its trials,
+     with its Wilson 95 % interval (pass_rate_low, pass_rate_high, pass_rate_n; null below 3 trials, so a needle
+     cell, one trial, has none). Raw answers are kept;
   5. attention entropy (seed paper Appendix C, Algorithm 1): the prompt is prefilled on the fast path; for
      every generated token, the entropy -sum p ln p (nats) of its own attention row, per layer and head,
-     averaged over heads, then layers, then generated tokens (then trials). Per-layer means are kept too.
+     averaged over heads, then layers, then generated tokens (then trials, with the standard error over them:
+     entropy_se, entropy_n; null below 3). Per-layer means are kept too.
 
 Outputs in --out (default runs/needle): TASK.json and TASK.csv (TASK = needle or passkey; one row per cell,
 rewritten atomically after every cell), TASK_settings.json (what each settings id means), TASK_summary.json (this
-run's grid in a few lines beside the literature's claim: trials passed with 95 % Wilson intervals, overall, on
-each side of the training length and per length, and the entropy of passing against failing trials) and
+run's grid beside the literature's claim: trials passed with 95 % Wilson intervals, overall and on each side of
+the training length; per length the pooled pass rate with its interval, the mean entropy with its standard error
+over cells and the entropy of failing and passing trials; and the entropy of failing against passing trials
+over every length, with bootstrap intervals and every length where it goes the other way) and
 TASK_<rope>_<id>.png, the heatmap (x = length, y = depth; needle: blue = pass, orange = fail; passkey: pass
-rate on a blue-orange scale; grey = not run; mean entropy in nats in each cell; dashed line at the training
+rate on a blue-orange scale and k/n trials passed; grey = not run; mean entropy in nats in each cell; under the
+grid a strip of the pass rate per length with its Wilson interval as a bar; dashed line at the training
 length: --train-len, else the length a ropelite-finetuned model records in its config.json, else the RoPE's
-original_max_position_embeddings). The heatmap shows every cell run with these settings in --out, so grids run
+original_max_position_embeddings). The printed table is the heatmap as text, with the per-length rows under it.
+The heatmap shows every cell run with these settings in --out, so grids run
 one after another add up. Running again with the same --out skips the cells already done with the same
 settings, so a killed run resumes; rows of other settings (another --rope, say) stay and get their own heatmap.
 """
@@ -50,14 +58,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ropelite.cli import (GRID_HELP, ArgumentParser, add_model_args, check, check_factor, load_for, parse_grid,
                           rope_overrides, run_script, token_bar)
 from ropelite.data import KINDS
 from ropelite.haystack import (ANSWER_PREFIX, DEFAULT_HAYSTACK, FILLER, MAX_NEW_TOKENS, NEEDLE, NEEDLE_TEMPLATE,
                                PASSKEY_LINE, PASSKEY_PREFIX, PASSKEY_QUESTION, PASSKEY_TEMPLATE, QUESTION, STOP_WORDS,
-                               TASKS, answer_words, build_haystack, draw_heatmaps, grid_findings, haystack_maker,
+                               TASKS, answer_words, build_haystack, cell_intervals, draw_heatmaps, grid_findings, haystack_maker,
                                needle_cell, passkey_cell, passkey_haystack, passkeys, text_grid)
 from ropelite.hf import read_config, trained_length
 from ropelite.hub import resolve_model
@@ -99,8 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{', '.join(KINDS)} (ropelite.data) or filler (\"{FILLER}\" repeated) (default: books for "
                         "needle, filler for passkey)")
     t.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="ask inside the tokenizer's chat template (instruct models) or in plain text (--no-chat, "
-                        "base models) (default: the chat template when the tokenizer has one)")
+                   help="ask inside the tokenizer's chat template (--chat) or in plain text (--no-chat). Default: "
+                        "needle uses the template when the tokenizer has one, as Fu et al. do for instruct models; "
+                        "passkey uses plain text, as the passkey protocol of landmark attention, YaRN and LongLoRA "
+                        "does (inside SmolLM2's template the model explains the phrase \"the pass key\" instead of "
+                        "retrieving the key, so the template would measure the template, not the context)")
     t.add_argument("--max-new-tokens", type=int, default=None,
                    help="greedy answer length limit (default: 32 for needle, 10 for passkey)")
     k = p.add_argument_group("passkey")
@@ -147,6 +156,12 @@ def check_args(args) -> tuple[list[int], list]:
     return lengths, depths
 
 
+def default_chat(task: str, tokenizer) -> bool:
+    """Without --chat / --no-chat: the chat template for the needle when the tokenizer has one (Fu et al.), plain
+    text for the passkey (landmark attention, YaRN, LongLoRA)."""
+    return task == "needle" and getattr(tokenizer, "chat_template", None) is not None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     lengths, depths = check_args(args)
@@ -156,7 +171,7 @@ def main(argv=None) -> None:
     model, tokenizer = load_for(args, **rope_overrides(args.rope, args.factor, args.base, [args.rope]))
     check(tokenizer is not None, f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model)")
     rope = model.config.rope
-    chat = getattr(tokenizer, "chat_template", None) is not None if args.chat is None else args.chat
+    chat = default_chat(args.task, tokenizer) if args.chat is None else args.chat
     train_len, train_from = ((args.train_len, "--train-len") if args.train_len else
                              (trained_length(path), "the model's config.json"))
     make, corpus = haystack_maker(args.haystack or DEFAULT_HAYSTACK[args.task], tokenizer, model.config.vocab_size)
@@ -176,11 +191,15 @@ def main(argv=None) -> None:
     sid = settings_id(settings)
     out, name = lock_out(args.out), args.task  # a second run on this --out stops here, in one line
     rows = read_rows(out, name, keys=("settings", "length", "depth"))
+    if any("pass_rate_n" not in r for r in rows):  # an older run's: the intervals are made from the trials alone
+        rows = [{**r, **cell_intervals(r)} for r in rows]
+        write_results(out, name, rows)
     record_settings(out, name, {sid: settings})
     label = rope.describe()
     figure = out / f"{name}_{re.sub(r'[^0-9A-Za-z.]+', '-', label)}_{sid}.png"
-    title = f"{Path(args.model).name} {label}, {args.task}{'' if chat else ' (plain prompt)'}"
-    print(f"{args.task}: haystack {corpus}, {'chat template' if chat else 'plain prompt'}, dashed line at {train_len} "
+    prompt = "chat template" if chat else "plain prompt"
+    title = f"{Path(args.model).name} {label}, {args.task} ({prompt})"
+    print(f"{args.task}: haystack {corpus}, {prompt}, dashed line at {train_len} "
           f"({train_from})", file=sys.stderr)
 
     def plot(rows: list[dict]) -> None:
@@ -212,12 +231,11 @@ def main(argv=None) -> None:
     if not todo:
         plot(rows)
     findings, numbers = grid_findings(mine, lengths, train_len)
-    write_summary(out, name, f"{TITLES[args.task]}, {Path(args.model).name} {label}{'' if chat else ', plain prompt'}",
+    write_summary(out, name, f"{TITLES[args.task]}, {Path(args.model).name} {label}, {prompt}",
                   CLAIMS[args.task], findings,
                   {"settings": sid, "model": args.model, "rope": label, "depths": depths, **numbers})
     print(text_grid(mine, lengths, depths))
-    print(f"mean pass rate {np.mean([r['pass_rate'] for r in mine]):.2f} over {len(cells)} cells; results in "
-          f"{out / name}.json and .csv, heatmap {figure}")
+    print(f"{findings[0]} Results in {out / name}.json and .csv, heatmap {figure}")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,16 @@ the command that report.md prints for it):
   attention  analyze.py attention   attention distributions at 2K and 8K and their JS divergence from plain
                                     RoPE (Figure 2, Table 1)
   needle     needle.py              needle-in-a-haystack grids with attention entropy (Figure 4), RoPE and YaRN
-  train      train.py               a short YaRN finetune: training and held-out loss
+  train      train.py               a short YaRN finetune: its held-out loss before and after
   ablation   ablation.py            the third finding: NTK / YaRN x8 finetuned at L and at 8L with the same
                                     tokens, on a small LLaMa trained here (Figure 4 e-f; SmolLM2 at --scale paper)
 
 Every script resumes from its own output folder, so a killed paper.py continues where it stopped when run
 again with the same --out. The report is rewritten after every piece. It opens with each finding as the script
 that measured it states it (the NAME_summary.json files in a piece's folder: title, the paper's claim, the
-measured lines), so the summary knows none of the scripts' result keys.
+measured lines, and the differences the claim names as pairs of 95 % intervals), so the summary knows none of the
+scripts' result keys. A difference is called "reproduces" only when its two intervals do not overlap
+(ropelite.stats.compare); overlapping intervals, or fewer than 3 units, say "cannot tell".
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ropelite.cli import ArgumentParser, run_script
 from ropelite.errors import RopeliteError
 from ropelite.io import (SUMMARY_SUFFIX, atomic_path, lock_out, markdown_table, pivot, read_jsonl, read_summaries,
                          write_json)
+from ropelite.stats import Interval, compare
 from ropelite.training import latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -73,7 +76,13 @@ def plan(args) -> list[dict]:
                      "--out", str(out / f"needle-{folder}")])
           for label, folder, rope in (("RoPE", "rope", ["--rope", "rope"]),
                                       ("YaRN x4", "yarn", ["--rope", "yarn", "--factor", "4"]))],
-        dict(name="train", title="A short YaRN finetune: training loss and held-out loss",
+        dict(name="train", title="A short YaRN finetune: held-out loss",
+             note=None if paper else (
+                 "What a 512-token finetune of a model trained at 8K can show: that the training loop runs and "
+                 "that the model adapts to YaRN's rescaled slow dimensions and attention temperature at short "
+                 "range (the held-out loss under YaRN x4 falls). What it cannot show: any gain past the training "
+                 "length, since it never sees a position beyond 512, far inside the 8K SmolLM2 already knows; the "
+                 "ablation piece is the experiment about training length."),
              argv=["train.py", *m, "--rope", "yarn", "--factor", "4", "--len", "32768" if paper else "512",
                    # paper scale on the built-in books reads them many times over: bring --data for a real run
                    *(["--epochs-ok"] if paper else ["--tokens", "8192", "--batch-tokens", "1024", "--lr", "5e-5", "--warmup", "2",
@@ -173,6 +182,8 @@ def piece_section(out: Path, step: dict, piece: dict | None) -> str:
     """One piece: its command, status, the table it printed, pivots, figures and links to the full results."""
     folder = out_folder(step)
     parts = [f"## {step['title']}\n\n```\n{command_line(step['argv'])}\n```\n\n{status_line(piece)}\n"]
+    if step.get("note"):
+        parts.append(step["note"] + "\n")
     if not folder.is_dir():
         return "\n".join(parts)
     if (folder / SECTION).is_file():  # a piece that writes its own tables (ablation.py) prints only a summary
@@ -195,20 +206,41 @@ def piece_section(out: Path, step: dict, piece: dict | None) -> str:
     return "\n".join(parts)
 
 
+VERDICTS = {"reproduces": "reproduces", "against": "goes against the paper",
+            "overlap": "cannot tell: the 95 % intervals overlap", "unknown": "cannot tell: fewer than 3 units, no interval"}
+
+
+def verdict(comparison: dict) -> str:
+    """One of a summary's comparisons ({claim, expected: 'higher' or 'lower', a, b: each an Interval's fields and a
+    label}) judged by ``stats.compare``: it reproduces only when the two 95 % intervals do not overlap and a
+    stands to b as claimed."""
+    a, b = (Interval(**{k: comparison[side][k] for k in ("estimate", "low", "high", "n", "method")}) for side in "ab")
+    found = compare(a, b)
+    key = found if found in ("overlap", "unknown") else "reproduces" if found == comparison["expected"] else "against"
+    return (f"{comparison['claim']}: **{VERDICTS[key]}** ({comparison['a']['label']} {a.text('.4g')} vs "
+            f"{comparison['b']['label']} {b.text('.4g')}).")
+
+
 def summary(steps: list[dict]) -> list[str]:
     """Each finding as the script that measured it wrote it (``write_summary``, one ``*_summary.json`` per results
-    file in a piece's folder): its title, the paper's claim, and the measured lines, each number with its n."""
+    file in a piece's folder): its title, the paper's claim, the measured lines, each number with its n and its
+    interval where there are 3 units or more, then a verdict on each difference the claim names (the summary's
+    numbers["comparisons"], ``verdict``)."""
     lines = []
     for step in steps:
         folder = out_folder(step)
         for found in read_summaries(folder) if folder.is_dir() else []:
             lines += [f"### {found['title']}", "", f"Paper: {found['claim']}", "", "Measured here:", "",
                       *[f"- {line}" for line in found["finding"]], ""]
+            comparisons = found["numbers"].get("comparisons") or []
+            if comparisons:
+                lines += ["Verdict (\"reproduces\" only where the 95 % intervals separate):", "",
+                          *[f"- {verdict(c)}" for c in comparisons], ""]
     if lines:
         lines += ["Caveats: everything but the train and ablation pieces is training-free (the paper finetunes); "
                   "\"ntk x4\" is the NTK-aware base b s^(d/(d-2)), \"ntk base B\" a fixed new base as the paper's "
-                  "1e4 -> 1e6; the mini run uses few documents and samples: read each number with its n, and with its "
-                  "95 % interval where one is given."]
+                  "1e4 -> 1e6; the mini run uses few documents and samples: read each number with its n and, from "
+                  "n = 3 on, its 95 % interval; a difference whose intervals overlap is one the data cannot tell."]
     return lines
 
 

@@ -5,15 +5,18 @@
     # on the same token budget
     python train.py --rope yarn --factor 4 --len 4096 --data my-corpus/ --out runs/yarn4-4k
     python train.py --rope yarn --factor 4 --len 32768 --data my-corpus/ --out runs/yarn4-32k
-    python train.py --rope ntk --base 1e6 --len 16384 --tokens 50M
-    python train.py --model path/to/llama-2-7b --rope pi --len 32768      # any Hugging Face LLaMa folder
-    torchrun --nproc_per_node 8 train.py --model path/to/llama-2-7b --rope yarn --len 32768
+    python train.py --rope ntk --base 1e6 --len 16384 --tokens 50M --data my-corpus/
+    python train.py --model path/to/llama-2-7b --rope pi --len 32768 --data my-corpus/   # any Hugging Face LLaMa
+    torchrun --nproc_per_node 8 train.py --model path/to/llama-2-7b --rope yarn --len 32768 --data my-corpus/
     python train.py --resume --out runs/yarn4-32k           # continue that run exactly where it stopped
-    python train.py --init random --len 512 --tokens 2M --device cpu --out runs/scratch   # a small model from scratch
+    python train.py --rope yarn --len 32768 --data my-corpus/ --dry-run   # the plan, without reading a weight
+    python train.py --init random --len 128 --tokens 64Ki --device cpu    # a small model from scratch, ~20 s
+    python train.py --init random --device cpu --out runs/scratch  # len 512, 1Mi tokens: minutes on a CPU
 
 What one optimizer step is: --batch-tokens tokens = batch_tokens / len sequences of --len tokens, run as
 micro-batches of --micro-batch sequences (gradient accumulation; with torchrun each rank takes its share of the
-micro-batches). The run lasts --tokens tokens whatever --len is, so a 4K run and a 32K run see the same text
+micro-batches); left out, it is YaRN's 262,144 tokens, or --tokens / 400 for a smaller budget (a line says
+which). The run lasts --tokens tokens whatever --len is, so a 4K run and a 32K run see the same text
 budget. Documents (--data, default the built-in corpus of ropelite.data) are tokenised, joined as
 doc EOS doc EOS ... in their given order, and cut into --len-token sequences without document masks, as YaRN
 trains. A budget larger than the data is refused unless --epochs-ok (then the stream starts over; the epoch
@@ -34,12 +37,16 @@ which fits a LLaMa-2-7B at 32K on one 80 GB GPU by the estimator; RoPE angles ar
 --out holds the trained model as a folder that ropelite and transformers both load unchanged (config.json, whose
 rope_scaling and "ropelite" record say which RoPE, factor, theta, original and new length it was trained with,
 and its "trained" block how: len, step of steps, sequences_per_step, batch_tokens, tokens, the lr schedule, init;
-model.safetensors in fp32; the tokenizer files), metrics.jsonl (one row per step: loss in nats/token, lr,
-grad norm, tokens, tokens/s, peak memory), eval.jsonl (the held-out loss and perplexity before the first step,
-every --eval-every steps and at the end) and checkpoint/ (the same model + optimizer, data position and RNG,
-written atomically every --save-every steps) and .lock (the pid of the run that holds the folder: a second run
-on it stops with a one-line error). A killed run continues with --resume --out DIR, which takes every other flag
-from the checkpoint, and ends with the same weights, bit for bit, as one never interrupted. The first
+model.safetensors in fp32, gathered and written one tensor at a time, when the run ends or --stop-after stops
+it; the tokenizer files), metrics.jsonl (one row per step: loss in nats/token, lr, grad norm, tokens, tokens/s,
+peak memory, elapsed_s: the run's seconds so far over all its invocations), eval.jsonl (the held-out loss and
+perplexity before the first step, every --eval-every steps and at the end) and checkpoint/ (every --save-every
+steps, written atomically: the weights and AdamW moments sharded with torch.distributed.checkpoint, each process
+writing and reading its own part, so no process ever holds the whole state; the data position, each process's
+RNG and the flags) and .lock (the pid of the run that holds the folder: a second run on it stops with a one-line
+error). A killed run continues with --resume --out DIR, which takes every other flag from the checkpoint, and
+ends with the same weights, bit for bit, as one never interrupted; it may resume on another number of processes
+(the shards are resharded; then the gradient sums run in another order, equal to float rounding). The first
 SIGINT/SIGTERM (Ctrl-C, a job's time limit) finishes the step in progress, saves a checkpoint and exits with
 status 128 + signal and a line saying how to resume; a second one kills at once. A NaN/inf loss stops the run
 before it touches the weights and leaves the last good checkpoint in place.
@@ -61,7 +68,8 @@ import sys
 from pathlib import Path
 
 from ropelite.cli import ArgumentParser, add_data_args, add_model_args, run_script
-from ropelite.trainer import MAY_CHANGE, PER_INVOCATION, train
+from ropelite.trainer import (DEFAULT_LEN, DEFAULT_TOKENS, MAY_CHANGE, PER_INVOCATION, YARN_BATCH_TOKENS,
+                              YARN_STEPS, train)
 from ropelite.training import SCHEDULES
 
 
@@ -101,13 +109,18 @@ def build_parser() -> ArgumentParser:
 
 def add_budget_and_optimizer_args(p: ArgumentParser) -> None:
     g = p.add_argument_group("budget")
-    g.add_argument("--len", type=int, default=32768, help="training sequence length in tokens (default 32768)")
-    g.add_argument("--tokens", type=token_count, default=400 * 262144,
-                   help="total training tokens, the same at any --len (default 104857600 = 400 steps of the "
-                        "default --batch-tokens, YaRN's step count)")
-    g.add_argument("--batch-tokens", type=token_count, default=262144,
-                   help="tokens per optimizer step; batch_tokens // len sequences per step (default 262144 = "
-                        "YaRN's 64 sequences at 4K, 8 at 32K)")
+    g.add_argument("--len", type=int, default=None,
+                   help=f"training sequence length in tokens (default {DEFAULT_LEN['pretrained']}; "
+                        f"{DEFAULT_LEN['random']} with --init random)")
+    g.add_argument("--tokens", type=token_count, default=None,
+                   help=f"total training tokens, the same at any --len (default {DEFAULT_TOKENS['pretrained']} = "
+                        f"{YARN_STEPS} steps of {YARN_BATCH_TOKENS} tokens, YaRN's recipe; "
+                        f"{DEFAULT_TOKENS['random']} with --init random, minutes on a CPU)")
+    g.add_argument("--batch-tokens", type=token_count, default=None,
+                   help=f"tokens per optimizer step; batch_tokens // len sequences per step (default: "
+                        f"min({YARN_BATCH_TOKENS}, tokens / {YARN_STEPS}) in whole sequences, a multiple of "
+                        f"--micro-batch x processes: YaRN's 64 sequences at 4K, 8 at 32K, and {YARN_STEPS} steps "
+                        f"for a smaller budget; a line says so)")
     g.add_argument("--micro-batch", type=int, default=1,
                    help="sequences per forward/backward; the step accumulates gradients over "
                         "sequences_per_step / (micro_batch * ranks) of them (default 1)")
@@ -115,8 +128,9 @@ def add_budget_and_optimizer_args(p: ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5, YaRN's)")
     g.add_argument("--warmup", type=int, default=20,
                    help="linear warmup from 0 over this many steps: lr = peak * step / warmup for the 0-based "
-                        "steps before it (default 20, YaRN's); a run of no more steps never reaches --lr (a "
-                        "warning says so)")
+                        "steps before it, so the first step updates with lr 0, as transformers' "
+                        "get_linear_schedule_with_warmup and YaRN's recipe do (default 20, YaRN's); a run of no "
+                        "more steps never reaches --lr (a warning says so)")
     g.add_argument("--schedule", default="linear", choices=SCHEDULES,
                    help="after warmup: linear to 0 (YaRN's), cosine to 0, or constant (default linear)")
     g.add_argument("--wd", type=float, default=0.0,
@@ -142,6 +156,13 @@ def add_budget_and_optimizer_args(p: ArgumentParser) -> None:
                         "stochastic bf16 rounding, ~6 bytes per parameter instead of 16 (a LLaMa-2-7B at 32K fits "
                         "80 GB: benchmarks/memory_estimate.py, column total_1gpu_lean_GiB); needs "
                         "pip install 'ropelite[lean]'")
+    g.add_argument("--sync-every-micro-batch", action="store_true",
+                   help="under FSDP2 (torchrun), reduce-scatter the gradients after every micro-batch instead of only "
+                        "the last: no unsharded fp32 gradients (4 bytes per parameter) held between micro-batches, "
+                        "for runs that do not fit otherwise (LLaMa-2-7B at 4K on 8 GPUs: 17.1 instead of 39.0 GiB per "
+                        "GPU), at the price of one reduce-scatter of all gradients per micro-batch instead of per "
+                        "step (benchmarks/memory_estimate.py counts both); the same gradients up to fp32 rounding; "
+                        "no effect on one process")
 
 
 def add_output_and_init_args(p: ArgumentParser) -> None:
@@ -157,6 +178,11 @@ def add_output_and_init_args(p: ArgumentParser) -> None:
                    help="end this invocation after N more steps, with a checkpoint (to fit a job's time limit); "
                         "continue with --resume")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--dry-run", action="store_true",
+                   help="resolve everything (flags, a resumed run's too; model config and RoPE; budget; data and "
+                        "held-out set), print the plan and exit before any weight is read; nothing is written. "
+                        "Under torchrun (or with WORLD_SIZE set) it plans for that many processes; --device cuda "
+                        "may be planned on a machine without one")
     g = p.add_argument_group("held-out evaluation")
     g.add_argument("--eval-tokens", type=token_count, default=None,
                    help="tokens of held-out text (documents after those the run trains on), in --len sequences, "
@@ -188,7 +214,7 @@ def flags_given(argv=None) -> set[str]:
     return {key for key, value in vars(seen).items() if value is not unset}
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> Path | None:
     return train(parse_args(argv), flags_given(argv))
 
 

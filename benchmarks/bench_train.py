@@ -11,14 +11,14 @@ the measured memory; and (--vs-transformers) one training step side by side with
 Each (len, checkpointing) configuration runs in a fresh Python subprocess, so that its peak resident memory
 (VmHWM, see measure.py) is its own. The subprocess builds a random model and AdamW exactly as train.py does
 (ropelite.training, ropelite.parallel), notes its resident memory, then runs --steps of train.py's optimizer
-steps (ropelite.trainer) on one sequence of --len tokens (fp32, the CPU recipe), then one more step under torch's
-MemTracker. Reported:
+steps (ropelite.trainer) on one sequence of --len tokens (fp32, the CPU recipe), then one more step with its live
+tensors counted (measure.live_tensor_peak). Reported:
 - tokens/s of the fastest step after the first (warm-up; the CPU is shared, the minimum is the least disturbed),
   and that step's CPU time (all threads; other processes on a shared CPU do not inflate it, so the cost of
   checkpointing is read from it);
 - peak RSS, and rss_added = peak minus the RSS before the first step (gradients, AdamW moments, activations, plus
   what glibc's allocator and the runtime keep: an upper bound of tensor memory);
-- tensor_peak: the peak of live tensor memory (weights included) that MemTracker saw, the CPU analogue of CUDA's
+- tensor_peak: the peak of live tensor memory (weights included) of that step, the CPU analogue of CUDA's
   max_memory_allocated, which is what memory_estimate.py predicts (estimate_total, same config, fp32);
   the ratios estimate_total / tensor_peak and (estimate_total - weights) / rss_added say how the estimate sits.
 Results: bench_train.json and .csv in --out.
@@ -60,7 +60,7 @@ from pathlib import Path
 # The ropelite measured: this checkout's, or for --baseline's workers the one in ROPELITE_SRC (set by the driver).
 sys.path.insert(0, os.environ.get("ROPELITE_SRC") or str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import has_transformers, peak_rss_mb, reset_peak_rss, rss_mb, run_worker  # noqa: E402
+from measure import has_transformers, live_tensor_peak, peak_rss_mb, reset_peak_rss, rss_mb, run_worker  # noqa: E402
 from memory_estimate import estimate, param_count  # noqa: E402
 from ropelite.cli import ArgumentParser, check, run_script  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
@@ -106,16 +106,7 @@ def child(spec: dict) -> dict:
         cpu_times.append(time.process_time() - cpu_tick)
     peak = peak_rss_mb()
     fastest, least_cpu = min(times[1:] or times), min(cpu_times[1:] or cpu_times)
-    tensor_peak = None
-    try:  # a private torch tool: leave the column empty where it is missing
-        from torch.distributed._tools.mem_tracker import MemTracker
-        tracker = MemTracker()
-        tracker.track_external(model, optimizer)
-        with tracker:
-            optimizer_step(ids[0])
-        tensor_peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / MIB
-    except (ImportError, NotImplementedError, KeyError):
-        pass
+    tensor_peak = live_tensor_peak(lambda: optimizer_step(ids[0]), model, optimizer)["peak"] / MIB
     return {"rss_before_mb": before, "peak_rss_mb": peak, "added_mb": peak - before, "tensor_peak_mb": tensor_peak,
             "tokens_per_s": spec["len"] / fastest, "step_s": fastest, "step_cpu_s": least_cpu}
 
@@ -292,7 +283,7 @@ def main() -> None:
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             measured = run_worker([__file__, "--child", json.dumps(spec)], f"len {length} grad_ckpt {grad_ckpt}",
                                   env=env)
-            est = estimate(config, length, 1, "fp32", grad_ckpt, 1)["total"] / MIB
+            est = estimate(config, length, 1, "fp32", grad_ckpt, 1, device="cpu")["total"] / MIB
             added = est - 4 * param_count(config) / MIB   # the weights exist before the first step
             tensor_peak = measured["tensor_peak_mb"]
             row = {"len": length, "grad_ckpt": grad_ckpt, "params_M": round(param_count(config) / 1e6, 2),

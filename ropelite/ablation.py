@@ -3,19 +3,29 @@ and 32K training lengths with the same tokens on NTK ... models trained in more 
 significantly lower attention uncertainty". No short-context LLaMa exists offline, so the miniature trains its
 own; ``ablation.py`` is the script around these pieces.
 
-- Text: the built-in books, prose and code, split into training and held-out documents (``split_documents``);
-  a LLaMa-2-style sentencepiece ``tokenizer.model`` trained on the training text (``train_tokenizer``).
-- Rows (``MixedRows``): text from the training stream; passkey documents, the very prompt the evaluation asks
-  (``ropelite.haystack``'s passkey template and filler) followed by the answer " K." and EOS, their answer tokens
-  weighted up in the loss; copy rows (a text segment tiled over the row, the repeated structure that makes
-  induction heads form early). A row is a pure function of (seed, index).
+- Text (``split_documents``): the built-in books, prose and code. Prose topics and code modules that share
+  word runs are grouped (``overlap_groups``) and whole groups are held out, so that at most 1 % of any held-out
+  window's 12-word runs occur verbatim in the training text (``overlap``); each book's last 10 % is held out,
+  cut at a line break it has. A LLaMa-2-style sentencepiece ``tokenizer.model`` is trained on the training text.
+- Pretraining rows (``MixedRows``): text from a random offset of the training stream; passkey documents, the
+  very prompt the evaluation asks (``ropelite.haystack``'s template and filler) followed by the answer " K." and
+  EOS, their answer tokens weighted up in the loss; copy rows (a text segment tiled over the row, the repeated
+  structure that makes induction heads form early). A row is a pure function of (seed, index).
+- Finetuning stream (``finetune_stream``): ONE token stream, with a loss weight per token, built from blocks of
+  L tokens whose contents do not depend on the row length (text read in order; passkey documents of at most L
+  tokens, as in pretraining; copy blocks of L), then cut into rows of L or of 8L (``StreamRows``). Both arms of
+  the ablation consume the same tokens in the same order with the same weights, in the same steps: the seed
+  paper's "same tokens", the one variable being how far attention reaches back.
 - Training (``train``): train.py's own optimizer step (``ropelite.trainer.optimizer_step``: AdamW, clip 1) with
-  ``ropelite.training``'s schedule, and as its loss ``model.py``'s (``LinearCrossEntropy``) with the passkey
-  answer weighted (``weighted_nll``). A ``Recipe`` holds the tokens per step as sequences x length, so the L and
-  8L finetunes of one budget differ only in how it is cut.
-- Evaluation: perplexity (the truncate protocol, and the last L tokens of each length, which a break past L
-  cannot hide in), the last query's attention entropy, and unigram / bigram count models as a floor of what
-  "a language model" means here. The passkey grid is needle.py's (same prompt, scorer and Algorithm 1 entropy).
+  ``ropelite.training``'s schedule, its loss the per-token weighted NLL (``weighted_nll``). A ``Recipe`` holds
+  the tokens per step as sequences x length, so the L and 8L finetunes of one budget differ only in the cut.
+- Evaluation (``window_rows``): on each held-out window, one forward gives the perplexity at every length (the
+  truncate protocol, and the last L tokens of each length, which a break past L cannot hide in) and the last
+  query's attention entropy at every length (causal attention: the first n tokens' numbers do not depend on
+  what follows them); unigram / bigram count models are a floor of what "a language model" means here. The
+  passkey grid is needle.py's (same prompt, scorer and Algorithm 1 entropy).
+- Verdicts (``claim_1``, ``claim_2``): each claim of the paper, per length, read off 95 % intervals (Wilson for
+  pass rates, a seeded bootstrap over finetune seeds and units for means) by rules fixed before any run.
 """
 
 from __future__ import annotations
@@ -28,9 +38,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .attention import Variant, last_rows
-from .data import builtin_documents
+from .data import named_builtin_documents, sample_windows
 from .errors import RopeliteError
 from .haystack import (FILLER, PASSKEY_LINE, PASSKEY_PREFIX, PASSKEY_QUESTION, PASSKEY_TEMPLATE, build_haystack,
                        filler_ids)
@@ -38,36 +48,112 @@ from .io import write_json
 from .loss import LinearCrossEntropy
 from .model import Llama, LlamaConfig
 from .parallel import make_optimizer
-from .ppl import perplexity
-from .stats import entropy
+from .stats import Interval, bootstrap_mean, compare, entropy, wilson
 from .tokenizer import Tokenizer, load_tokenizer
 from .trainer import optimizer_step
 from .training import learning_rate, trained_record
 
-HOLDOUT_EVERY = 10     # every 10th prose topic / code module is held out ...
+HOLDOUT_EVERY = 10     # every 10th group of prose topics / code modules is held out ...
 BOOK_HELD_OUT = 0.1    # ... and the last 10 % of each book
+WORD_RUN = 12          # the held-out rule: at most OVERLAP_LIMIT of a window's runs of WORD_RUN words ...
+OVERLAP_LIMIT = 0.01   # ... occur verbatim in the training text
 KEY_RANGE = (10_000, 100_000)
 PROBE_COPIES = 200
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Text and tokenizer
+# Text: the split, the overlap rule, the tokenizer, the held-out windows
 # ----------------------------------------------------------------------------------------------------------------
 
-def split_documents(kinds: tuple[str, ...] = ("books", "prose", "code")) -> tuple[list[str], dict[str, list[str]]]:
-    """(training documents, held-out documents by kind). Prose topics and code modules: every HOLDOUT_EVERY-th
-    (sorted order) is held out; books: the last BOOK_HELD_OUT of each, cut at a paragraph break."""
+def word_runs(text: str, n: int = WORD_RUN) -> list[int]:
+    """A hash of each run of ``n`` consecutive words of ``text`` (words: split at whitespace, kept verbatim,
+    case and punctuation included), one per position."""
+    words = text.split()
+    return [hash(" ".join(words[i:i + n])) for i in range(len(words) - n + 1)]
+
+
+def overlap(text: str, seen: set[int]) -> float:
+    """The share of ``text``'s word runs (``word_runs``, counted per position) that occur in ``seen`` (the runs of
+    the training text); 0 for a text shorter than one run."""
+    runs = word_runs(text)
+    return sum(r in seen for r in runs) / len(runs) if runs else 0.0
+
+
+def overlap_groups(texts: list[str], limit: float = OVERLAP_LIMIT) -> list[list[int]]:
+    """Documents joined into groups (connected components, sorted by their first index): documents i and j are in
+    one group when more than ``limit`` of i's word runs occur in j, or of j's in i (pydoc's ``for`` lies ~99 %
+    inside ``compound``, ``customization`` inside ``specialnames``). Holding out whole groups keeps a held-out
+    document's text out of training."""
+    runs = [set(word_runs(t)) for t in texts]
+    holders: dict[int, list[int]] = {}
+    for i, rs in enumerate(runs):
+        for r in rs:
+            holders.setdefault(r, []).append(i)
+    parent = list(range(len(texts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, rs in enumerate(runs):
+        shared: dict[int, int] = {}                              # j -> runs of i that j holds too
+        for r in rs:
+            for j in holders[r]:
+                if j != i:
+                    shared[j] = shared.get(j, 0) + 1
+        for j, count in shared.items():
+            if count > limit * len(rs):                          # the relation is made symmetric by the union
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(texts)):
+        groups.setdefault(root(i), []).append(i)
+    return sorted(groups.values())
+
+
+def book_cut(text: str, held_out: float = BOOK_HELD_OUT) -> int:
+    """Where a book's held-out tail begins: after the last paragraph break (a blank line) before the last
+    ``held_out`` of its characters, or after the last line break when it has no blank line (Botchan)."""
+    end = round(len(text) * (1 - held_out))
+    for sep in ("\n\n", "\n"):
+        at = text.rfind(sep, 0, end)
+        if at > 0:
+            return at + len(sep)
+    raise RopeliteError("a book without a line break before its last part cannot be split at one")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Training texts; held-out (name, text) by kind; held-out documents dropped because the overlap rule
+    failed for them (name, overlap)."""
+    train: list[str]
+    held: dict[str, list[tuple[str, str]]]
+    dropped: list[tuple[str, float]]
+
+
+def split_documents(kinds: tuple[str, ...] = ("books", "prose", "code")) -> Split:
+    """Books: the head of each trains, its tail (``book_cut``) is held out, named ``book[from:]`` (characters).
+    Prose topics and code modules: their ``overlap_groups``; every HOLDOUT_EVERY-th group (groups 5, 15, 25, ...
+    counted from 0) is held out whole. A held-out document with more than OVERLAP_LIMIT of its word runs in the training text
+    is dropped (neither trained nor evaluated on)."""
     train, held = [], {}
     for kind in kinds:
-        docs = builtin_documents(kind)
+        named = named_builtin_documents(kind)
         if kind == "books":
-            cuts = [book.rfind("\n\n", 0, round(len(book) * (1 - BOOK_HELD_OUT))) for book in docs]
-            train += [book[:cut] for book, cut in zip(docs, cuts)]
-            held[kind] = [book[cut:].lstrip() for book, cut in zip(docs, cuts)]
-        else:
-            train += [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY != HOLDOUT_EVERY // 2]
-            held[kind] = [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY == HOLDOUT_EVERY // 2]
-    return train, held
+            cuts = [book_cut(text) for _, text in named]
+            train += [text[:cut] for (_, text), cut in zip(named, cuts)]
+            held[kind] = [(f"{name}[{cut}:]", text[cut:]) for (name, text), cut in zip(named, cuts)]
+            continue
+        groups = overlap_groups([text for _, text in named])
+        out = {i for k, group in enumerate(groups) if k % HOLDOUT_EVERY == HOLDOUT_EVERY // 2 for i in group}
+        train += [text for i, (_, text) in enumerate(named) if i not in out]
+        held[kind] = [named[i] for i in sorted(out)]
+    seen = {r for text in train for r in word_runs(text)}
+    shares = {name: overlap(text, seen) for docs in held.values() for name, text in docs}
+    dropped = [(name, share) for name, share in shares.items() if share > OVERLAP_LIMIT]
+    held = {kind: [(n, t) for n, t in docs if shares[n] <= OVERLAP_LIMIT] for kind, docs in held.items()}
+    return Split(train, held, dropped)
 
 
 def train_tokenizer(docs: list[str], out: Path, vocab_size: int) -> Tokenizer:
@@ -102,27 +188,55 @@ def token_stream(docs: list[str], tok: Tokenizer, seed: int = 0) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def heldout_windows(held: dict[str, list[str]], tok: Tokenizer, tokens: int, per_kind: int) -> list[np.ndarray]:
-    """Up to ``per_kind`` evaluation documents of exactly ``tokens`` tokens (BOS first) from each kind: the kind's
-    held-out documents joined in order (blank line between) until they reach ``tokens``, then cut."""
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A held-out evaluation window: BOS and ``len(ids) - 1`` tokens of its kind's held-out text, which come from
+    ``pieces``: [document, token offset in it, tokens]."""
+    kind: str
+    ids: np.ndarray
+    pieces: list[list]
+
+
+def heldout_windows(held: dict[str, list[tuple[str, str]]], tok: Tokenizer, tokens: int,
+                    per_kind: int) -> list[Window]:
+    """Up to ``per_kind`` windows of exactly ``tokens`` tokens (BOS first) of each kind, none overlapping another.
+    A kind's held-out documents, in order, are joined (a blank line between) into units, each closed as soon as it
+    holds one window; the windows are ``data.sample_windows``' of the units (round k takes the k-th window of
+    every unit long enough), so they come from different documents first."""
+    blank = tok.encode("\n\n", add_bos=False)
     out = []
-    for docs in held.values():
-        group, found = [], 0
-        for doc in docs:
-            group.append(doc)
-            ids = tok.encode("\n\n".join(group), add_bos=True)
-            if len(ids) >= tokens:
-                out.append(np.asarray(ids[:tokens], dtype=np.int64))
-                group, found = [], found + 1
-                if found == per_kind:
-                    break
+    for kind, docs in held.items():
+        units: list[tuple[list[int], list[tuple[str, int, int]]]] = [([], [])]  # (ids, (name, start, end) per doc)
+        for name, text in docs:
+            ids, where = units[-1]
+            if ids:
+                ids += blank
+            piece = tok.encode(text, add_bos=False)
+            where.append((name, len(ids), len(ids) + len(piece)))
+            ids += piece
+            if len(ids) >= tokens - 1:
+                units.append(([], []))
+        sizes = [len(ids) for ids, _ in units]
+        found = min(per_kind, sum(n // (tokens - 1) for n in sizes))
+        for unit, offset in (sample_windows(sizes, found, tokens - 1) if found else []):
+            ids, where = units[unit]
+            end = offset + tokens - 1
+            pieces = [[name, max(start, offset) - start, min(stop, end) - max(start, offset)]
+                      for name, start, stop in where if start < end and stop > offset]
+            out.append(Window(kind, np.asarray([tok.bos_id, *ids[offset:end]], dtype=np.int64), pieces))
     if not out:
-        raise RopeliteError(f"no held-out document reaches {tokens} tokens")
+        raise RopeliteError(f"no held-out text reaches {tokens} tokens")
     return out
 
 
+def window_overlaps(windows: list[Window], tok: Tokenizer, train: list[str]) -> list[float]:
+    """Each window's ``overlap`` with the training texts: the share of its 12-word runs seen in training."""
+    seen = {r for text in train for r in word_runs(text)}
+    return [overlap(tok.decode(w.ids[1:].tolist()), seen) for w in windows]
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Training rows: text, passkey documents, copy rows
+# Training data: passkey documents, mixed blocks, pretraining rows, the finetuning stream
 # ----------------------------------------------------------------------------------------------------------------
 
 def answer_ids(tok: Tokenizer, key: int) -> list[int]:
@@ -167,17 +281,41 @@ class Mix:
     curriculum_start: int = 48
 
 
+TEXT_ONLY = Mix(p_passkey=0.0, p_copy=0.0)
+
+
+def mixed_block(rng: np.random.Generator, passkey: PasskeyDocuments, length: int, mix: Mix, longest: int,
+                text: Callable[[np.random.Generator, int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (length,) int64, loss weights (length,) float32) of one block: with probability ``mix.p_passkey`` a
+    passkey document of uniform length in [shortest, ``longest``], random key and depth, its answer tokens
+    weighted ``mix.answer_weight``, then text; with ``mix.p_copy`` a text segment of 8..length/2 tokens tiled
+    over the block; else ``length`` tokens of text. ``text(rng, n)`` gives the next n text tokens."""
+    weights = np.ones(length, dtype=np.float32)
+    u = rng.random()
+    if u < mix.p_passkey and passkey.shortest <= length:
+        key = int(rng.integers(*KEY_RANGE))
+        size = int(rng.integers(passkey.shortest, longest + 1))
+        ids, span = passkey.document(key, size, 100 * float(rng.random()))
+        weights[span] = mix.answer_weight
+        return np.concatenate([np.asarray(ids, np.int64), text(rng, length - len(ids))]), weights
+    if u < mix.p_passkey + mix.p_copy:
+        return np.resize(text(rng, int(rng.integers(8, length // 2 + 1))), length), weights
+    return text(rng, length), weights
+
+
 class MixedRows:
-    """Row i (of ``length`` tokens) is a pure function of (seed, i): a passkey document of random length, key and
-    depth followed by text; a copy row (a random text segment of 8..length/2 tokens tiled); or ``length`` tokens
-    of the training stream from a random offset. ``batch`` also returns the mask of passkey answer tokens."""
+    """Pretraining rows: row i (of ``length`` tokens) is a pure function of (seed, i), ``mixed_block`` with its text
+    from a random offset of the stream and its passkey documents no longer than the curriculum allows. ``batch``
+    returns (ids, loss weights)."""
 
     def __init__(self, stream: np.ndarray, passkey: PasskeyDocuments, length: int, mix: Mix, seed: int):
         self.stream, self.passkey, self.length, self.mix, self.seed = stream, passkey, length, mix, seed
 
     def longest_passkey(self, i: int) -> int:
         m = self.mix
-        grown = self.length if i >= m.curriculum else m.curriculum_start + (self.length - m.curriculum_start) * i / m.curriculum
+        if i >= m.curriculum:
+            return max(self.passkey.shortest, self.length)
+        grown = m.curriculum_start + (self.length - m.curriculum_start) * i / m.curriculum
         return max(self.passkey.shortest, min(self.length, round(grown)))
 
     def text(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -185,23 +323,54 @@ class MixedRows:
         return self.stream[(start + np.arange(n)) % self.stream.size].astype(np.int64)
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (length,), answer mask (length,))."""
-        rng = np.random.default_rng([self.seed, i])
-        answer = np.zeros(self.length, dtype=bool)
-        u = rng.random()
-        if u < self.mix.p_passkey and self.passkey.shortest <= self.length:
-            key = int(rng.integers(*KEY_RANGE))
-            size = int(rng.integers(self.passkey.shortest, self.longest_passkey(i) + 1))
-            ids, span = self.passkey.document(key, size, 100 * float(rng.random()))
-            answer[span] = True
-            return np.concatenate([np.asarray(ids, np.int64), self.text(rng, self.length - len(ids))]), answer
-        if u < self.mix.p_passkey + self.mix.p_copy:
-            return np.resize(self.text(rng, int(rng.integers(8, self.length // 2 + 1))), self.length), answer
-        return self.text(rng, self.length), answer
+        """(ids (length,), weights (length,))."""
+        return mixed_block(np.random.default_rng([self.seed, i]), self.passkey, self.length, self.mix,
+                           self.longest_passkey(i), self.text)
 
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.row(first + j) for j in range(count)]
         return torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
+
+
+def finetune_stream(text: np.ndarray, passkey: PasskeyDocuments, block: int, mix: Mix, seed: int,
+                    tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The finetuning token stream, (ids (tokens,) int64, loss weights (tokens,) float32): ``tokens // block``
+    ``mixed_block``s of ``block`` = L tokens, block b drawn from (seed, b), their text read in order from the
+    start of ``text`` (the training stream in the seed's document order; wrapping round if it runs out), their
+    passkey documents of at most L tokens (uniform in [shortest, L], pretraining's lengths after its curriculum).
+    Nothing in it depends on the row length: rows of L or of 8L are cuts of this one stream (``StreamRows``), and
+    a passkey document never straddles a multiple of L, so each is whole in a row of either arm."""
+    if tokens % block:
+        raise RopeliteError(f"a stream of {tokens} tokens does not split into blocks of {block}")
+    cursor = 0
+
+    def read(rng: np.random.Generator, n: int) -> np.ndarray:
+        nonlocal cursor
+        out = text[(cursor + np.arange(n)) % text.size].astype(np.int64)
+        cursor += n
+        return out
+
+    blocks = [mixed_block(np.random.default_rng([seed, b]), passkey, block, mix, block, read)
+              for b in range(tokens // block)]
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+
+class StreamRows:
+    """Rows of ``length`` tokens cut from one stream in order: row i is tokens [i*length, (i+1)*length)."""
+
+    def __init__(self, ids: np.ndarray, weights: np.ndarray, length: int):
+        if ids.shape != weights.shape or ids.size % length:
+            raise RopeliteError(f"a stream of {ids.size} tokens ({weights.size} weights) does not cut into rows "
+                                f"of {length}")
+        self.ids, self.weights, self.length = ids, weights, length
+
+    def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, stop = first * self.length, (first + count) * self.length
+        if stop > self.ids.size:
+            raise RopeliteError(f"rows {first}..{first + count - 1} run past the stream's {self.ids.size} tokens")
+        shape = (count, self.length)
+        return (torch.from_numpy(self.ids[start:stop].reshape(shape)),                      # (count, length)
+                torch.from_numpy(self.weights[start:stop].reshape(shape)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,38 +415,40 @@ class Recipe:
                               data={**data, "seed": self.seed, "mix": dataclasses.asdict(self.mix)})
 
 
-def weighted_nll(model: Llama, ids: torch.Tensor, answer: torch.Tensor, weight: float,
+def weighted_nll(model: Llama, ids: torch.Tensor, weights: torch.Tensor,
                  chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to minimise, plain NLL), both summed over the next-token targets: the NLL with each passkey answer
-    token's NLL counted ``weight`` times (more copy targets per token, so retrieval forms sooner). One pass
-    through the blocks; the answer term is ``model.py``'s chunked loss again on the answer positions only,
-    gathered first so that no logits are made for the other positions. At ``weight`` 1 it is ``model.nll``."""
+    """(loss to minimise, plain NLL), both summed over the next-token targets: sum_t w_t NLL_t, ``weights[:, t]``
+    being the weight of predicting ``ids[:, t]`` (a row's first token is no target). One pass through the blocks;
+    for each weight w other than 1 (the passkey answers' 10), ``model.py``'s chunked loss again on the positions
+    of that weight, gathered first so that no logits are made for the others, counted w - 1 more times. With
+    every weight 1 it is ``model.nll``."""
     h = model.hidden_states(ids)[:, :-1]                                               # (B, T-1, C)
-    targets = ids[:, 1:]                                                               # (B, T-1)
+    targets, w = ids[:, 1:], weights[:, 1:]                                            # (B, T-1) each
     plain = LinearCrossEntropy.apply(h, model.lm_head.weight, targets, chunk_size, False)
     loss = plain
-    counted = answer[:, 1:]                                                 # (B, T-1): predicts an answer token
-    if weight != 1 and bool(counted.any()):
-        h_answer, y_answer = h[counted][None], targets[counted][None]                   # (1, N, C), (1, N)
-        loss = loss + (weight - 1) * LinearCrossEntropy.apply(h_answer, model.lm_head.weight, y_answer, chunk_size,
-                                                              False)
+    for value in torch.unique(w).tolist():
+        if value != 1:
+            at = w == value
+            h_at, y_at = h[at][None], targets[at][None]                                # (1, N, C), (1, N)
+            loss = loss + (value - 1) * LinearCrossEntropy.apply(h_at, model.lm_head.weight, y_at, chunk_size, False)
     return loss, plain
 
 
-def train(model: Llama, rows: MixedRows, recipe: Recipe, on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run ``recipe`` on ``model`` (in place), each step train.py's ``optimizer_step`` on the loss
-    ``weighted_nll`` with the recipe's answer weight; returns one log row per step (plain loss, lr, tokens so
-    far)."""
+def train(model: Llama, rows, recipe: Recipe, on_step: Callable[[dict], None] | None = None,
+          dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Run ``recipe`` on ``model`` (in place): step s is train.py's ``optimizer_step`` (``dtype``: its autocast) on
+    the loss ``weighted_nll`` of ``rows.batch(s * sequences, sequences)`` (``MixedRows`` or ``StreamRows``);
+    returns one log row per step (plain loss, lr, tokens so far)."""
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, recipe.lr, (0.9, 0.95), 0.0, device)
-    loss_fn = functools.partial(weighted_nll, weight=recipe.mix.answer_weight)
     model.train()
     log = []
     for step in range(recipe.steps):
         lr = recipe.lr_at(step)
-        ids, answer = rows.batch(step * recipe.sequences, recipe.sequences)             # (B, length) each
-        loss, _ = optimizer_step(model, optimizer, [(ids.to(device), answer.to(device))], lr,
-                                 n_predicted=ids.shape[0] * (ids.shape[1] - 1), loss_fn=loss_fn, clip=1.0)
+        ids, weights = rows.batch(step * recipe.sequences, recipe.sequences)            # (B, length) each
+        loss, _ = optimizer_step(model, optimizer, [(ids.to(device), weights.to(device))], lr,
+                                 n_predicted=ids.shape[0] * (ids.shape[1] - 1), loss_fn=weighted_nll, dtype=dtype,
+                                 clip=1.0)
         log.append({"step": step + 1, "loss": round(loss, 5), "lr": lr,
                     "tokens": (step + 1) * recipe.sequences * recipe.length})
         if on_step is not None:
@@ -291,61 +462,113 @@ def train(model: Llama, rows: MixedRows, recipe: Recipe, on_step: Callable[[dict
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def tail_perplexity(model: Llama, docs: list[np.ndarray], length: int, window: int) -> float:
-    """exp(mean over documents of the mean NLL of the last ``window`` tokens of the first ``length``), the whole
-    prefix as context. The truncate protocol averages the first L tokens (the hardest, just after BOS) into every
-    length, which hides a model that breaks past L; this does not."""
-    means = []
-    for ids in docs:
-        x = torch.as_tensor(ids[:length], dtype=torch.long).unsqueeze(0)               # (1, length)
-        labels = x.clone()
-        labels[:, :max(1, length - window)] = -100
-        s, n = model.nll(x, labels, chunk_size=512)
-        means.append(float(s) / int(n))
-    return math.exp(float(np.mean(means)))
+def window_rows(model: Llama, window: np.ndarray, lengths: list[int], L: int) -> list[dict]:
+    """Per length n, from ONE forward of the window (causal: the first n tokens' logits and attention do not
+    depend on later tokens): ``nll`` the mean NLL of the first n tokens (the truncate protocol), ``nll_last_L``
+    the mean NLL of the last L of them with the whole prefix as context (a break past L cannot hide in it, where
+    the truncate protocol averages the first L, hardest tokens into every length), ``last_query_entropy`` the
+    mean over layers and heads of the entropy (nats) of query n-1's attention over keys 0..n-1 (the row Figure 2
+    of the seed paper plots). Logits, softmax and entropy in float32 whatever dtype the weights are."""
+    if list(lengths) != sorted(set(lengths)):
+        raise RopeliteError(f"window_rows takes distinct lengths in increasing order, got {lengths}")
+    T = lengths[-1]
+    x = torch.as_tensor(window[:T], dtype=torch.long).unsqueeze(0)                     # (1, T)
+    rows = {}
+
+    def keep(layer: int, positions: torch.Tensor, probs: torch.Tensor) -> None:
+        rows.setdefault(layer, probs[0].float())              # (H, len(lengths), T): rows in increasing position
+
+    queries = torch.tensor([n - 1 for n in lengths])
+    h = model.hidden_states(x, on_attention=keep, attention_rows=queries)[0, :-1]      # (T-1, C)
+    logits = h.float() @ model.lm_head.weight.float().T                               # (T-1, V)
+    nll = F.cross_entropy(logits, x[0, 1:], reduction="none").double()                # (T-1,): predicts token t+1
+    per_row = torch.stack([entropy(rows[layer]) for layer in sorted(rows)])           # (layers, H, len(lengths))
+    return [{"length": n, "nll": float(nll[:n - 1].mean()), "nll_last_L": float(nll[max(0, n - 1 - L):n - 1].mean()),
+             "last_query_entropy": float(per_row[:, :, j].mean())} for j, n in enumerate(lengths)]
 
 
-@torch.no_grad()
-def last_query_entropy(model: Llama, docs: list[np.ndarray], length: int) -> float:
-    """Mean over documents, layers and heads of the entropy (nats) of the last query's attention over the first
-    ``length`` tokens (the row Figure 2 of the seed paper plots)."""
-    variant = Variant("", model, model.config, 0)
-    return float(np.mean([float(entropy(last_rows(variant, ids[:length])).mean()) for ids in docs]))
-
-
-def language_model_rows(model: Llama, docs: list[np.ndarray], lengths: list[int], L: int) -> list[dict]:
-    """Per length: truncate-protocol perplexity, perplexity of the last L tokens, last-query entropy."""
-    return [{"length": n, "ppl": perplexity(model, docs, n)["ppl"], "ppl_last_L": tail_perplexity(model, docs, n, L),
-             "last_query_entropy": last_query_entropy(model, docs, n), "uniform_entropy": math.log(n)}
-            for n in lengths]
-
-
-def count_model_rows(stream: np.ndarray, vocab: int, docs: list[np.ndarray], lengths: list[int]) -> list[dict]:
-    """Unigram (add-1/2) and bigram count models of the training stream, on the truncate protocol: the floor a
-    trained LLaMa must beat to be called a language model. The bigram is smoothed towards the unigram with a
-    Dirichlet prior of weight 1: p(b|a) = (c(a,b) + p(b)) / (c(a) + 1)."""
+def count_model_nll(stream: np.ndarray, vocab: int, window: np.ndarray, lengths: list[int]) -> list[dict]:
+    """Unigram (add-1/2) and bigram count models of the training stream, the mean NLL of the first n tokens of
+    ``window`` per length (the truncate protocol): the floor a trained LLaMa must beat to be called a language
+    model. The bigram is smoothed towards the unigram with a Dirichlet prior of weight 1:
+    p(b|a) = (c(a,b) + p(b)) / (c(a) + 1)."""
     uni = (np.bincount(stream, minlength=vocab) + 0.5) / (stream.size + 0.5 * vocab)
     pairs = np.bincount(stream[:-1].astype(np.int64) * vocab + stream[1:], minlength=vocab * vocab)
     pairs = pairs.reshape(vocab, vocab)                                                # (a, b)
     first = pairs.sum(1)
     rows = []
     for n in lengths:
-        nll = {"unigram": [], "bigram": []}
-        for ids in docs:
-            a, b = ids[:n - 1], ids[1:n]
-            nll["unigram"].append(-np.log(uni[b]).mean())
-            nll["bigram"].append(-np.log((pairs[a, b] + uni[b]) / (first[a] + 1)).mean())
-        rows.append({"length": n, **{f"{k}_ppl": math.exp(float(np.mean(v))) for k, v in nll.items()}})
+        a, b = window[:n - 1], window[1:n]
+        rows.append({"length": n, "unigram": float(-np.log(uni[b]).mean()),
+                     "bigram": float(-np.log((pairs[a, b] + uni[b]) / (first[a] + 1)).mean())})
     return rows
 
 
-def per_length(cells: list[dict]) -> list[dict]:
-    """Passkey cells (length, depth, pass_rate, trials, entropy) summarised per length over depths and trials."""
-    out = []
-    for n in sorted({c["length"] for c in cells}):
-        row = [c for c in cells if c["length"] == n]
-        trials = sum(c["trials"] for c in row)
-        out.append({"length": n, "trials": trials,
-                    "pass_rate": sum(c["pass_rate"] * c["trials"] for c in row) / trials,
-                    "entropy": sum(c["entropy"] * c["trials"] for c in row) / trials})
-    return out
+# ----------------------------------------------------------------------------------------------------------------
+# Intervals and verdicts: rules fixed before any result is seen
+# ----------------------------------------------------------------------------------------------------------------
+
+BOOTSTRAP_SEED = 0     # every bootstrap interval is drawn with this seed: a rerun prints the same intervals
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A quantity the verdicts are about. Its unit values are (finetune seeds, units) arrays: passkey trials
+    (0/1 passed, or the answer's entropy) or held-out windows (mean NLL, or the last query's entropy).
+    ``better``: the way claim 1 says the 8L finetune moves it ("lower" or "higher"). ``near``: claim 2's margin,
+    on the difference of the means (for a perplexity: of the mean NLLs, so the ratio of perplexities lies within
+    exp(+-near)). ``rate``: a pass rate, with Wilson's interval of the pooled k/n; else a mean with a bootstrap
+    interval (``exp``: reported as exp(mean), a perplexity)."""
+    key: str
+    label: str
+    better: str
+    near: float
+    rate: bool = False
+    exp: bool = False
+
+    def interval(self, values) -> Interval:
+        """The pooled estimate over every seed and unit with its 95 % interval."""
+        x = np.asarray(values, dtype=np.float64)
+        if self.rate:
+            return wilson(int(round(x.sum())), x.size)
+        return bootstrap_mean(x, seed=BOOTSTRAP_SEED, transform=math.exp if self.exp else None)
+
+    def difference(self, values, reference) -> Interval:
+        """values - reference on the same units (reference: one model, 1-D; values: seeds x units), its mean and
+        bootstrap interval over seeds and units; for a perplexity the ratio exp(mean NLL difference)."""
+        x = np.atleast_2d(np.asarray(values, dtype=np.float64)) - np.asarray(reference, dtype=np.float64)[None]
+        return bootstrap_mean(x, seed=BOOTSTRAP_SEED, transform=math.exp if self.exp else None)
+
+
+METRICS = {
+    "answer_entropy": Metric("answer_entropy", "passkey answer entropy (nats)", "lower", 0.25),
+    "passed": Metric("passed", "passkey pass rate", "higher", 0.15, rate=True),
+    "nll_last_L": Metric("nll_last_L", "last-L perplexity", "lower", math.log(1.1), exp=True),
+    "last_query_entropy": Metric("last_query_entropy", "last query's entropy on text (nats)", "lower", 0.25),
+}
+HOLDS, FAILS, UNCLEAR = "holds", "does not hold", "unclear"
+
+
+def claim_1(metric: Metric, long: Interval, short: Interval, free: Interval) -> str:
+    """The paper's first claim at one length, that the 8L finetune (``long``) is better than both the L finetune
+    (``short``) and the training-free model (``free``) in the way ``metric.better`` says (lower entropy, higher
+    pass rate, lower perplexity): holds when both pairs of intervals separate that way; does not hold when
+    either separates the other way; unclear otherwise (an overlap: the data cannot tell)."""
+    worse = "higher" if metric.better == "lower" else "lower"
+    ways = [compare(long, short), compare(long, free)]
+    if all(w == metric.better for w in ways):
+        return HOLDS
+    return FAILS if worse in ways else UNCLEAR
+
+
+def claim_2(metric: Metric, difference: Interval) -> str:
+    """The paper's second claim at one length, that the L finetune stays near the training-free model: holds
+    when the 95 % interval of their difference (``Metric.difference``) lies inside +-``metric.near`` (for a
+    perplexity: the ratio inside exp(+-near)); does not hold when it lies wholly outside that band; unclear
+    otherwise, and when there is no interval."""
+    if not difference.known:
+        return UNCLEAR
+    low, high = (-metric.near, metric.near) if not metric.exp else (math.exp(-metric.near), math.exp(metric.near))
+    if low <= difference.low and difference.high <= high:
+        return HOLDS
+    return FAILS if difference.high < low or difference.low > high else UNCLEAR

@@ -28,7 +28,8 @@ from .data import TEXT_SUFFIXES, sample_windows, tokenize_checked
 from .errors import RopeliteError
 from .io import atomic_path
 from .model import Llama, LlamaConfig, generate
-from .stats import BOOTSTRAP_RESAMPLES, MIN_UNITS, NATS_PER_BIT, Interval, compare, entropy, js_divergence
+from .stats import (BOOTSTRAP_RESAMPLES, MIN_UNITS, NATS_PER_BIT, Interval, bootstrap_mean, entropy, js_divergence,
+                    standard_error)
 
 # What each number of ``summarize`` means; written beside the results.
 DEFINITIONS = {
@@ -38,15 +39,25 @@ DEFINITIONS = {
     "per_head_curve": "mean over samples of p_{s,l,h} for one (layer, head) (Figure 2, thin lines)",
     "js_mean_nats": "JS(pbar_variant, pbar_reference) = KL(p||m)/2 + KL(q||m)/2, m = (p+q)/2, natural log (Table 1)",
     "js_mean_nats_low": "2.5 % end of js_mean_nats' 95 % interval: a seeded percentile bootstrap over samples, "
-                        "paired (the same resampled samples for the variant and the reference); null below 3",
+                        "paired (the same resampled samples for the variant and the reference), moved down by the "
+                        "resamples' mean lean above the estimate (bias-corrected), at least 0; null below 3",
     "js_mean_nats_high": "97.5 % end of that interval",
     "js_mean_nats_n": "samples behind js_mean_nats",
     "js_mean_bits": "js_mean_nats / ln 2",
     "js_per_distribution_nats": "mean over (sample, layer, head) of JS(p_{s,l,h} variant, p_{s,l,h} reference); "
                                 "a different quantity, >= js_mean by joint convexity",
+    "js_per_distribution_nats_low": "2.5 % end of its 95 % interval: a seeded percentile bootstrap of the mean over "
+                                    "samples of each sample's mean over (layer, head); null below 3 samples, or when "
+                                    "the reference has other layers or heads (then the value is null too)",
+    "js_per_distribution_nats_high": "97.5 % end of that interval",
+    "js_per_distribution_nats_n": "samples behind js_per_distribution_nats",
     "js_per_distribution_bits": "js_per_distribution_nats / ln 2",
     "entropy_per_layer": "mean over (sample, head) of -sum p ln p of p_{s,l,h}, nats",
+    "entropy_per_layer_se": "per layer, the standard error over samples of each sample's mean over heads; null below "
+                            "3 samples",
     "entropy": "mean over layers of entropy_per_layer, nats",
+    "entropy_se": "standard error over samples of each sample's mean over (layer, head) of the entropy; null below 3",
+    "entropy_n": "samples behind entropy",
     "entropy_of_mean": "-sum pbar ln pbar, nats",
     "uniform_entropy": "ln L: the entropy of uniform attention over L keys",
 }
@@ -82,12 +93,13 @@ def last_rows(variant: Variant, ids: np.ndarray) -> torch.Tensor:
 
 
 class Reduction:
-    """Running sums over samples for one variant at one length; nothing but these is kept between samples."""
+    """Running sums over samples for one variant at one length, and a few numbers per sample (for the intervals
+    over samples); nothing but these is kept between samples."""
 
     def __init__(self, layers: int, heads: int, length: int):
         self.per_head_sum = torch.zeros(layers, heads, length, dtype=torch.float64)  # sum_s p_{s,l,h}
-        self.entropy_sum = torch.zeros(layers, dtype=torch.float64)                  # sum_{s,h} H(p_{s,l,h})
-        self.js_sum = torch.zeros(layers, dtype=torch.float64)                       # sum_{s,h} JS(p, ref)
+        self.entropy_samples = torch.zeros(0, layers, dtype=torch.float64)          # (s, layers): mean_h H(p_{s,l,h})
+        self.js_samples = torch.zeros(0, layers, dtype=torch.float64)               # (s, layers): mean_h JS(p, ref)
         self.sample_means = torch.zeros(0, length, dtype=torch.float64)             # (s, L): mean_{l,h} p_{s,l,h}
         self.samples = 0
 
@@ -96,11 +108,14 @@ class Reduction:
         itself, whose JS against itself is 0."""
         self.per_head_sum += rows
         self.sample_means = torch.cat([self.sample_means, rows.double().mean((0, 1))[None]])
-        self.entropy_sum += entropy(rows).sum(1)
-        if reference is not None and reference.shape == rows.shape:
-            self.js_sum += js_divergence(rows, reference).sum(1)
-        elif reference is not None:  # another architecture: there is no (layer, head) to pair with
-            self.js_sum.fill_(float("nan"))
+        self.entropy_samples = torch.cat([self.entropy_samples, entropy(rows).mean(1)[None]])
+        if reference is None:
+            js = torch.zeros(rows.shape[0], dtype=torch.float64)
+        elif reference.shape == rows.shape:
+            js = js_divergence(rows, reference).mean(1)                                # (layers,)
+        else:  # another architecture: there is no (layer, head) to pair with
+            js = torch.full((rows.shape[0],), float("nan"), dtype=torch.float64)
+        self.js_samples = torch.cat([self.js_samples, js[None]])
         self.samples += 1
 
     def per_head(self) -> torch.Tensor:
@@ -109,41 +124,59 @@ class Reduction:
     def mean(self) -> torch.Tensor:
         return self.per_head_sum.sum((0, 1)) / (self.samples * self.per_head_sum[..., 0].numel())  # (L,)
 
+    FIELDS = ("per_head_sum", "entropy_samples", "js_samples", "sample_means")
+
     def arrays(self, prefix: str) -> dict:
-        return {f"{prefix}per_head_sum": self.per_head_sum.numpy(), f"{prefix}entropy_sum": self.entropy_sum.numpy(),
-                f"{prefix}js_sum": self.js_sum.numpy(), f"{prefix}sample_means": self.sample_means.numpy(),
+        return {**{f"{prefix}{name}": getattr(self, name).numpy() for name in self.FIELDS},
                 f"{prefix}samples": np.array(self.samples)}
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str) -> "Reduction":
         r = cls(1, 1, 1)
-        r.per_head_sum = torch.from_numpy(arrays[f"{prefix}per_head_sum"].copy())
-        r.entropy_sum = torch.from_numpy(arrays[f"{prefix}entropy_sum"].copy())
-        r.js_sum = torch.from_numpy(arrays[f"{prefix}js_sum"].copy())
-        r.sample_means = torch.from_numpy(arrays[f"{prefix}sample_means"].copy())
+        for name in cls.FIELDS:
+            setattr(r, name, torch.from_numpy(arrays[f"{prefix}{name}"].copy()))
         r.samples = int(arrays[f"{prefix}samples"])
         return r
+
+
+def over_samples(values: torch.Tensor) -> Interval:
+    """The mean of one value per sample with its bootstrap 95 % interval over the samples (none below 3, or when
+    the values are not numbers: a reference of another architecture has no per-distribution JS)."""
+    x = values.numpy()
+    if not np.isfinite(x).all():
+        return Interval(float("nan"), None, None, len(x), "bootstrap")
+    return bootstrap_mean(x)
 
 
 def summarize(r: Reduction, reference: Reduction) -> dict:
     """The Table 1 numbers of one variant against the reference (see DEFINITIONS)."""
     mean = r.mean()
-    heads = r.per_head_sum.shape[1]
     js_mean = js_of_means(r, reference)
-    js = js_mean.estimate
-    per_dist = float(r.js_sum.sum() / (r.samples * r.js_sum.numel() * heads))
-    per_layer = (r.entropy_sum / (r.samples * heads)).tolist()
-    return {**js_mean.fields("js_mean_nats"), "js_mean_bits": js / NATS_PER_BIT,
-            "js_per_distribution_nats": per_dist, "js_per_distribution_bits": per_dist / NATS_PER_BIT,
-            "entropy": float(np.mean(per_layer)), "entropy_of_mean": float(entropy(mean)),
-            "uniform_entropy": math.log(len(mean)), "entropy_per_layer": per_layer}
+    per_dist = over_samples(r.js_samples.mean(1))                                   # (s,) -> mean over samples
+    per_layer = r.entropy_samples.mean(0).tolist()
+    enough = r.samples >= MIN_UNITS
+    return {**js_mean.fields("js_mean_nats"), "js_mean_bits": js_mean.estimate / NATS_PER_BIT,
+            **per_dist.fields("js_per_distribution_nats"),
+            "js_per_distribution_bits": per_dist.estimate / NATS_PER_BIT,
+            "entropy": float(np.mean(per_layer)),
+            "entropy_se": standard_error(r.entropy_samples.mean(1).numpy()) if enough else None,
+            "entropy_n": r.samples, "entropy_of_mean": float(entropy(mean)), "uniform_entropy": math.log(len(mean)),
+            "entropy_per_layer": per_layer,
+            "entropy_per_layer_se": ([standard_error(column) for column in r.entropy_samples.T.numpy()] if enough
+                                     else None)}
 
 
 def js_of_means(r: Reduction, reference: Reduction, seed: int = 0) -> Interval:
-    """JS(pbar, pbar_reference) with a seeded, paired percentile-bootstrap 95 % interval over the samples: each
-    resample draws n samples with replacement, the same ones for both sides (they read the same windows), forms
-    both mean distributions and their JS. No interval below MIN_UNITS samples. JS is >= 0 and a resample's means
-    differ more than the full ones, so the interval leans above the estimate at small JS."""
+    """JS(pbar, pbar_reference) with a seeded, paired bootstrap 95 % interval over the samples: each resample
+    draws n samples with replacement, the same ones for both sides (they read the same windows), forms both mean
+    distributions and their JS. No interval below MIN_UNITS samples.
+
+    The resamples' JS leans high: resampling adds noise to both means, and noise only ever adds divergence, so at
+    a small JS (NTK or YaRN against RoPE within the pretrained length) every resample's JS can exceed the
+    estimate and the plain percentile interval would lie wholly above it. The percentiles are therefore moved
+    down by the bootstrap's own estimate of that lean, mean(resampled JS) - estimate (the bias-corrected
+    percentile interval), and the low end is kept >= 0: the interval has the resamples' spread around the
+    estimate."""
     x, y = r.sample_means, reference.sample_means                                   # (n, L) each
     n, L = x.shape
     estimate = float(js_divergence(x.mean(0), y.mean(0)))
@@ -158,8 +191,10 @@ def js_of_means(r: Reduction, reference: Reduction, seed: int = 0) -> Interval:
         weights = torch.zeros(b, n, dtype=torch.float64)
         weights.scatter_add_(1, torch.from_numpy(picks), torch.full((b, n), 1 / n, dtype=torch.float64))
         values.append(js_divergence(weights @ x, weights @ y).numpy())            # (b,)
-    low, high = np.percentile(np.concatenate(values), [2.5, 97.5])
-    return Interval(estimate, float(low), float(high), n, "bootstrap")
+    values = np.concatenate(values)
+    lean = values.mean() - estimate
+    low, high = np.percentile(values, [2.5, 97.5]) - lean
+    return Interval(estimate, max(float(low), 0.0), float(high), n, "bootstrap")
 
 
 def length_rows(length: int, entries: list[Variant], reference: Variant, reductions: dict[str, Reduction],
@@ -194,10 +229,11 @@ CLAIM = ("Within the pretrained length, NTK and YaRN barely change the attention
 
 def summary(rows: list[dict], pretrained_length: int, reference_is_rope: bool) -> tuple[str, str, list[str], dict]:
     """(title, claim, finding lines, numbers) for ``io.write_summary``: per length, the JS of means of every
-    variant against the reference with its interval and n, and, where the reference is plain RoPE and the
-    length is within the pretrained one, the verdict: PI's interval above NTK's and YaRN's (the claim), below
-    them (against it), or overlapping (the data cannot tell)."""
-    finding, numbers = [], []
+    variant against the reference with its interval and n, and each variant's last-query entropy with its
+    standard error. Where the reference is plain RoPE and the length within the pretrained one, the claim's
+    pairs go to ``numbers["comparisons"]`` (PI's JS above NTK's, PI's above YaRN's) for paper.py's verdict;
+    elsewhere the line says why the claim does not apply."""
+    finding, numbers, comparisons = [], [], []
     for L in dict.fromkeys(r["length"] for r in rows):
         mine = [r for r in rows if r["length"] == L and r["rope"] != r["reference"]]
         cells = {r["rope"]: Interval(r["js_mean_nats"], r["js_mean_nats_low"], r["js_mean_nats_high"],
@@ -206,20 +242,24 @@ def summary(rows: list[dict], pretrained_length: int, reference_is_rope: bool) -
         line = (f"L={L}: JS of means vs {mine[0]['reference'] if mine else 'the reference'}, nats: "
                 + ", ".join(f"{label} {i.text('.4f')}" for label, i in cells.items()))
         kind = {r["rope"]: r["rope_type"] for r in mine}
-        pi = [i for label, i in cells.items() if kind[label] == "pi"]
-        others = [i for label, i in cells.items() if kind[label] in ("ntk", "yarn")]
         if not reference_is_rope:
             line += "; the claim is about plain RoPE as the reference: no verdict"
         elif L > pretrained_length:
             line += f"; past the pretrained length {pretrained_length}: the claim does not cover it"
-        elif pi and others:
-            order = {compare(p, o) for p in pi for o in others}
-            line += ("; PI's is above NTK's and YaRN's, as the paper says" if order == {"higher"} else
-                     "; PI's is below, against the paper" if order == {"lower"} else
-                     "; the intervals overlap or are missing (n < 3): the data cannot tell")
-        finding.append(line)
+        else:
+            comparisons += [{"claim": f"At L={L}, PI's JS of means from plain RoPE is above {other}'s",
+                             "expected": "higher", "a": {"label": label, **dataclasses.asdict(cells[label])},
+                             "b": {"label": other, **dataclasses.asdict(cells[other])}}
+                            for label in cells if kind[label] == "pi"
+                            for other in cells if kind[other] in ("ntk", "yarn")]
+        finding.append(line + ".")
+        entropies = [r for r in rows if r["length"] == L]
+        finding.append(f"L={L}: entropy of the last query's attention, nats (ln L = {math.log(L):.2f} is uniform): "
+                       + ", ".join(f"{r['rope']} {r['entropy']:.2f} ("
+                                   + ("" if r["entropy_se"] is None else f"SE {r['entropy_se']:.2f}, ")
+                                   + f"n={r['entropy_n']})" for r in entropies) + ".")
     return ("Attention: JS of mean distributions against the reference (seed paper Table 1)", CLAIM, finding,
-            {"pretrained_length": pretrained_length, "js_mean_nats": numbers})
+            {"pretrained_length": pretrained_length, "js_mean_nats": numbers, "comparisons": comparisons})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,7 +332,7 @@ def window_ids(doc, first_ids: np.ndarray, offset: int, length: int, first_token
     return tokenize_checked([text], tokenizer, vocab_size, add_bos=add_bos)[0][:length]
 
 
-STATE_FORMAT = 2  # 2: the state holds each sample's mean distribution, for the interval of the JS of means
+STATE_FORMAT = 3  # 3: the state holds each sample's mean distribution, entropies and JS, for the intervals
 
 
 def state_meta(settings: dict, labels: list[str], samples: list[list[np.ndarray]]) -> dict:

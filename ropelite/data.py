@@ -64,15 +64,28 @@ def builtin_documents(kind: str = "books", min_chars: int = 0) -> list[str]:
     return grouped
 
 
-def _prose() -> list[str]:
-    from pydoc_data.topics import topics  # the text behind help("FOR"), help("with"), ...
+def named_builtin_documents(kind: str) -> list[tuple[str, str]]:
+    """(name, text) of each document of the built-in ``kind`` "books", "prose" or "code", in
+    ``builtin_documents``' order: the book's name, the pydoc topic ("for", "specialnames"), the module's file
+    name ("difflib.py")."""
+    if kind == "books":
+        from ropelite.books import documents
+        return documents()
+    if kind == "prose":
+        from pydoc_data.topics import topics  # the text behind help("FOR"), help("with"), ...
+        return [(name, topics[name]) for name in sorted(topics)]
+    if kind == "code":
+        stdlib = Path(sysconfig.get_path("stdlib"))
+        return [(f.name, f.read_text(encoding="utf-8", errors="replace")) for f in sorted(stdlib.glob("*.py"))]
+    raise RopeliteError(f"no named documents for built-in kind {kind!r} (books, prose or code)")
 
-    return [topics[name] for name in sorted(topics)]
+
+def _prose() -> list[str]:
+    return [text for _, text in named_builtin_documents("prose")]
 
 
 def _code() -> list[str]:
-    stdlib = Path(sysconfig.get_path("stdlib"))
-    return [f.read_text(encoding="utf-8", errors="replace") for f in sorted(stdlib.glob("*.py"))]
+    return [text for _, text in named_builtin_documents("code")]
 
 
 def load_documents(data: list[str] | None = None, kind: str = "prose", min_chars: int = 0) -> list:

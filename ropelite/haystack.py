@@ -10,7 +10,9 @@ is the script around them; ablation.py runs the passkey cells on its own models)
   the key goes in as sentences at a sentence boundary, exactly as the needle does, so both tasks share one
   placement rule.
 
-Every context is a prefix of one haystack (token ids), so contexts of different lengths share their text.
+Every context is a prefix of one haystack (token ids), so contexts of different lengths share their text. Every
+pass rate carries its Wilson 95 % interval and every mean entropy its standard error, over trials in a cell and
+pooled per length (``cell_intervals``, ``pooled_by_length``); below 3 units they are null and n is given.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ropelite.attention import answer_with_entropy
 from ropelite.data import KINDS, load_documents, sample_windows, tokenize_checked
 from ropelite.errors import RopeliteError
 from ropelite.io import pyplot, save_figure
-from ropelite.stats import wilson
+from ropelite.stats import MIN_UNITS, Interval, bootstrap_mean, standard_error, wilson
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -308,22 +310,24 @@ def needle_cell(model, hay: Haystack, length: int, depth: float, needle: str, ex
     """One needle test: ``needle`` at ``depth`` % of a ``length``-token prompt, answered greedily in the
     ``hay.max_new_tokens`` tokens the haystack left room for; it passes when the answer holds at least
     ``pass_recall`` of the ``expected`` words (``answer_words``). The entropy is Algorithm 1's mean over the
-    answer's tokens, layers and heads, per layer too."""
+    answer's tokens, layers and heads, per layer too. One trial: ``cell_intervals`` gives n = 1 and no interval."""
     ids, needle_at, context, pos = hay.prompt(length, depth, needle)
     answer_ids, per_layer = answer_with_entropy(model, ids, hay.max_new_tokens, hay.tokenizer.eos_id)
     answer = hay.tokenizer.decode(answer_ids)
     score = recall(answer, expected)
-    return {"tokens": len(ids), "context_tokens": context, "haystack": used_pieces(hay.pieces, context),
+    cell = {"tokens": len(ids), "context_tokens": context, "haystack": used_pieces(hay.pieces, context),
             "needle_position": needle_at, "needle_depth": round(100 * pos / max(context, 1), 2), "answer": answer,
             "score": round(score, 4), "pass": score >= pass_recall, "trials": 1,
             "pass_rate": float(score >= pass_recall), "entropy": float(np.mean(per_layer)),
             "entropy_per_layer": per_layer, "generated": len(answer_ids)}
+    return {**cell, **cell_intervals(cell)}
 
 
 def passkey_cell(model, hay: Haystack, length: int, depth: float, keys: list[int]) -> dict:
     """One passkey cell: a trial per key (``passkeys``), each key's line at ``depth`` % of a ``length``-token
     prompt; a trial passes when the answer's first integer is its key. The cell's pass rate is over its trials,
-    its entropy the mean of the trials' Algorithm 1 entropies (per layer: the mean over trials)."""
+    with its Wilson interval, its entropy the mean of the trials' Algorithm 1 entropies, with its standard error
+    over them (``cell_intervals``; per layer: the mean over trials)."""
     trials = []
     for key in keys:
         ids, key_at, context, pos = hay.prompt(length, depth, PASSKEY_LINE.format(key=key))
@@ -334,13 +338,14 @@ def passkey_cell(model, hay: Haystack, length: int, depth: float, keys: list[int
                        "found": first_integer(answer), "per_layer": per_layer, "generated": len(answer_ids)})
     column = lambda name: [t[name] for t in trials]  # noqa: E731
     passed = sum(t["found"] == key for t, key in zip(trials, keys))
-    return {"tokens": column("tokens"), "context_tokens": column("context"),
+    cell = {"tokens": column("tokens"), "context_tokens": column("context"),
             "haystack": used_pieces(hay.pieces, max(column("context"))), "keys": list(keys),
             "key_position": column("key_position"), "key_depth": column("key_depth"), "answers": column("answer"),
             "found": column("found"), "passed": passed, "trials": len(keys), "pass_rate": passed / len(keys),
             "entropy": float(np.mean([np.mean(t["per_layer"]) for t in trials])),
             "entropy_trials": [float(np.mean(t["per_layer"])) for t in trials],
             "entropy_per_layer": np.mean(column("per_layer"), axis=0).tolist(), "generated": column("generated")}
+    return {**cell, **cell_intervals(cell)}
 
 
 def trial_outcomes(cell: dict) -> list[tuple[float, bool]]:
@@ -350,22 +355,80 @@ def trial_outcomes(cell: dict) -> list[tuple[float, bool]]:
     return [(cell["entropy"], bool(cell["pass"]))]
 
 
+def mean_se(values: list[float]) -> float | None:
+    """The standard error of a mean over its units, None below MIN_UNITS (too few to say anything)."""
+    return standard_error(values) if len(values) >= MIN_UNITS else None
+
+
+def cell_intervals(cell: dict) -> dict:
+    """A cell's pass rate with its Wilson 95 % interval over its trials (pass_rate, pass_rate_low, pass_rate_high,
+    pass_rate_n) and the standard error of its mean entropy over them (entropy_se, entropy_n); the ends and the
+    standard error are null below 3 trials. Made from the trials alone, so rows of an older run get them too."""
+    outcomes = trial_outcomes(cell)
+    return {**wilson(sum(p for _, p in outcomes), len(outcomes)).fields("pass_rate"),
+            "entropy_se": mean_se([h for h, _ in outcomes]), "entropy_n": len(outcomes)}
+
+
+def counts(row: dict) -> tuple[int, int]:
+    """(trials passed, trials) of a cell; a cell written by a caller that kept only its rate counts from it."""
+    return (row["passed"] if "passed" in row else round(row["pass_rate"] * row["trials"])), row["trials"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # What a grid shows: the headline of its cells
 # ----------------------------------------------------------------------------------------------------------------
 
-def _mean_entropy(outcomes: list[tuple[float, bool]], passed: bool) -> tuple[float | None, int]:
-    """(mean entropy, count) of the passing or the failing trials; the mean is None when there are none."""
-    values = [h for h, p in outcomes if p == passed]
-    return (float(np.mean(values)) if values else None), len(values)
+def _entropy_fields(name: str, values: list[float]) -> dict:
+    """name, name_low, name_high, name_n: the mean entropy of some trials with its bootstrap 95 % interval
+    (null ends below 3 trials; a null mean when there are none)."""
+    if not values:
+        return {name: None, f"{name}_low": None, f"{name}_high": None, f"{name}_n": 0}
+    return bootstrap_mean(values).fields(name)
+
+
+def _interval(row: dict, name: str, method: str = "bootstrap") -> Interval:
+    """The Interval whose ``fields(name)`` a row holds."""
+    return Interval(row[name], row[f"{name}_low"], row[f"{name}_high"], row[f"{name}_n"], method)
+
+
+def pooled_by_length(rows: list[dict], lengths: list[int]) -> list[dict]:
+    """Per length, over its cells (every depth): trials passed, the pooled pass rate with its Wilson 95 % interval
+    (pass_rate, pass_rate_low, pass_rate_high, pass_rate_n = trials), the mean attention entropy over the cells
+    with its standard error over them (entropy, entropy_se, entropy_n = cells; null below 3), and the mean
+    entropy of the passing and of the failing trials with bootstrap intervals (entropy_pass..., entropy_fail...).
+    Lengths with no cell are left out. Trials are counted from ``counts`` (a heatmap's rows need no more)."""
+    out = []
+    for n in lengths:
+        mine = [r for r in rows if r["length"] == n]
+        if not mine:
+            continue
+        passed, trials = map(sum, zip(*map(counts, mine)))
+        entropies = [r["entropy"] for r in mine]
+        row = {"length": n, "cells": len(mine), "passed": passed, "failed": trials - passed,
+               **wilson(passed, trials).fields("pass_rate"), "entropy": float(np.mean(entropies)),
+               "entropy_se": mean_se(entropies), "entropy_n": len(mine)}
+        if all("keys" in r or "pass" in r for r in mine):  # the trials themselves are there
+            outcomes = [o for r in mine for o in trial_outcomes(r)]
+            row.update(_entropy_fields("entropy_pass", [h for h, p in outcomes if p]))
+            row.update(_entropy_fields("entropy_fail", [h for h, p in outcomes if not p]))
+        out.append(row)
+    return out
+
+
+def _comparison(claim: str, fail: Interval, passing: Interval) -> dict:
+    """For paper.py's verdict: Figure 4's claim, failing trials' entropy above passing ones'."""
+    return {"claim": claim, "expected": "higher", "a": {"label": "failing", **dataclasses.asdict(fail)},
+            "b": {"label": "passing", **dataclasses.asdict(passing)}}
 
 
 def grid_findings(rows: list[dict], lengths: list[int], train_len: int) -> tuple[list[str], dict]:
     """(finding lines, numbers) of a needle or passkey grid: trials passed (a needle cell is one trial) with
-    their Wilson 95 % interval, overall and on each side of the training length; per length, trials passed and
-    their mean attention entropy; the mean entropy of passing and failing trials (Figure 4's relation: failures
-    where entropy is high), and every length at which it goes the other way, so that the pooled means hide no
-    reversal."""
+    their Wilson 95 % interval, overall and on each side of the training length; then a line per length (its
+    pooled pass rate with the interval, its mean attention entropy with the standard error over cells, and the
+    entropy of its failing and passing trials), so no mean over lengths stands alone; last, the mean entropy of
+    passing and failing trials over every length (Figure 4's relation: failures where entropy is high) with
+    bootstrap intervals, naming every length at which it goes the other way. ``numbers["comparisons"]``:
+    failing against passing entropy, pooled and at each length where both have an interval, for paper.py."""
     unit = "trials" if any("keys" in r for r in rows) else "cells"
     by_length = {n: [o for r in rows if r["length"] == n for o in trial_outcomes(r)] for n in lengths}
     every = [o for n in lengths for o in by_length[n]]
@@ -378,33 +441,41 @@ def grid_findings(rows: list[dict], lengths: list[int], train_len: int) -> tuple
     if inside and beyond:
         lines.append(f"Within the training length {train_len}: {count(inside)}, {rate(inside).text()}; past it: "
                      f"{count(beyond)}, {rate(beyond).text()}.")
-    lines.append(f"{unit.capitalize()} passed per length, and their mean attention entropy: " + ", ".join(
-        f"{n}: {count(by_length[n])} ({np.mean([h for h, _ in by_length[n]]):.2f} nats)" for n in lengths) + ".")
-    (h_pass, n_pass), (h_fail, n_fail) = _mean_entropy(every, True), _mean_entropy(every, False)
-    per_length = []
-    for n in lengths:
-        (length_pass, passed), (length_fail, failed) = (_mean_entropy(by_length[n], True),
-                                                        _mean_entropy(by_length[n], False))
-        per_length.append({"length": n, **rate(by_length[n]).fields("pass_rate"), "passed": passed,
-                           "failed": failed, "entropy": float(np.mean([h for h, _ in by_length[n]])),
-                           "entropy_pass": length_pass, "entropy_fail": length_fail})
-    if h_pass is None or h_fail is None:
-        lines.append(f"Mean attention entropy {(h_pass if h_fail is None else h_fail):.2f} nats over all "
-                     f"{len(every)} {unit}, every one of which {'passed' if h_fail is None else 'failed'}: "
-                     "no passing / failing comparison.")
+    per_length = pooled_by_length(rows, lengths)
+    comparisons = []
+    for r in per_length:
+        fail, passing = _interval(r, "entropy_fail"), _interval(r, "entropy_pass")
+        groups = "; ".join(f"{name} {i.text()}" for name, i in (("failing", fail), ("passing", passing)) if i.n)
+        se = "" if r["entropy_se"] is None else f"SE {r['entropy_se']:.2f}, "
+        lines.append(f"{r['length']} tokens{' (past the training length)' if r['length'] > train_len else ''}: "
+                     f"{r['passed']}/{r['pass_rate_n']} {unit} pass, {_interval(r, 'pass_rate', 'wilson').text()}; mean "
+                     f"attention entropy {r['entropy']:.2f} nats ({se}n={r['cells']} cells); "
+                     f"{groups}.")
+        if fail.known and passing.known:
+            comparisons.append(_comparison(f"At {r['length']} tokens, the failing {unit}' attention entropy is "
+                                           f"above the passing ones'", fail, passing))
+    fail_all, pass_all = (_entropy_fields(name, [h for h, p in every if p == want])
+                          for name, want in (("entropy_fail", False), ("entropy_pass", True)))
+    if not (fail_all["entropy_fail_n"] and pass_all["entropy_pass_n"]):
+        only = "passed" if not fail_all["entropy_fail_n"] else "failed"
+        lines.append(f"Mean attention entropy {np.mean([h for h, _ in every]):.2f} nats over all {len(every)} "
+                     f"{unit}, every one of which {only}: no passing / failing comparison.")
     else:
-        higher = h_fail > h_pass
-        mixed = [r for r in per_length if r["entropy_pass"] is not None and r["entropy_fail"] is not None]
+        fail, passing = _interval(fail_all, "entropy_fail"), _interval(pass_all, "entropy_pass")
+        higher = fail.estimate > passing.estimate
+        mixed = [r for r in per_length if r.get("entropy_pass_n") and r.get("entropy_fail_n")]
         flips = [f"{r['length']} (failing {r['entropy_fail']:.2f}, passing {r['entropy_pass']:.2f})"
                  for r in mixed if (r["entropy_fail"] > r["entropy_pass"]) != higher]
         where = ("no length holds both" if not mixed else "the same at every length that holds both" if not flips
                  else "the other way at " + ", ".join(flips))
-        lines.append(f"Mean attention entropy {h_fail:.2f} nats over the {n_fail} failing {unit}, {h_pass:.2f} over "
-                     f"the {n_pass} passing ones: {'higher' if higher else 'not higher'} for the failing ones; per "
-                     f"length, {where}.")
+        lines.append(f"Mean attention entropy over every length, {fail.text()} nats over the failing {unit}, "
+                     f"{passing.text()} over the passing ones: {'higher' if higher else 'not higher'} for the "
+                     f"failing ones; per length, {where}.")
+        comparisons.insert(0, _comparison(f"Over every length pooled, the failing {unit}' attention entropy is "
+                                          "above the passing ones'", fail, passing))
     numbers = {"unit": unit, "train_len": train_len, **rate(every).fields("pass_rate"),
-               "passed": sum(p for _, p in every), "entropy_pass": h_pass, "entropy_fail": h_fail,
-               "per_length": per_length}
+               "passed": sum(p for _, p in every), **fail_all, **pass_all, "per_length": per_length,
+               "comparisons": comparisons}
     return lines, numbers
 
 
@@ -424,8 +495,11 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
                   title: str | None = None) -> None:
     """Figure 4 of the seed paper, one panel per (title, rows, train_len), side by side with shared axes: colour =
     pass rate per (length, depth) cell (needle: pass blue / fail orange; passkey: a blue-orange scale over its
-    trials), the cell's mean attention entropy in nats written in it, and a dashed line at each panel's own
-    training length (``boundary_x``). Rows carry length, depth, pass_rate, trials and entropy."""
+    trials, each cell printing its k/n trials passed), the cell's mean attention entropy in nats written in it,
+    and a dashed line at each panel's own training length (``boundary_x``). Under each panel a strip gives, per
+    length, the pass rate pooled over its depths and trials with its Wilson 95 % interval as a bar (none below 3
+    trials), so the interval's width shows. Rows carry length, depth, pass_rate, trials (and passed) and
+    entropy."""
     from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -435,13 +509,16 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
     cmap = LinearSegmentedColormap.from_list("pass_rate", [FAIL, "#f4f4f4", PASS]).with_extremes(bad=NOT_RUN)
     small = len(lengths) > 12
     width = max(3.5, 1.2 + 0.55 * len(lengths))
-    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1.5, 2.6 + 0.4 * len(depths)),
-                             sharey=True, squeeze=False, layout="constrained")
-    for ax, (name, rows, train_len) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(width * len(panels) + 1.5, 3.8 + 0.4 * len(depths)),
+                             sharex="col", sharey="row", squeeze=False, layout="constrained",
+                             height_ratios=[max(len(depths), 2), 2])
+    for ax, strip, (name, rows, train_len) in zip(axes[0], axes[1], panels):
         image = _draw_panel(ax, rows, lengths, depths, train_len, cmap, small)
         ax.set_title(f"{name}\n{panel_summary(rows, lengths, depths, train_len)}", fontsize=9)
-        ax.set_xlabel("context length (tokens)")
+        _draw_strip(strip, [r for r in rows if r["depth"] in depths], lengths, train_len, small)
+        strip.set_xlabel("context length (tokens)")
     axes[0][0].set_ylabel("depth (% of the context)")
+    axes[1][0].set_ylabel("pass rate\nper length", fontsize=8)
     handles = [] if rated else [Patch(color=PASS, label="pass"), Patch(color=FAIL, label="fail")]
     complete = [{(r["length"], r["depth"]) for r in rows} >= {(n, d) for n in lengths for d in depths}
                 for _, rows, _ in panels]
@@ -451,7 +528,8 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
         handles.append(Line2D([], [], color="black", linestyle="--", label="training length"))
     if rated:
         fig.colorbar(image, ax=list(axes[0]), label="pass rate", shrink=0.9)
-    numbers = ["k/n: trials passed"] * (rated and not small) + ["number: mean attention entropy of the answer (nats)"]
+    numbers = (["k/n: trials passed"] * rated + ["number: mean attention entropy of the answer (nats)",
+               "strip: pass rate per length (all depths),", "bar: its Wilson 95 % interval"])
     fig.suptitle("\n".join([title] * bool(title) + numbers), fontsize=9)
     if handles:  # a complete passkey grid inside the training length has nothing to key but the colorbar
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
@@ -459,16 +537,17 @@ def draw_heatmaps(panels: list[tuple[str, list[dict], int]], lengths: list[int],
 
 
 def panel_summary(rows: list[dict], lengths: list[int], depths: list, train_len: int) -> str:
-    """'training length 4096, 7/12 pass' (needle) or '..., mean pass rate 0.58' (passkey), saying when the
-    training length lies outside the grid (no dashed line then)."""
+    """'training length 4096,\n7/12 cells pass, 0.58 [0.32, 0.81] (n=12)' (trials for passkey): the pass rate
+    pooled over the panel with its Wilson interval, saying when the training length lies outside the grid (no
+    dashed line then)."""
     shown = [r for r in rows if r["length"] in lengths and r["depth"] in depths]
     where = "" if boundary_x(lengths, train_len) is not None else (
         " (no column above it)" if train_len >= lengths[-1] else " (every column above it)")
-    if any(r.get("trials", 1) > 1 for r in shown):
-        score = f"mean pass rate {np.mean([r['pass_rate'] for r in shown]):.2f}"
-    else:
-        score = f"{sum(r['pass_rate'] == 1 for r in shown)}/{len(shown)} pass"
-    return f"training length {train_len}{where}, {score}"
+    if not shown:
+        return f"training length {train_len}{where}, nothing run"
+    passed, trials = map(sum, zip(*map(counts, shown)))
+    unit = "trials" if any(r.get("trials", 1) > 1 for r in shown) else "cells"
+    return f"training length {train_len}{where},\n{passed}/{trials} {unit} pass, {wilson(passed, trials).text()}"
 
 
 def _draw_panel(ax, rows: list[dict], lengths: list[int], depths: list, train_len: int, cmap, small: bool):
@@ -479,13 +558,11 @@ def _draw_panel(ax, rows: list[dict], lengths: list[int], depths: list, train_le
             i, j = depths.index(r["depth"]), lengths.index(r["length"])
             rate[i, j] = r["pass_rate"]
             label = f"{r['entropy']:.{1 if small else 2}f}"
-            if r.get("trials", 1) > 1 and not small:
-                label = f"{round(r['pass_rate'] * r['trials'])}/{r['trials']}\n{label}"
+            if r.get("trials", 1) > 1:
+                label = "{}/{}\n".format(*counts(r)) + label
             ax.text(j, i, label, ha="center", va="center", fontsize=6 if small else 8,
                     color="white" if r["pass_rate"] > 0.65 else "black")
     image = ax.imshow(np.ma.masked_invalid(rate), cmap=cmap, vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=90 if small else 0,
-                  fontsize=7 if small else 9)
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     x = boundary_x(lengths, train_len)
     if x is not None:
@@ -493,15 +570,54 @@ def _draw_panel(ax, rows: list[dict], lengths: list[int], depths: list, train_le
     return image
 
 
+def _draw_strip(ax, rows: list[dict], lengths: list[int], train_len: int, small: bool) -> None:
+    """The strip under a panel: per length its pooled pass rate (a dot) and Wilson 95 % interval (a bar), with
+    k/n above the bar's top; a length with fewer than 3 trials has a dot alone."""
+    pooled = {r["length"]: r for r in pooled_by_length(rows, lengths)}
+    for j, n in enumerate(lengths):
+        if n not in pooled:
+            continue
+        r = pooled[n]
+        known = r["pass_rate_low"] is not None
+        yerr = [[r["pass_rate"] - r["pass_rate_low"]], [r["pass_rate_high"] - r["pass_rate"]]] if known else None
+        ax.errorbar([j], [r["pass_rate"]], yerr=yerr, fmt="o", color="black", markersize=3.5, capsize=2.5,
+                    linewidth=1.2)
+        ax.text(j, (r["pass_rate_high"] if known else r["pass_rate"]) + 0.06, f"{r['passed']}/{r['pass_rate_n']}",
+                ha="center", va="bottom", fontsize=5.5 if small else 7)
+    ax.set_ylim(-0.08, 1.35)
+    ax.set_yticks([0, 0.5, 1])
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=90 if small else 0,
+                  fontsize=7 if small else 9)
+    x = boundary_x(lengths, train_len)
+    if x is not None:
+        ax.axvline(x, color="black", linestyle="--", linewidth=1.2)
+
+
 def text_grid(rows: list[dict], lengths: list[int], depths: list) -> str:
-    """The heatmap as text: 'P 5.21' / 'F 7.80' per needle cell, '3/5 5.21' per passkey cell, '-' not run."""
+    """The heatmap as text: per cell 'P 5.21' / 'F 7.80' (needle) or '3/5 5.21±0.04' (passkey: trials passed, the
+    mean entropy ± its standard error over the trials, left out below 3), '-' not run; under the grid, per length,
+    the trials passed, the pooled pass rate with its Wilson 95 % interval and the mean entropy ± its standard error
+    over the cells."""
     def cell(r: dict) -> str:
+        se = "" if r.get("entropy_se") is None else f"±{r['entropy_se']:.2f}"
         if r.get("trials", 1) > 1:
-            return f"{round(r['pass_rate'] * r['trials'])}/{r['trials']} {r['entropy']:.2f}"
+            return "{}/{} ".format(*counts(r)) + f"{r['entropy']:.2f}{se}"
         return f"{'P' if r['pass_rate'] == 1 else 'F'} {r['entropy']:.2f}"
 
+    pooled = {r["length"]: r for r in pooled_by_length(rows, lengths)}
+    summary = {n: [f"{r['passed']}/{r['pass_rate_n']}",
+                   f"{r['pass_rate']:.2f}" + ("" if r["pass_rate_low"] is None else
+                                             f" [{r['pass_rate_low']:.2f}, {r['pass_rate_high']:.2f}]"),
+                   f"{r['entropy']:.2f}" + ("" if r["entropy_se"] is None else f" ± {r['entropy_se']:.2f}")]
+               for n, r in pooled.items()}
     cells = {(r["length"], r["depth"]): cell(r) for r in rows}
-    lines = ["depth\\len " + " ".join(f"{n:>9}" for n in lengths)]
-    for d in depths:
-        lines.append(f"{d:>9g} " + " ".join(f"{cells.get((n, d), '-'):>9}" for n in lengths))
-    return "\n".join(lines)
+    width = max([9, *map(len, cells.values()), *(len(t) for texts in summary.values() for t in texts)])
+    line = lambda head, texts: f"{head:>12} " + " ".join(f"{t:>{width}}" for t in texts)  # noqa: E731
+    lines = [line("depth\\len", lengths)]
+    lines += [line(f"{d:g}", [cells.get((n, d), "-") for n in lengths]) for d in depths]
+    for k, head in enumerate(("passed", "pass rate", "entropy")):
+        lines.append(line(head, [summary[n][k] if n in summary else "-" for n in lengths]))
+    return "\n".join(lines) + ("\npass rate: pooled over depths and trials, [Wilson 95 % interval]; entropy: nats, "
+                               "mean ± standard error over the cells (over the trials within a passkey cell)")

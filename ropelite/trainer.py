@@ -6,8 +6,9 @@ here is what a program calls with train.py's flags (``train.py --help`` explains
 - The run, decided before its first weight exists (``prepare`` -> ``TrainingRun``): --out locked and checked,
   a resumed run's flags taken from its checkpoint, the model and its RoPE chosen, the token budget in steps,
   the packed training stream and the held-out sequences.
-- The model (``build_model``), its checkpoints (``save``, ``restore``: bit-identical resume) and its held-out
-  loss (``evaluate``).
+- The model (``build_model``), its checkpoints (``save``, ``restore``: sharded, each rank writing and reading its
+  own part; bit-identical resume, also on another number of ranks up to the order of float sums), the Hugging
+  Face export into --out (``export``, one tensor at a time) and its held-out loss (``evaluate``).
 - One optimizer step (``optimizer_step``: learning rate, gradient accumulation with the loss passed in,
   clipping, update), the one every training loop of ropelite takes, the ablation's finetunes too.
 - The loop (``fit``): metrics, evaluation and checkpoints on their schedules, the progress bar
@@ -24,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,23 +38,32 @@ from tqdm import tqdm
 from .cli import DTYPES, check, resolve_dtype, token_bar, torch_device
 from .data import PackedSequences, load_documents, pack_documents
 from .errors import RopeliteError
-from .hf import load_model, model_from_state, read_config
-from .io import append_jsonl, lock_out, truncate_jsonl, write_json
-from .model import Llama, LlamaConfig
+from .hf import config_to_hf, load_model, read_config
+from .io import append_jsonl, lock_out, read_jsonl, truncate_jsonl, write_json, write_summary
+from .model import Llama, LlamaConfig, attention_kernel_note
 from .parallel import compile_blocks, lean_weights, make_optimizer, set_learning_rate, shard, sync_on_last_micro_batch
 from .rope import VARIANTS, RopeConfig
+from .stats import Interval, bootstrap_mean, compare
 from .tokenizer import ByteTokenizer, first_id, load_tokenizer
-from .training import (OPTIMIZER_STATE, LossFn, accumulate_gradients, clip_gradients, evaluate_nll,
-                       latest_checkpoint, learning_rate, load_trainer_state, next_token_nll, peak_memory_mb,
-                       random_model, rng_state, save_checkpoint, set_rng_state, trained_record)
+from .training import (LossFn, accumulate_gradients, checkpoint_state, clip_gradients, commit_checkpoint,
+                       evaluate_nll, export_model, fresh_checkpoint_folder, latest_checkpoint, learning_rate,
+                       load_trainer_state, next_token_nll, peak_memory_mb, random_model, read_shards, rng_state,
+                       set_rng_state, trained_record, write_shards)
 
 # A resumed run must be the same run: --resume takes every flag from the checkpoint but these of the invocation
 # itself, and those that do not change the numbers the run computes, which may be given anew (--micro-batch
-# regroups the same sum: equal up to float rounding; --keep-attention saves what it would recompute; --compile
+# and --sync-every-micro-batch regroup the same sum: equal up to float rounding; --keep-attention saves what it would recompute; --compile
 # runs the same blocks compiled). Any other flag given must equal the checkpoint's.
-PER_INVOCATION = {"resume", "out", "stop_after", "quiet", "device"}
-MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok", "compile", "keep_attention"}
+PER_INVOCATION = {"resume", "out", "stop_after", "quiet", "device", "dry_run"}
+MAY_CHANGE = {"save_every", "eval_every", "micro_batch", "epochs_ok", "compile", "keep_attention",
+              "sync_every_micro_batch"}
 DAY_S = 86400  # a run estimated longer than this on this device gets a notice up front
+# The budget's defaults. A pretrained model's finetune follows YaRN's GPU recipe: 400 steps of 262,144 tokens
+# (64 sequences at 4K, 8 at 32K). A new model (--init random) is sized for a CPU: minutes at a few thousand
+# tokens/s.
+YARN_BATCH_TOKENS, YARN_STEPS = 262144, 400
+DEFAULT_LEN = {"pretrained": 32768, "random": 512}
+DEFAULT_TOKENS = {"pretrained": YARN_STEPS * YARN_BATCH_TOKENS, "random": 2**20}
 METRICS, EVAL_LOG = "metrics.jsonl", "eval.jsonl"  # in --out: one row per step; one per held-out evaluation
 
 
@@ -97,9 +108,44 @@ def setup_distributed(device: str) -> Dist:
     return Dist(rank, world, device, init_device_mesh(device.type, (world,)))
 
 
+def planning_dist(device: str) -> Dist:
+    """Where a dry run plans for, making no process group: torchrun's RANK and WORLD_SIZE (1 without it) and
+    --device, which need not be present on this machine (a GPU run can be planned on a laptop)."""
+    try:
+        where = torch_device(device)
+    except RopeliteError:
+        if not device.startswith("cuda"):
+            raise
+        where = torch.device(device)
+    return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), where)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The flags: checked, and on --resume the checkpoint's
 # --------------------------------------------------------------------------------------------------------------
+
+def default_batch_tokens(tokens: int, length: int, unit: int) -> int:
+    """--batch-tokens when not given: YaRN's 262,144 tokens per step, or --tokens / 400 when that is less, so that
+    a small budget still takes YaRN's 400 steps; rounded down to whole sequences of ``length``, in a multiple of
+    ``unit`` sequences (--micro-batch x processes: every rank takes whole micro-batches), at least one unit."""
+    sequences = min(YARN_BATCH_TOKENS, tokens // YARN_STEPS) // length
+    return max(unit, sequences // unit * unit) * length
+
+
+def fill_defaults(args, dist: Dist) -> None:
+    """The flags whose default depends on others, once those are known (a resumed run has them all from its
+    checkpoint): --len and --tokens by --init (DEFAULT_LEN, DEFAULT_TOKENS), --batch-tokens by the budget
+    (``default_batch_tokens``, said in one line), --dtype by the device."""
+    args.len = DEFAULT_LEN[args.init] if args.len is None else args.len
+    args.tokens = DEFAULT_TOKENS[args.init] if args.tokens is None else args.tokens
+    if args.batch_tokens is None and args.len >= 1:  # a --len below 2 is check_flags' error
+        unit = max(1, args.micro_batch * dist.world)
+        args.batch_tokens = default_batch_tokens(args.tokens, args.len, unit)
+        dist.say(f"budget: --batch-tokens not given, so min({YARN_BATCH_TOKENS}, --tokens / {YARN_STEPS}) in whole "
+                 f"sequences of {args.len}, a multiple of {unit} (micro-batch x processes) = "
+                 f"{args.batch_tokens // args.len} sequences = {args.batch_tokens:,} tokens per step")
+    args.dtype = resolve_dtype(args.dtype, dist.device, log=dist.say)  # the checkpoint records what ran
+
 
 def check_flags(args) -> None:
     """The flags' own rules; the RoPE's (factor >= 1, --base only for ntk) are RopeConfig's, checked as it is built."""
@@ -313,17 +359,19 @@ def held_out_set(args, rest: list, tokenizer, eos: int, vocab: int, step_tokens:
     return [held.batch(dist.rank * per_rank + i, 1).to(dist.device) for i in range(per_rank)]
 
 
-def open_run(args, given: set[str], dist: Dist) -> tuple[Path, Path | None, dict | None]:
-    """Lock --out and find its checkpoint; a resumed run takes its flags from it (``args`` changes in place),
-    then the flags are checked. Returns (--out, the checkpoint or None, its trainer state or None)."""
+def open_run(args, given: set[str], dist: Dist, lock: bool = True) -> tuple[Path, Path | None, dict | None]:
+    """Lock --out (unless ``lock`` is off: a dry run only reads) and find its checkpoint; a resumed run takes its
+    flags from it (``args`` changes in place); the defaults that depend on other flags are filled in and the
+    flags checked. Returns (--out, the checkpoint or None, its trainer state or None)."""
     out = Path(args.out or f"runs/train/{Path(args.model).name if args.init == 'pretrained' else 'random'}"
-                           f"-{args.rope or 'own'}-{args.len}")
-    lock_run_folder(out, dist)
+                           f"-{args.rope or 'own'}-{DEFAULT_LEN[args.init] if args.len is None else args.len}")
+    if lock:
+        lock_run_folder(out, dist)
     checkpoint = prepare_out(out, args.resume)
     state = load_trainer_state(checkpoint) if checkpoint else None
     if state is not None:
         resume_flags(state["args"], args, given, dist)
-    args.dtype = resolve_dtype(args.dtype, dist.device, log=dist.say)  # the checkpoint records what ran
+    fill_defaults(args, dist)
     check_flags(args)
     return out, checkpoint, state
 
@@ -342,11 +390,11 @@ def check_epochs(args, tokens: int, stream_size: int, dist: Dist) -> None:
                  f"{args.lr * (steps - 1) / args.warmup:.3g}, never --lr {args.lr:g}")
 
 
-def prepare(args, given: set[str], dist: Dist) -> TrainingRun:
+def prepare(args, given: set[str], dist: Dist, dry_run: bool = False) -> TrainingRun:
     """Lock and check --out and the flags (a resumed run's from its checkpoint); choose the model and its RoPE
     (RopeConfig checks the RoPE flags); size the budget; pack the training stream and the held-out set; put the
-    tokenizer in a new run's --out."""
-    out, checkpoint, state = open_run(args, given, dist)
+    tokenizer in a new run's --out. A ``dry_run`` does all of it but the lock and the writing."""
+    out, checkpoint, state = open_run(args, given, dist, lock=not dry_run)
     docs = load_documents(args.data, kind=args.builtin)
     base, source, tokenizer, eos = choose_model(args, docs)
     original = base.rope.original_max_position_embeddings
@@ -371,7 +419,7 @@ def prepare(args, given: set[str], dist: Dist) -> TrainingRun:
              f"{steps * step_tokens / stream.size:.2f} times")
     check_epochs(args, steps * step_tokens, stream.size, dist)
     held_out = held_out_set(args, docs[used:], tokenizer, eos, config.vocab_size, step_tokens, dist)
-    if dist.main and not args.resume:
+    if dist.main and not args.resume and not dry_run:
         if isinstance(tokenizer, ByteTokenizer):
             write_json(out / "tokenizer_config.json", ByteTokenizer.config())
         elif source is not None and tokenizer is not None:
@@ -386,84 +434,122 @@ def prepare(args, given: set[str], dist: Dist) -> TrainingRun:
 
 
 def source_model(run: TrainingRun, where) -> Llama:
-    """The weights to start from, fp32 on ``where``: the checkpoint's, the pretrained ones, or new ones."""
-    if run.checkpoint:
-        return load_model(run.checkpoint, dtype=torch.float32, device=where)
+    """A new run's weights, fp32 on ``where``: the pretrained ones, or new ones."""
     if run.source is not None:
         return load_model(run.source, dtype=torch.float32, device=where, **run.overrides)
     return random_model(run.config, run.args.seed).to(where)
 
 
 def build_model(run: TrainingRun, dist: Dist) -> Llama:
-    """fp32 master weights on the device, or sharded over the ranks (rank 0 reads them, then broadcasts)."""
+    """fp32 master weights on the device, sharded over the ranks under torchrun. A new run's are ``source_model``'s
+    (under torchrun rank 0 reads them and broadcasts each rank its shards); a resumed run's model is made empty
+    here, and ``restore`` fills it, each rank reading its own shards of the checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     torch.manual_seed(run.args.seed)
-    if dist.mesh is None:
+    if dist.mesh is None and run.checkpoint is None:
         model = source_model(run, dist.device)
+    elif dist.mesh is None:
+        with torch.device(dist.device):  # not meta: to_empty would untie tied embeddings outside FSDP
+            model = Llama(run.config)
     else:
-        full = source_model(run, "cpu").state_dict() if dist.main else {}
         with torch.device("meta"):
             model = Llama(run.config)
         shard(model, dist.mesh, run.dtype)  # bf16 all-gathers and compute, fp32 gradient reduction
         model.to_empty(device=dist.device)
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        del full
+        if run.checkpoint is None:
+            full = source_model(run, "cpu").state_dict() if dist.main else {}
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                                        broadcast_from_rank0=True))
+            del full
     model.gradient_checkpointing, model.keep_attention = run.args.grad_ckpt, run.args.keep_attention
     model.train()
     return model
 
 
 def restore(run: TrainingRun, model: Llama, optimizer, dist: Dist) -> int:
-    """The step to start from: 0 for a new run, else the checkpoint's, its optimizer state and RNG put back."""
+    """The step to start from: 0 for a new run; else the checkpoint's, after each rank has read its shards of the
+    weights and AdamW moments into ``model`` and ``optimizer`` (on any number of ranks: DCP reshards) and its RNG
+    state (rank 0's where the checkpoint was written by another number of ranks: only the one-process lean mode
+    draws random numbers, for its stochastic rounding)."""
     if run.state is None:
         return 0
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    options = (StateDictOptions() if dist.mesh is None else
-               StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    optim_state = load_trainer_state(run.checkpoint, OPTIMIZER_STATE) if dist.main else {}
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
-    del optim_state
-    set_rng_state(run.state["rng"], dist.device)
+    read_shards(run.checkpoint, model, optimizer)
+    states = run.state["rng"]
+    set_rng_state(states[dist.rank] if len(states) == dist.world else states[0], dist.device)
     start = run.state["step"]
     check(run.state["sequences"] == start * run.per_step, "the checkpoint's data position does not match its step")
-    dist.say(f"resuming {run.checkpoint} at step {start} of {run.steps}")
+    dist.say(f"resuming {run.checkpoint} at step {start} of {run.steps}" +
+             ("" if len(states) == dist.world else f", written by {len(states)} process(es), on {dist.world}"))
     return start
 
 
-def save(run: TrainingRun, model: Llama, optimizer, step: int, dist: Dist) -> None:
-    """out/checkpoint at ``step`` (model, optimizer, data position, RNG), and the model published in out."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)  # collectives: every rank calls them
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+def save(run: TrainingRun, model: Llama, optimizer, step: int, elapsed_s: float, dist: Dist) -> None:
+    """out/checkpoint at ``step``: every rank writes its own shards of the weights and AdamW moments (no rank
+    gathers the model), then rank 0 the trainer state (data position, every rank's RNG, the ``elapsed_s`` of
+    training so far, the flags) and the model's config.json, and renames the folder into place."""
+    folder = fresh_checkpoint_folder(run.out, clear=dist.main)
+    dist.barrier()  # the folder is empty before any rank writes into it
+    write_shards(checkpoint_state(model, optimizer), folder)  # a collective: every rank calls it
+    states = [rng_state(dist.device)]
+    if dist.mesh is not None:
+        states = [None] * dist.world
+        torch.distributed.all_gather_object(states, rng_state(dist.device))
     if dist.main:
-        save_checkpoint(run.out, model_from_state(run.config, model_state),
-                        {"step": step, "sequences": step * run.per_step, "tokens": step * run.step_tokens,
-                         "rng": rng_state(dist.device), "args": vars(run.args)},
-                        optim_state, extra_config={"ropelite": run.trained_record(step)})
+        commit_checkpoint(run.out, {"step": step, "sequences": step * run.per_step, "tokens": step * run.step_tokens,
+                                    "elapsed_s": elapsed_s, "processes": dist.world, "rng": states,
+                                    "args": vars(run.args)},
+                          {**config_to_hf(run.config), "ropelite": run.trained_record(step)})
+    dist.barrier()
+
+
+def export(run: TrainingRun, model: Llama, step: int, dist: Dist) -> None:
+    """--out itself becomes the model after ``step`` (``export_model``: gathered one tensor at a time)."""
+    export_model(model, run.config, run.out, {"ropelite": run.trained_record(step)}, write=dist.main)
     dist.barrier()
 
 
 def evaluate(run: TrainingRun, model: Llama, step: int, dist: Dist) -> None:
-    """Mean next-token NLL of the held-out sequences with the current weights, appended to eval.jsonl; a bar
-    counts the tokens scored (all ranks')."""
+    """Mean next-token NLL of the held-out sequences with the current weights, with a bootstrap 95 % interval over
+    the sequences, appended to eval.jsonl; a bar counts the tokens scored (all ranks')."""
     tokens = len(run.held_out) * dist.world * run.args.len
     bar = token_bar(tokens, f"eval at step {step}") if dist.main and not run.args.quiet else None
     try:
-        nll = evaluate_nll(model, run.held_out, run.dtype,
-                           progress=None if bar is None else lambda n: bar.update(n * dist.world))
+        sums = evaluate_nll(model, run.held_out, run.dtype,
+                            progress=None if bar is None else lambda n: bar.update(n * dist.world))
     finally:
         if bar is not None:
             bar.close()
-    if dist.mesh is not None:
-        torch.distributed.all_reduce(nll)
-    sequences = len(run.held_out) * dist.world
-    loss = nll.item() / (sequences * (run.args.len - 1))
+    if dist.mesh is not None:  # every rank's sequences, for the interval over all of them
+        parts = [torch.empty_like(sums) for _ in range(dist.world)]
+        torch.distributed.all_gather(parts, sums)
+        sums = torch.cat(parts)
+    loss = bootstrap_mean((sums / (run.args.len - 1)).cpu().numpy())   # per sequence: each has len - 1 targets
+    ppl = bootstrap_mean((sums / (run.args.len - 1)).cpu().numpy(), transform=math.exp)
     if dist.main:
-        append_jsonl(run.out / EVAL_LOG, {"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss),
-                                          "eval_tokens": sequences * run.args.len, "tokens": step * run.step_tokens})
-    dist.say(f"eval at step {step}: held-out loss {loss:.4f} (ppl {math.exp(loss):.3f})")
+        append_jsonl(run.out / EVAL_LOG, {"step": step, **loss.fields("eval_loss"), **ppl.fields("eval_ppl"),
+                                          "eval_tokens": len(sums) * run.args.len, "tokens": step * run.step_tokens})
+    dist.say(f"eval at step {step}: held-out loss {loss.text('.4f')} sequences (ppl {ppl.estimate:.3f})")
+
+
+def write_eval_summary(run: TrainingRun) -> None:
+    """train_summary.json: the held-out loss before the first step and at the last evaluation, with intervals
+    over the held-out sequences, and whether they separate."""
+    rows = read_jsonl(run.out / EVAL_LOG)
+    if len(rows) < 2:
+        return
+    first, last = (Interval(r["eval_loss"], r.get("eval_loss_low"), r.get("eval_loss_high"), r["eval_loss_n"],
+                            "bootstrap") for r in (rows[0], rows[-1]))
+    verdict = {"lower": "lower, the intervals separate", "higher": "higher, the intervals separate",
+               "overlap": "the intervals overlap: the data cannot tell", "unknown": "too few sequences for an interval"}
+    a = run.args
+    line = (f"held-out loss {first.text('.3f')} at step {rows[0]['step']} -> {last.text('.3f')} at step "
+            f"{rows[-1]['step']} (n = held-out sequences of {a.len} tokens; {run.config.rope.describe()} at len "
+            f"{a.len}, {rows[-1]['tokens']:,} training tokens): {verdict[compare(last, first)]}")
+    write_summary(run.out, "train", "Finetuning with the extended RoPE: held-out loss",
+                  "the seed paper finetunes every extension (YaRN's recipe) before measuring it: a finetune should "
+                  "lower the held-out loss of the model under its new RoPE", [line],
+                  {"first": first.fields("eval_loss"), "last": last.fields("eval_loss"), "len": a.len,
+                   "rope": run.config.rope.describe(), "steps": rows[-1]["step"]})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -479,17 +565,19 @@ class NonFiniteLoss(RopeliteError):
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, ...]],
                    lr: float, n_predicted: int, loss_fn: LossFn = next_token_nll, dtype: torch.dtype = torch.float32,
-                   clip: float = 1.0, world: int = 1,
-                   progress: Callable[[int], None] | None = None) -> tuple[float, float]:
+                   clip: float = 1.0, world: int = 1, progress: Callable[[int], None] | None = None,
+                   sync_every_micro_batch: bool = False) -> tuple[float, float]:
     """One update of ``model`` from this process's micro-batches of an optimizer step: the learning rate set to
     ``lr``; the gradients of ``loss_fn`` (default the plain next-token NLL; the ablation passes its weighted one)
     accumulated, divided by the step's ``n_predicted`` targets of all ``world`` processes
     (``accumulate_gradients``; under FSDP2 reduced once, after the last micro-batch); the global gradient norm
     clipped to ``clip`` (0 = off); ``optimizer``'s update (AdamW in train.py and the ablation). Returns (the
     step's mean NLL over all processes in nats/token, the gradient norm before clipping); ``progress(tokens)``
-    after each micro-batch. A non-finite loss or norm raises NonFiniteLoss here, before the weights change."""
+    after each micro-batch; ``sync_every_micro_batch``: FSDP2 reduce-scatters after every micro-batch instead (no
+    unsharded gradients held between them, more communication). A non-finite loss or norm raises NonFiniteLoss
+    here, before the weights change."""
     set_learning_rate(optimizer, lr)
-    with sync_on_last_micro_batch(model, len(micro_batches)):  # FSDP: one reduce-scatter per step
+    with sync_on_last_micro_batch(model, len(micro_batches), sync_every_micro_batch):  # FSDP: once per step
         nll = accumulate_gradients(model, micro_batches, n_predicted, dtype, scale=world, progress=progress,
                                    loss_fn=loss_fn)
     if world > 1:
@@ -510,41 +598,77 @@ def kept_checkpoint(out: Path) -> str:
             else "no checkpoint was saved yet")
 
 
-class Progress:
-    """The run's bar in tokens of all ranks, moved after every micro-batch so that its rate and ETA come with the
-    first one, and a notice then when the rest of the run would take more than a day on this device."""
+RATE_WINDOW = 20  # optimizer steps that the bar's tokens/s and ETA average over
 
-    def __init__(self, run: TrainingRun, start: int, dist: Dist):
+
+def window_rate(marks) -> float | None:
+    """Tokens per second from the first to the last of ``marks``, (seconds, tokens done) pairs: the average over
+    that window, pauses (evaluation, checkpoints) included, so that an ETA drawn from it counts them too. None
+    while no time has passed."""
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+
+class Progress:
+    """The run's bar in tokens of all ranks, moved after every micro-batch, with the tokens/s and ETA of the last
+    RATE_WINDOW optimizer steps (``window_rate``: one step's rate swings with evaluations, checkpoints and the
+    machine's load; tqdm's own would follow each micro-batch); once the loop ends, the rate is this invocation's
+    average. After the first micro-batch, a notice when the rest of the run would take more than a day on this
+    device. ``clock``: seconds, for tests."""
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+    def __init__(self, run: TrainingRun, start: int, dist: Dist, clock: Callable[[], float] = time.perf_counter):
         self.total, self.done = run.steps * run.step_tokens, start * run.step_tokens
-        self.world, self.dist = dist.world, dist
+        self.world, self.dist, self.clock = dist.world, dist, clock
+        self.marks = deque([(clock(), self.done)], maxlen=RATE_WINDOW + 1)  # at each step's end, and the start
+        self.first, self.estimated, self.losses = self.marks[0], False, ""
         self.bar = (token_bar(self.total, f"train {run.config.rope.describe()} @{run.args.len}")
                     if dist.main and not run.args.quiet else None)
         if self.bar is not None:
-            self.bar.initial = self.bar.n = self.done  # the rate counts this invocation's tokens only
+            self.bar.bar_format = self.FORMAT  # the rate and ETA are ours, in the postfix
+            self.bar.initial = self.bar.n = self.done
             self.bar.refresh()
-        self.began, self.estimated = time.perf_counter(), False
+
+    def rate(self) -> float | None:
+        """Tokens/s over the window of steps, up to now (the step in progress included)."""
+        return window_rate([*self.marks, (self.clock(), self.done)])
+
+    def average(self) -> float | None:
+        """Tokens/s of this invocation so far."""
+        return window_rate([self.first, (self.clock(), self.done)])
+
+    def postfix(self, rate: float | None, final: bool = False) -> str:
+        if rate is None:
+            return self.losses
+        left = "" if final else f", ETA {tqdm.format_interval((self.total - self.done) / rate)}"
+        return f"{tqdm.format_sizeof(rate)} tok/s{' on average' if final else ''}{left}{self.losses}"
 
     def micro_batch(self, tokens: int) -> None:
         """``tokens`` = this rank's micro-batch; every rank runs one at the same time."""
-        tokens *= self.world
-        self.done += tokens
+        self.done += tokens * self.world
         if self.bar is not None:
-            self.bar.update(tokens)
+            self.bar.set_postfix_str(self.postfix(self.rate()), refresh=False)
+            self.bar.update(tokens * self.world)
         if not self.estimated:
             self.estimated = True
-            rate = tokens / (time.perf_counter() - self.began)
-            left = (self.total - self.done) / rate
+            rate = self.average()
+            left = (self.total - self.done) / rate if rate else 0.0
             if left > DAY_S:
                 self.dist.say(f"notice: at the first micro-batch's {rate:,.0f} tokens/s this run needs about "
                               f"{left / DAY_S:.1f} days more on {self.dist.device}: a GPU-scale run (see --tokens, "
                               f"--len, --device)")
 
     def step(self, loss: float, lr: float) -> None:
+        """An optimizer step ended: the window moves on."""
+        self.marks.append((self.clock(), self.done))
+        self.losses = f", loss {loss:.4f}, lr {lr:.2e}"
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix_str(self.postfix(self.rate()))
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.set_postfix_str(self.postfix(self.average(), final=True))
             self.bar.close()
 
 
@@ -587,11 +711,17 @@ class StopSignal:
 
 def fit(run: TrainingRun, model: Llama, optimizer, start: int, dist: Dist) -> int:
     """Steps ``start`` .. until the run ends, --stop-after or a first SIGINT/SIGTERM: one metrics.jsonl row
-    each, held-out evaluation every --eval-every steps and checkpoints every --save-every, both at the end too.
+    each, held-out evaluation before the first step, every --eval-every steps and at the end, checkpoints every
+    --save-every steps and at the end. A row's ``elapsed_s`` counts the run's seconds in this loop over every
+    invocation (a resumed run starts from its checkpoint's), so the last row says how long the run took.
     Returns the last step; a signal ends with a checkpoint and SystemExit(128 + signal) instead."""
     args, device = run.args, dist.device
+    began, before = time.perf_counter(), run.state["elapsed_s"] if run.state else 0.0
+    elapsed = lambda: before + time.perf_counter() - began  # noqa: E731
+    if run.held_out and start == 0:
+        evaluate(run, model, 0, dist)
     progress = Progress(run, start, dist)
-    began, done, signum = time.perf_counter(), start, 0
+    done, signum = start, 0
     try:
         with StopSignal() as stopper:
             for step in range(start, run.steps):
@@ -599,7 +729,8 @@ def fit(run: TrainingRun, model: Llama, optimizer, start: int, dist: Dist) -> in
                 try:
                     loss, norm = optimizer_step(model, optimizer, run.micro_batches(step, dist), lr, run.n_predicted,
                                                 dtype=run.dtype, clip=args.clip, world=dist.world,
-                                                progress=progress.micro_batch)
+                                                progress=progress.micro_batch,
+                                                sync_every_micro_batch=args.sync_every_micro_batch)
                 except NonFiniteLoss as e:
                     raise RopeliteError(f"step {step + 1}: {e}; {kept_checkpoint(run.out)}") from None
                 done = step + 1
@@ -611,14 +742,14 @@ def fit(run: TrainingRun, model: Llama, optimizer, start: int, dist: Dist) -> in
                         "step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": done * run.step_tokens,
                         "tokens_per_s": run.step_tokens / seconds, "peak_mem_mb": peak_memory_mb(device),
                         "mem": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
-                        "elapsed_s": time.perf_counter() - began})
+                        "elapsed_s": elapsed()})
                 progress.step(loss, lr)
                 signum = stopper.agreed(dist)
                 stop = signum or (args.stop_after is not None and done - start >= args.stop_after)
                 if run.held_out and (done == run.steps or (args.eval_every and done % args.eval_every == 0)):
                     evaluate(run, model, done, dist)
                 if done == run.steps or stop or (args.save_every and done % args.save_every == 0):
-                    save(run, model, optimizer, done, dist)
+                    save(run, model, optimizer, done, elapsed(), dist)
                 if stop:
                     break
     finally:
@@ -631,7 +762,8 @@ def fit(run: TrainingRun, model: Llama, optimizer, start: int, dist: Dist) -> in
 
 
 def train_process(args: argparse.Namespace, dist: Dist, given: set[str] = frozenset()) -> Path:
-    """This process's part of ``train``: prepare, build (or restore) the model, then fit."""
+    """This process's part of ``train``: prepare, build (or restore) the model, fit, and export the model into
+    --out (when the run is complete or stopped by --stop-after; a signal leaves only the checkpoint)."""
     run = prepare(args, given, dist)
     model = build_model(run, dist)
     if args.lean:
@@ -645,18 +777,60 @@ def train_process(args: argparse.Namespace, dist: Dist, given: set[str] = frozen
         # A resumed run keeps its checkpoint step's held-out row (written before that save); a new run, perhaps
         # in the folder of one killed before its first checkpoint, scores step 0 afresh.
         truncate_jsonl(run.out / EVAL_LOG, start if start else -1)
-    if run.held_out and start == 0:
-        evaluate(run, model, 0, dist)
     done = fit(run, model, optimizer, start, dist)
+    export(run, model, done, dist)
+    if dist.main and done == run.steps:
+        write_eval_summary(run)
     dist.say(f"train: {run.out} holds step {done} of {run.steps}" +
              ("" if done == run.steps else "; continue with --resume"))
     return run.out
 
 
-def train(args: argparse.Namespace, given: set[str] = frozenset()) -> Path:
+def plan(args: argparse.Namespace, given: set[str] = frozenset()) -> TrainingRun:
+    """--dry-run: the run ``prepare`` decides (flags, model config and RoPE, budget, data, held-out set), printed
+    as the lines of a plan, for the processes torchrun would start; no weight is read, nothing is written."""
+    dist = planning_dist(args.device)
+    run = prepare(args, given, dist, dry_run=True)
+    c, a = run.config, run.args
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        model = Llama(c)
+    parameters = sum(p.numel() for p in model.parameters())
+    if a.lean:
+        model = lean_weights(model, dist.world)  # its rules as the run meets them: one process, bf16 weights
+    optimizer = make_optimizer(model, a.lr, tuple(a.betas), a.wd, dist.device, lean=a.lean)  # (lean: torchao)
+    micro = run.per_step // (a.micro_batch * dist.world)
+    lines = [
+        f"model: {'new (--init random, seed ' + str(a.seed) + ')' if run.source is None else run.source}, "
+        f"{parameters:,} parameters: {c.num_hidden_layers} blocks, hidden {c.hidden_size}, {c.num_attention_heads} "
+        f"heads / {c.num_key_value_heads} kv heads of {c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}",
+        f"rope: {c.rope.describe()} (theta {c.rope.theta:g}, L {c.rope.original_max_position_embeddings} -> "
+        f"len {a.len})",
+        f"budget: {run.steps} steps x {run.per_step} sequences x {a.len} tokens = {run.steps * run.step_tokens:,} "
+        f"tokens; lr {a.lr:g}, warmup {a.warmup}, then {a.schedule}",
+        f"processes: {dist.world} on {dist.device} ({'FSDP2 shards' if dist.world > 1 else 'one process'}), "
+        f"{micro} micro-batch(es) of {a.micro_batch} each per step, {a.dtype}, "
+        f"{'bf16' if a.lean else 'fp32'} weights, {type(optimizer).__name__}"
+        f"{' (fused)' if optimizer.defaults.get('fused') else ''}, "
+        f"grad-ckpt {'on' if a.grad_ckpt else 'off'}{', compiled blocks' if a.compile else ''}",
+        f"out: {run.out}: " + (f"resumes {run.checkpoint} at step {run.state['step']}; " if run.state else "") +
+        f"checkpoint every {a.save_every or run.steps} steps, held-out eval "
+        + (f"every {a.eval_every} steps" if run.held_out else "off") + ", the model exported at the end",
+    ]
+    if dist.device.type == "cuda":
+        lines.append(attention_kernel_note(c, dist.device, run.dtype))
+    if dist.main:
+        print("\n".join(f"plan: {line}" for line in lines) +
+              "\ndry run: nothing trained, no weight read, nothing written")
+    return run
+
+
+def train(args: argparse.Namespace, given: set[str] = frozenset()) -> Path | None:
     """Train as train.py's flags ``args`` say (``train.py --help`` explains each), in this process or, under
-    torchrun, in each of its processes; returns --out. ``given``: the flags written on the command line; on
-    --resume the others are taken from the checkpoint."""
+    torchrun, in each of its processes; returns --out (None for --dry-run, which prints the ``plan``).
+    ``given``: the flags written on the command line; on --resume the others are taken from the checkpoint."""
+    if args.dry_run:
+        plan(args, given)
+        return None
     dist = setup_distributed(args.device)
     try:
         out = train_process(args, dist, given)

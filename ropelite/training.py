@@ -4,18 +4,23 @@ and ``benchmarks/bench_train.py`` use them.
 - The learning-rate schedule, a new model's initialisation, and one optimizer step's gradient accumulation (bf16
   autocast over fp32 weights, the chunked loss or one passed in), its clipping and the held-out NLL.
 - RNG state and peak memory, for bit-identical resume and the metrics log.
-- Checkpoints: a folder written under a temporary name and renamed into place, so ``out/checkpoint`` is always
-  a complete step (a loadable model folder plus the optimizer, data position and RNG); the ``trained`` record
-  every trained model folder carries in its config.json.
+- Checkpoints, sharded: each process writes and reads its own part of the weights and AdamW moments with
+  torch.distributed.checkpoint (no process ever holds the whole state; a checkpoint reads back on any number of
+  processes), in a folder written under a temporary name and renamed into place, so ``out/checkpoint`` is
+  always a complete step (shards, data position, RNG, flags, config.json); the ``trained`` record every trained
+  model folder carries in its config.json.
+- The Hugging Face export (model.safetensors + config.json), gathered and written one tensor at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import resource
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -24,14 +29,14 @@ from torch import nn
 
 from .errors import RopeliteError
 from .io import atomic_path, write_json
-from .hf import config_to_hf, save_model
+from .hf import config_to_hf, hf_name
 from .model import Llama, LlamaConfig
 
 CHECKPOINT = "checkpoint"          # out/checkpoint: the last complete step
 _CHECKPOINT_TMP = ".checkpoint.tmp"
 _CHECKPOINT_OLD = ".checkpoint.old"  # the previous step, only between two renames
-TRAINER_STATE = "trainer_state.pt"   # step, data position, RNG, flags: small, every rank reads it
-OPTIMIZER_STATE = "optimizer.pt"     # AdamW moments by parameter name: large, only rank 0 reads it
+TRAINER_STATE = "trainer_state.pt"   # step, data position, RNG of each rank, elapsed time, flags: small
+SHARD_INDEX = ".metadata"            # DCP's index of the shards (__RANK_0.distcp) of the model and AdamW moments
 MAX_SHARD_BYTES = 5_000_000_000    # Hugging Face's shard size: a 7B in fp32 becomes 6 files
 
 
@@ -115,18 +120,19 @@ def accumulate_gradients(model: Llama, micro_batches: list[tuple[torch.Tensor, .
 @torch.no_grad()
 def evaluate_nll(model: Llama, batches: list[torch.Tensor], dtype: torch.dtype = torch.float32,
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Summed next-token NLL (float64) of (m, len) batches in eval mode, the training mode restored after;
+    """Next-token NLL summed over each of the (m, len) batches (float64, shape (len(batches),)), in eval mode, the
+    training mode restored after; per batch, so that a held-out loss can carry an interval over its sequences.
     ``progress(tokens)`` after each batch."""
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=batches[0].device)
-    for ids in batches:
+    sums = torch.zeros(len(batches), dtype=torch.float64, device=batches[0].device)
+    for i, ids in enumerate(batches):
         with autocast(ids.device, dtype):
-            total += model.nll(ids)[0].double()
+            sums[i] = model.nll(ids)[0].double()
         if progress is not None:
             progress(ids.numel())
     model.train(was_training)
-    return total
+    return sums
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
@@ -159,29 +165,106 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: sharded, each process writing and reading its own part
 # --------------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(out: Path, model: Llama, trainer_state: dict, optimizer_state: dict,
-                    extra_config: dict | None = None) -> Path:
-    """Write ``out/checkpoint`` = the model (safetensors + config.json, loadable by ropelite and transformers)
-    + ``trainer_state.pt`` (step, data position, RNG, flags) + ``optimizer.pt``, atomically: everything goes to a
-    temporary folder that is then renamed into place; the previous checkpoint is removed only after that rename.
-    Then the weights and config are published in ``out`` itself (hard links, no copy)."""
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """This process's part of the model and optimizer state, keyed by parameter name, as torch.distributed.checkpoint
+    (DCP) saves and loads it: FSDP2's DTensor shards under torchrun, whole tensors in one process. An optimizer
+    that has not stepped yet gets its state made here (one step of zero gradients at lr 0, which leaves the
+    weights as they are), so that a checkpoint has something to load into."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+@contextlib.contextmanager
+def _one_process_ok():
+    """DCP warns whenever no process group exists; one process writing the same format is what is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def write_shards(state: dict, folder: Path) -> None:
+    """``checkpoint_state`` into ``folder``, a collective under torchrun: each process writes its own shards
+    (``__RANK_0.distcp``), then the first process writes the index of them all (``.metadata``), only once every
+    process's files are written; so ``.metadata`` present means the shards are complete."""
+    import torch.distributed.checkpoint as dcp
+    with _one_process_ok():
+        dcp.save(state, checkpoint_id=folder)
+
+
+def read_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Put a checkpoint's model and optimizer state into ``model`` and ``optimizer``: each process reads the part
+    of every tensor that its shards hold, whatever number of processes wrote them (DCP reshards by name and
+    offset). Strict: a tensor missing in the checkpoint, or one there that the model lacks, is an error naming it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    state = checkpoint_state(model, optimizer)
+    try:
+        saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+                 if k.startswith("model.")}
+        if saved == set(state["model"]):
+            with _one_process_ok():
+                dcp.load(state, checkpoint_id=folder)
+    except (dcp.api.CheckpointException, OSError, RuntimeError, ValueError) as e:
+        # DCP's exception (a BaseException) holds each rank's (exception, traceback): say the first
+        cause = next(iter(e._failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e
+        raise RopeliteError(f"cannot read the checkpoint {folder}: {_reason(cause)} (truncated or corrupt?)") from None
+    mismatched = sorted(saved ^ set(state["model"]))
+    if mismatched:
+        key = mismatched[0]
+        raise RopeliteError(f"{folder}: {'unexpected' if key in saved else 'missing'} tensor {key}")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def fresh_checkpoint_folder(out: Path, clear: bool = True) -> Path:
+    """The folder a new checkpoint is written into; ``clear`` (one process does it) empties it of the remains of a
+    save cut short."""
+    tmp = out / _CHECKPOINT_TMP
+    if clear:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(out: Path, trainer_state: dict, config: dict) -> Path:
+    """Complete the checkpoint whose shards ``write_shards`` put in ``fresh_checkpoint_folder(out)``: its
+    ``trainer_state.pt`` (step, data position, RNG, flags; with a readable ``trainer_state.json`` summary) and the
+    model's config.json, then the folder renamed to ``out/checkpoint``; the previous checkpoint is removed only
+    after that rename, so a save cut anywhere leaves one complete checkpoint (``latest_checkpoint``)."""
     tmp, final, old = out / _CHECKPOINT_TMP, out / CHECKPOINT, out / _CHECKPOINT_OLD
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, max_shard_bytes=MAX_SHARD_BYTES, extra_config=extra_config)
-    torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
     torch.save(trainer_state, tmp / TRAINER_STATE)
-    summary = {k: v for k, v in trainer_state.items() if k in ("step", "sequences", "tokens", "args")}
-    write_json(tmp / "trainer_state.json", summary)
+    write_json(tmp / "trainer_state.json", {k: v for k, v in trainer_state.items() if k != "rng"})
+    write_json(tmp / "config.json", config)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
     os.rename(tmp, final)  # the commit point: from here on `final` is the new step
     shutil.rmtree(old, ignore_errors=True)
-    publish(final, out)
     return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """``out/checkpoint``, or the previous one when a save was cut between its two renames; None if neither."""
+    for candidate in (out / CHECKPOINT, out / _CHECKPOINT_OLD):
+        if all((candidate / name).is_file() for name in (TRAINER_STATE, SHARD_INDEX, "config.json")):
+            return candidate
+    return None
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's ``trainer_state.pt``: small, every process reads it."""
+    try:
+        return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise RopeliteError(f"cannot read {checkpoint / TRAINER_STATE}: {_reason(e)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it says nothing (an EOFError of a truncated file)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def trained_record(config: LlamaConfig, *, length: int, sequences_per_step: int, step: int, steps: int, lr: float,
@@ -201,37 +284,72 @@ def trained_record(config: LlamaConfig, *, length: int, sequences_per_step: int,
                         "data": data}}
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """``out/checkpoint``, or the previous one when a save was cut between its two renames; None if neither."""
-    for candidate in (out / CHECKPOINT, out / _CHECKPOINT_OLD):
-        if all((candidate / name).is_file() for name in (TRAINER_STATE, OPTIMIZER_STATE, "config.json")):
-            return candidate
-    return None
+# --------------------------------------------------------------------------------------------------------------
+# The Hugging Face export, streamed one tensor at a time
+# --------------------------------------------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def load_trainer_state(checkpoint: Path, name: str = TRAINER_STATE) -> dict:
-    """``trainer_state.pt`` of a checkpoint, or with ``name=OPTIMIZER_STATE`` its optimizer state."""
-    try:
-        return torch.load(checkpoint / name, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise RopeliteError(f"cannot read {checkpoint / name}: {str(e).splitlines()[0]}") from None
+def safetensors_header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
+    """The head of a safetensors file whose tensors (name, dtype, shape) follow it in this order, each one's bytes
+    right after the previous one's: the length of the JSON header (8 bytes, little-endian), then the header
+    {name: {dtype, shape, data_offsets [begin, end) in the data}}, padded with spaces to a multiple of 8 bytes
+    (the format's alignment). Written first, it lets a file's tensors be appended one at a time."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in tensors:
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
 
 
-def _model_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.name.startswith("model") and (p.suffix == ".safetensors" or p.name.endswith(".index.json")))
+def shard_groups(sizes: list[int], max_bytes: int | None) -> list[list[int]]:
+    """Indices of tensors of ``sizes`` bytes, in order, cut into files of at most ``max_bytes`` (a larger tensor
+    has a file to itself; None = one file): Hugging Face's sharding, as hf.save_model does it."""
+    groups, total = [[]], 0
+    for i, size in enumerate(sizes):
+        if max_bytes and groups[-1] and total + size > max_bytes:
+            groups, total = groups + [[]], 0
+        groups[-1].append(i)
+        total += size
+    return groups
 
 
-def publish(checkpoint: Path, out: Path) -> None:
-    """Make ``out`` itself the checkpoint's model folder: each weight file, then config.json, is linked (copied
-    where links are not possible) under a temporary name and renamed over the old one; stale shards go last."""
-    new = _model_files(checkpoint)
-    for src in [*new, checkpoint / "config.json"]:
-        with atomic_path(out / src.name) as tmp:
-            tmp.unlink()
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copy2(src, tmp)
-    for stale in set(p.name for p in _model_files(out)) - set(p.name for p in new):
-        (out / stale).unlink()
+def export_model(model: nn.Module, config: LlamaConfig, out: Path, extra_config: dict, write: bool = True,
+                 max_shard_bytes: int | None = MAX_SHARD_BYTES) -> None:
+    """``out``'s model.safetensors (Hugging Face's shards and index past ``max_shard_bytes``) in fp32 and its
+    config.json, as ropelite and transformers load them, gathered one tensor at a time: under FSDP2 every process
+    all-gathers each weight in turn (``full_tensor``, a collective) and the writing one (``write``) appends its
+    bytes to the file under the header written first (``safetensors_header``), so host memory holds one tensor,
+    never the model. Each file is written under a temporary name and renamed into place; config.json last.
+    Tied embeddings are stored once, as transformers does."""
+    tied = config.tie_word_embeddings
+    weights = [(hf_name(k), v) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")]
+    groups = shard_groups([v.numel() * 4 for _, v in weights], max_shard_bytes)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    for name, group in zip(names, groups):
+        with atomic_path(out / name) if write else contextlib.nullcontext() as tmp, \
+                open(tmp, "wb") if write else contextlib.nullcontext() as f:
+            if f is not None:
+                f.write(safetensors_header([(weights[i][0], torch.float32, tuple(weights[i][1].shape))
+                                            for i in group]))
+            for i in group:
+                tensor = weights[i][1].detach()
+                if hasattr(tensor, "full_tensor"):  # a DTensor shard: every process takes part
+                    tensor = tensor.full_tensor()
+                if f is not None:  # its bytes, as the header says: fp32, row-major
+                    f.write(tensor.to("cpu", torch.float32).contiguous().view(-1).view(torch.uint8).numpy())
+                del tensor
+    if not write:
+        return
+    index = out / "model.safetensors.index.json"
+    if len(groups) > 1:
+        write_json(index, {"metadata": {"total_size": sum(v.numel() * 4 for _, v in weights)},
+                           "weight_map": {weights[i][0]: n for n, group in zip(names, groups) for i in group}})
+    else:
+        index.unlink(missing_ok=True)
+    write_json(out / "config.json", {**config_to_hf(config), "torch_dtype": "float32", **extra_config})

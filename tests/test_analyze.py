@@ -140,7 +140,11 @@ def test_reduction_equals_brute_force_on_full_attention(setup, tmp_path):
     assert set(quoted) == {key for key in rows if key[1] != "rope"} and summary["numbers"]["pretrained_length"] == ORIGINAL
     for key, r in quoted.items():   # two samples: the number and its n, too few for an interval
         assert (r["js_mean_nats"], r["js_mean_nats_n"], r["js_mean_nats_low"]) == (rows[key]["js_mean_nats"], 2, None)
-    assert len(summary["finding"]) == 2 and all("(n=2)" in line for line in summary["finding"])
+    assert len(summary["finding"]) == 4 and all("(n=2)" in line for line in summary["finding"])
+    assert summary["finding"][1].startswith("L=24: entropy of the last query's attention, nats (ln L = 3.18")
+    for r in rows.values():   # two samples: no interval, no standard error, the n
+        assert (r["js_per_distribution_nats_low"], r["entropy_se"], r["entropy_per_layer_se"]) == (None, None, None)
+        assert r["entropy_n"] == r["js_mean_nats_n"] == 2
 
 
 def test_reference_model(setup, tmp_path, tiny_llama):
@@ -182,6 +186,38 @@ def test_one_long_document_gives_several_windows(tmp_path, tiny_llama):
     windows = np.stack([full_last_rows(load_model(tmp_path / "model").eval(), book[o:o + 24]) for o in (0, 24, 48)])
     state = np.load(out / "attention_L24.npz")
     np.testing.assert_allclose(state["0/per_head_sum"], windows.sum(0), rtol=1e-5, atol=1e-8)  # those windows ran
+    # three samples: the entropy's standard error over them, by hand from the brute-force rows
+    (row,) = result["rows"]
+    per_sample = np_entropy(windows).mean((1, 2))                                  # (samples,)
+    assert row["entropy_se"] == pytest.approx(np.std(per_sample, ddof=1) / math.sqrt(3), rel=1e-5)
+    per_layer = np_entropy(windows).mean(2)                                        # (samples, layers)
+    assert row["entropy_per_layer_se"] == pytest.approx(np.std(per_layer, axis=0, ddof=1) / math.sqrt(3), rel=1e-5)
+    assert row["entropy_n"] == 3
+
+
+def test_three_samples_give_every_number_its_interval(setup, tmp_path, capsys):
+    """Every row: the JS of means and the per-distribution JS inside their intervals, the entropy with its
+    standard error; the printed table shows them."""
+    path, data, _ = setup
+    out = tmp_path / "out"
+    analyze.main(["attention", "--model", str(path), "--rope", "rope", "pi", "--factor", "4", "--lengths", "24",
+                  "--samples", "3", "--data", str(data), "--out", str(out)])
+    printed = capsys.readouterr().out
+    rows = {r["rope"]: r for r in json.loads((out / "attention.json").read_text())["rows"]}
+    pi = rows["pi x4"]
+    assert pi["js_mean_nats_low"] <= pi["js_mean_nats"] <= pi["js_mean_nats_high"] and pi["js_mean_nats_n"] == 3
+    assert (pi["js_per_distribution_nats_low"] <= pi["js_per_distribution_nats"] <= pi["js_per_distribution_nats_high"])
+    for r in rows.values():
+        assert r["entropy_se"] > 0 and len(r["entropy_per_layer_se"]) == 2
+    assert {"js_mean_nats_low", "entropy_se"} <= set((out / "attention.csv").read_text().splitlines()[0].split(","))
+    lines = printed.splitlines()
+    js = lines[lines.index(next(line for line in lines if line.startswith("JS of mean"))) + 2]
+    assert js.split()[:2] == ["24", "3"] and f"[{pi['js_mean_nats_low']:.4f}, {pi['js_mean_nats_high']:.4f}]" in js
+    assert lines[1].split()[2:] == ["pi", "x4"]                        # the reference's own 0 is left out
+    assert f"{pi['entropy']:.3f} ± {pi['entropy_se']:.3f}" in printed
+    summary = json.loads((out / "attention_summary.json").read_text())
+    assert f"pi x4 {pi['js_mean_nats']:.4f} [" in summary["finding"][0]
+    assert f"pi x4 {pi['entropy']:.2f} (SE {pi['entropy_se']:.2f}, n=3)" in summary["finding"][1]
 
 
 def test_books_are_the_default_and_named(setup, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 from ropelite import attention
 from ropelite.errors import RopeliteError
 from ropelite.rope import RopeConfig
+from ropelite.stats import bootstrap_mean
 
 VOCAB = 259
 
@@ -54,20 +55,29 @@ def plogp(p: np.ndarray) -> np.ndarray:
     return np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)
 
 
+def js_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """JS(a, b) = H(m) - (H(a) + H(b)) / 2, m = (a + b) / 2: the entropy form, not the KL form of ropelite.stats."""
+    return -plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2
+
+
+def reductions(p: np.ndarray, q: np.ndarray) -> tuple:
+    """(variant's, reference's) Reduction over the samples of p and q, (samples, layers, heads, L) each."""
+    mine, ref = attention.Reduction(*p.shape[1:]), attention.Reduction(*q.shape[1:])
+    for s in range(len(p)):
+        mine.add(torch.from_numpy(p[s]), torch.from_numpy(q[s]))
+        ref.add(torch.from_numpy(q[s]), None)
+    return mine, ref
+
+
 def test_reduction_summary_against_numpy():
     S, layers, heads, L = 3, 2, 4, 12
     p, q = random_distributions(0, (S, layers, heads, L)), random_distributions(1, (S, layers, heads, L))
-    mine, ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
-    for s in range(S):
-        mine.add(torch.from_numpy(p[s]).float(), torch.from_numpy(q[s]).float())
-        ref.add(torch.from_numpy(q[s]).float(), None)
+    mine, ref = reductions(p.astype(np.float32), q.astype(np.float32))   # float32, as last_rows gives them
     r = attention.summarize(mine, ref)
-    # JS(a, b) = H(m) - (H(a) + H(b)) / 2, m = (a + b) / 2: the entropy form, not the KL form of ropelite.stats
-    js = lambda a, b: (-plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2)  # noqa: E731
     pbar, qbar = p.mean((0, 1, 2)), q.mean((0, 1, 2))
-    assert r["js_mean_nats"] == pytest.approx(js(pbar, qbar), rel=1e-5)
-    assert r["js_mean_bits"] == pytest.approx(js(pbar, qbar) / math.log(2), rel=1e-5)
-    assert r["js_per_distribution_nats"] == pytest.approx(js(p, q).mean(), rel=1e-5)
+    assert r["js_mean_nats"] == pytest.approx(js_np(pbar, qbar), rel=1e-5)
+    assert r["js_mean_bits"] == pytest.approx(js_np(pbar, qbar) / math.log(2), rel=1e-5)
+    assert r["js_per_distribution_nats"] == pytest.approx(js_np(p, q).mean(), rel=1e-5)
     assert r["entropy_per_layer"] == pytest.approx((-plogp(p).sum(-1)).mean((0, 2)).tolist(), rel=1e-5)
     assert r["entropy"] == pytest.approx(-plogp(p).sum(-1).mean(), rel=1e-5)
     assert r["entropy_of_mean"] == pytest.approx(-plogp(pbar).sum(), rel=1e-5)
@@ -79,28 +89,33 @@ def test_reduction_summary_against_numpy():
 
 
 def bootstrap_js_by_hand(p, q, resamples, seed):
-    """Percentile-bootstrap ends of JS(mean p, mean q) over samples, resampled in pairs, written with numpy."""
+    """Bias-corrected percentile-bootstrap ends of JS(mean p, mean q) over samples, resampled in pairs, written
+    with numpy: the percentiles less the resamples' mean excess over the estimate."""
     rng = np.random.default_rng(seed)
     n = len(p)
-    js = lambda a, b: (-plogp((a + b) / 2).sum(-1) + (plogp(a).sum(-1) + plogp(b).sum(-1)) / 2)  # noqa: E731
-    values = [js(p[i].mean(0), q[i].mean(0)) for i in rng.integers(0, n, (resamples, n))]
-    return np.percentile(values, [2.5, 97.5])
+    values = [js_np(p[i].mean(0), q[i].mean(0)) for i in rng.integers(0, n, (resamples, n))]
+    return np.percentile(values, [2.5, 97.5]) - (np.mean(values) - js_np(p.mean(0), q.mean(0)))
 
 
 def test_js_of_means_interval():
     S, layers, heads, L = 8, 2, 3, 10
     p, q = random_distributions(2, (S, layers, heads, L)), random_distributions(3, (S, layers, heads, L))
-    mine, ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
-    for s in range(S):
-        mine.add(torch.from_numpy(p[s]), torch.from_numpy(q[s]))
-        ref.add(torch.from_numpy(q[s]), None)
+    mine, ref = reductions(p, q)
     got = attention.js_of_means(mine, ref)
     per_sample_p, per_sample_q = p.mean((1, 2)), q.mean((1, 2))                 # (S, L)
     assert got.n == S and got.estimate == pytest.approx(attention.summarize(mine, ref)["js_mean_nats"], rel=1e-12)
     low, high = bootstrap_js_by_hand(per_sample_p, per_sample_q, 20_000, seed=7)   # another seed, another code
-    assert got.low == pytest.approx(low, rel=0.05) and got.high == pytest.approx(high, rel=0.05)
-    assert got.low < got.high
+    # two random populations with the same law: their means barely differ, the interval reaches down to 0
+    assert low < 0 and got.low == 0 and got.high == pytest.approx(high, rel=0.05)
     assert attention.js_of_means(mine, ref, seed=0) == got                      # seeded: the same interval
+    # q tilted towards late keys: the means differ clearly and the interval is the hand one at both ends
+    tilt = q * np.exp(np.linspace(0, 2, L))
+    tilt /= tilt.sum(-1, keepdims=True)
+    mine, ref = reductions(p, tilt)
+    got = attention.js_of_means(mine, ref)
+    low, high = bootstrap_js_by_hand(per_sample_p, tilt.mean((1, 2)), 20_000, seed=7)
+    assert 0 < low and got.low == pytest.approx(low, rel=0.05) and got.high == pytest.approx(high, rel=0.05)
+    assert got.low < got.estimate < got.high
     # the same sample n times has nothing to resample: the interval is the point; two samples give none
     same, same_ref = attention.Reduction(layers, heads, L), attention.Reduction(layers, heads, L)
     for _ in range(4):
@@ -115,31 +130,71 @@ def test_js_of_means_interval():
     assert attention.js_of_means(few, few_ref).low is None
 
 
+def test_js_of_means_interval_holds_its_estimate_when_the_variants_barely_differ():
+    """Two near-identical attentions (a variant within its pretrained length): every resample's JS exceeds the
+    estimate, so a plain percentile interval would lie above it; the bias-corrected one holds it."""
+    S, layers, heads, L = 10, 2, 2, 256
+    rng = np.random.default_rng(0)
+    p = random_distributions(6, (S, layers, heads, L))
+    q = p * np.clip(1 + 0.05 * rng.standard_normal(p.shape), 0.01, None)
+    q /= q.sum(-1, keepdims=True)
+    mine, ref = reductions(p, q)
+    got = attention.js_of_means(mine, ref)
+    idx = np.random.default_rng(1).integers(0, S, (2000, S))
+    resampled = [js_np(p.mean((1, 2))[i].mean(0), q.mean((1, 2))[i].mean(0)) for i in idx]
+    assert np.percentile(resampled, 2.5) > got.estimate          # the plain percentile interval misses it
+    assert 0 <= got.low <= got.estimate <= got.high
+
+
 def summary_rows(cells, length=100):
     """attention rows for ``summary``: (label, rope type, estimate, low, high) against plain RoPE."""
+    entropy = {"entropy": 2.0, "entropy_se": 0.1, "entropy_n": 10}
     return [{"length": length, "rope": label, "rope_type": kind, "reference": "rope", "js_mean_nats": e,
-             "js_mean_nats_low": lo, "js_mean_nats_high": hi, "js_mean_nats_n": 10}
+             "js_mean_nats_low": lo, "js_mean_nats_high": hi, "js_mean_nats_n": 10, **entropy}
             for label, kind, e, lo, hi in cells] + [
         {"length": length, "rope": "rope", "rope_type": "rope", "reference": "rope", "js_mean_nats": 0.0,
-         "js_mean_nats_low": 0.0, "js_mean_nats_high": 0.0, "js_mean_nats_n": 10}]
+         "js_mean_nats_low": 0.0, "js_mean_nats_high": 0.0, "js_mean_nats_n": 10, **entropy}]
 
 
-def test_summary_gives_the_verdict_beside_the_claim():
+def test_summary_gives_the_numbers_and_the_claims_pairs_for_a_verdict():
     claim_holds = summary_rows([("pi x4", "pi", 0.05, 0.04, 0.06), ("ntk x4", "ntk", 0.001, 0.0005, 0.002),
                                 ("yarn x4", "yarn", 0.002, 0.001, 0.003)])
     title, claim, finding, numbers = attention.summary(claim_holds, pretrained_length=200, reference_is_rope=True)
     assert "PI" in claim and "Table 1" in claim
-    (line,) = finding
-    assert line.startswith("L=100: JS of means vs rope, nats: pi x4 0.0500 [0.0400, 0.0600] (n=10)")
-    assert "as the paper says" in line
+    js, entropy = finding
+    assert js == ("L=100: JS of means vs rope, nats: pi x4 0.0500 [0.0400, 0.0600] (n=10), ntk x4 0.0010 [0.0005, "
+                  "0.0020] (n=10), yarn x4 0.0020 [0.0010, 0.0030] (n=10).")
+    assert entropy.startswith("L=100: entropy of the last query's attention, nats (ln L = 4.61 is uniform): "
+                              "pi x4 2.00 (SE 0.10, n=10), ")
     assert [(r["rope"], r["js_mean_nats"], r["js_mean_nats_n"]) for r in numbers["js_mean_nats"]] == [
         ("pi x4", 0.05, 10), ("ntk x4", 0.001, 10), ("yarn x4", 0.002, 10)]   # the reference itself is left out
-    against = summary_rows([("pi x4", "pi", 0.001, 0.0005, 0.002), ("yarn x4", "yarn", 0.05, 0.04, 0.06)])
-    assert "against the paper" in attention.summary(against, 200, True)[2][0]
-    overlap = summary_rows([("pi x4", "pi", 0.01, 0.001, 0.02), ("ntk x4", "ntk", 0.005, 0.002, 0.03)])
-    assert "cannot tell" in attention.summary(overlap, 200, True)[2][0]
-    assert "does not cover" in attention.summary(claim_holds, 50, True)[2][0]       # past the pretrained length
-    assert "no verdict" in attention.summary(claim_holds, 200, False)[2][0]         # another model's reference
+    # the claim's pairs, with their intervals, for paper.py to call by stats.compare
+    pairs = numbers["comparisons"]
+    assert [(c["a"]["label"], c["b"]["label"], c["expected"]) for c in pairs] == [("pi x4", "ntk x4", "higher"),
+                                                                                ("pi x4", "yarn x4", "higher")]
+    assert (pairs[0]["a"]["low"], pairs[0]["b"]["high"], pairs[0]["b"]["n"]) == (0.04, 0.002, 10)
+    assert pairs[0]["claim"] == "At L=100, PI's JS of means from plain RoPE is above ntk x4's"
+    _, _, finding, numbers = attention.summary(claim_holds, 50, True)            # past the pretrained length
+    assert "does not cover it" in finding[0] and numbers["comparisons"] == []
+    _, _, finding, numbers = attention.summary(claim_holds, 200, False)          # another model's reference
+    assert "no verdict" in finding[0] and numbers["comparisons"] == []
+
+
+def test_entropy_and_per_distribution_js_carry_their_spread_over_samples():
+    S, layers, heads, L = 5, 2, 3, 10
+    p, q = random_distributions(4, (S, layers, heads, L)), random_distributions(5, (S, layers, heads, L))
+    mine, ref = reductions(p, q)
+    r = attention.summarize(mine, ref)
+    h = -plogp(p).sum(-1)                                                          # (S, layers, heads)
+    assert r["entropy_se"] == pytest.approx(np.std(h.mean((1, 2)), ddof=1) / math.sqrt(S), rel=1e-9)
+    assert r["entropy_per_layer_se"] == pytest.approx(np.std(h.mean(2), axis=0, ddof=1) / math.sqrt(S), rel=1e-9)
+    assert r["entropy_n"] == S
+    per_sample = js_np(p, q).mean((1, 2))                                             # (S,)
+    expected = bootstrap_mean(per_sample)
+    assert r["js_per_distribution_nats"] == pytest.approx(per_sample.mean(), rel=1e-9)
+    assert (r["js_per_distribution_nats_low"], r["js_per_distribution_nats_high"]) == pytest.approx(
+        (expected.low, expected.high), rel=1e-9)
+    assert r["js_per_distribution_nats_low"] < r["js_per_distribution_nats"] < r["js_per_distribution_nats_high"]
 
 
 def test_reduction_against_another_architecture_has_no_pairs():
@@ -209,7 +264,7 @@ def test_state_round_trip_and_what_it_must_match(tmp_path):
     back = attention.load_state(path, meta)                                               # same run, all samples
     assert list(back) == ["a", "b"] and back["a"].samples == 1
     for label in red:
-        for field in ("per_head_sum", "entropy_sum", "js_sum", "sample_means"):
+        for field in ("per_head_sum", "entropy_samples", "js_samples", "sample_means"):
             assert torch.equal(getattr(back[label], field), getattr(red[label], field))
     assert attention.load_state(path, {**meta, "labels": ["a", "c"]}) is None
     assert attention.load_state(path, {**meta, "settings": {**meta["settings"], "length": 9}}) is None

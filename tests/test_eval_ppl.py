@@ -20,8 +20,10 @@ from ropelite.cli import run_script  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.hf import load_model, save_model
 from ropelite.model import Llama
-from ropelite.ppl import choose_documents, document_nll, effective_base, perplexity, sliding_windows  # noqa: E402
+from ropelite.ppl import (choose_documents, effective_base, perplexity, perplexity_interval,  # noqa: E402
+                          sliding_windows, window_sums)
 from ropelite.rope import RopeConfig  # noqa: E402
+from ropelite.stats import bootstrap_mean  # noqa: E402
 
 V = 97
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +90,11 @@ def test_sliding_nll_is_the_hand_sum_over_windows(tiny_llama):
                 + token_nll(model, ids[2:6])[1:3].sum()   # tokens 4, 5 with context 2..
                 + token_nll(model, ids[4:8])[1:3].sum()   # tokens 6, 7
                 + token_nll(model, ids[6:10])[1:3].sum())  # tokens 8, 9
-    total, count = document_nll(model, ids, window=4, stride=2, chunk_size=1)
+    windows = window_sums(model, ids, window=4, stride=2, chunk_size=1)
+    assert [n for _, n in windows] == [3, 2, 2, 2]
+    total, count = sum(s for s, _ in windows), sum(n for _, n in windows)
     assert count == 9
+    assert windows[1][0] == pytest.approx(float(token_nll(model, ids[2:6])[1:3].sum()), rel=1e-5)
     assert total == pytest.approx(float(expected), rel=1e-5)
     # and it differs from the full-context NLL, so the windows really cut the context
     assert total != pytest.approx(float(token_nll(model, ids).sum()), rel=1e-3)
@@ -99,18 +104,20 @@ def test_sliding_nll_is_the_hand_sum_over_windows(tiny_llama):
 def test_sliding_scores_every_token_exactly_once(tiny_llama, n, window, stride):
     model = tiny_llama()
     ids = random_ids(n, 2)
-    _, count = document_nll(model, ids, window, stride)
-    assert count == n - 1
+    assert sum(count for _, count in window_sums(model, ids, window, stride)) == n - 1
     scored = [p for _, end, first in sliding_windows(n, window, stride) for p in range(first, end)]
     assert scored == list(range(1, n))  # each position once, in order
 
 
 def test_sliding_with_one_window_equals_truncate(tiny_llama):
     model = tiny_llama()
-    docs = [random_ids(24, s).numpy() for s in (3, 4)]
+    docs = [random_ids(24, s).numpy() for s in (3, 4, 5)]
     truncate = perplexity(model, docs, 24, "truncate")
-    assert perplexity(model, docs, 24, "sliding", window=24, stride=24) == pytest.approx(truncate)
-    assert perplexity(model, docs, 24, "sliding", window=100, stride=100) == pytest.approx(truncate)
+    scalars = lambda r: {k: v for k, v in r.items() if not isinstance(v, list)}  # noqa: E731
+    for window in (24, 100):
+        sliding = perplexity(model, docs, 24, "sliding", window=window, stride=window)
+        assert scalars(sliding) == pytest.approx(scalars(truncate))   # the interval too: one unit per document
+        assert sliding["doc_nll"] == pytest.approx(truncate["doc_nll"]) and sliding["ppl_unit"] == "documents"
     hand = np.mean([float(token_nll(model, torch.from_numpy(d)).mean()) for d in docs])
     assert truncate["nll"] == pytest.approx(hand, rel=1e-5)
 
@@ -134,6 +141,50 @@ def test_truncate_averages_each_document_then_exponentiates(tiny_llama):
     assert result["ppl"] == pytest.approx(math.exp((a + b) / 2), rel=1e-5)
     assert result["ppl"] != pytest.approx((math.exp(a) + math.exp(b)) / 2, rel=1e-2)  # not a mean of PPLs
     assert result["tokens"] == 2 * 19
+
+
+def test_the_interval_is_a_bootstrap_over_documents_and_the_nlls_reproduce_the_ppl(tiny_llama):
+    model = tiny_llama()
+    docs = [random_ids(30, s).numpy() for s in range(5)]
+    result = perplexity(model, docs, 30)
+    hand = [float(token_nll(model, torch.from_numpy(d)).mean()) for d in docs]   # each document's mean NLL
+    assert result["doc_nll"] == pytest.approx(hand, rel=1e-5)
+    assert math.exp(np.mean(result["doc_nll"])) == pytest.approx(result["ppl"], rel=1e-12)
+    expected = bootstrap_mean(hand, transform=math.exp)                          # the documents are the units
+    assert (result["ppl_low"], result["ppl_high"]) == pytest.approx((expected.low, expected.high), rel=1e-5)
+    assert result["ppl_low"] < result["ppl"] < result["ppl_high"] and result["ppl_n"] == 5
+    assert (result["ppl_unit"], result["window_tokens"]) == ("documents", [29])
+    two = perplexity(model, docs[:2], 30)                                        # two units: no interval
+    assert (two["ppl_low"], two["ppl_high"], two["ppl_n"]) == (None, None, 2)
+
+
+def test_the_sliding_interval_resamples_windows_by_their_influence_on_the_ratio(tiny_llama):
+    """Sliding: the units are the windows; window i, whose n_i scored tokens have NLL sum s_i, is
+    R + K (s_i - R n_i) / N (R = sum s / sum n, K windows and N tokens in all), so their plain mean is R, the mean
+    document NLL, and a window of average NLL counts as R whatever its size."""
+    model = tiny_llama()
+    docs = [random_ids(10, s).numpy() for s in (11, 12)]
+    result = perplexity(model, docs, 10, "sliding", window=4, stride=2)   # windows score 3, 2, 2, 2 tokens
+    sums, counts = [], []
+    for d in docs:
+        ids = torch.from_numpy(d)
+        sums += [float(token_nll(model, ids[0:4])[0:3].sum()), float(token_nll(model, ids[2:6])[1:3].sum()),
+                 float(token_nll(model, ids[4:8])[1:3].sum()), float(token_nll(model, ids[6:10])[1:3].sum())]
+        counts += [3, 2, 2, 2]
+    ratio = sum(sums) / sum(counts)
+    units = [ratio + 8 * (s - ratio * n) / 18 for s, n in zip(sums, counts)]
+    assert np.mean(units) == pytest.approx(ratio) and ratio == pytest.approx(result["nll"], rel=1e-5)
+    expected = bootstrap_mean(units, transform=math.exp)
+    assert result["ppl_n"] == 8 and result["ppl_unit"] == "windows" and result["window_tokens"] == [3, 2, 2, 2]
+    assert (result["ppl_low"], result["ppl_high"]) == pytest.approx((expected.low, expected.high), rel=1e-5)
+    assert result["ppl_low"] < result["ppl"] < result["ppl_high"]
+    # each document's windows give back its mean NLL
+    for means, nll in zip(result["window_nll"], result["doc_nll"]):
+        assert np.dot(means, [3, 2, 2, 2]) / 9 == pytest.approx(nll, rel=1e-12)
+    assert perplexity_interval(result["window_nll"], [3, 2, 2, 2]).low == result["ppl_low"]
+    # windows of equal NLL per token, of any size, leave nothing to resample: the interval is the point
+    flat = perplexity_interval([[2.0, 2.0, 2.0, 2.0]] * 2, [3, 2, 2, 2])
+    assert flat.low == pytest.approx(math.exp(2.0)) and flat.high == pytest.approx(math.exp(2.0))
 
 
 def test_perplexity_refuses_short_documents(tiny_llama):
@@ -221,23 +272,59 @@ def test_script_rows_match_the_library(setup):
     assert (out / "ppl.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_findings_give_every_length_with_its_documents_and_the_lowest_past_training():
+def ppl_row(sid, n, ppl, low, high, docs=3):
+    """A results row with a hand-set interval; its documents' NLLs spread around ln ppl by -0.1, 0, +0.1."""
+    offsets = [-0.1, 0.0, 0.1][:docs] if docs > 1 else [0.0]
+    return {"settings": sid, "rope": {"a": "rope", "b": "yarn", "c": "ntk"}[sid], "length": n, "ppl": ppl,
+            "ppl_low": low, "ppl_high": high, "ppl_n": docs, "ppl_unit": "documents", "nll": math.log(ppl),
+            "docs": docs, "doc_ids": list(range(docs)), "doc_nll": [math.log(ppl) + o for o in offsets]}
+
+
+def test_findings_give_every_length_with_its_interval_and_the_lowest_past_training():
     labels = {"a": "rope", "b": "yarn x4", "c": "ntk x4"}
-    ppl = {("a", 64): 10.0, ("b", 64): 10.5, ("c", 64): 10.2, ("a", 128): 40.0, ("b", 128): 12.0, ("c", 128): 13.0,
-           ("a", 256): 90.0, ("b", 256): 30.0, ("c", 256): 15.0}  # the lowest flips from yarn to ntk at 256
-    rows = [{"settings": sid, "length": n, "ppl": v, "nll": math.log(v), "docs": 3 if n < 256 else 2}
-            for (sid, n), v in ppl.items()]
+    cells = {("a", 64): (10.0, 9.0, 11.0), ("b", 64): (10.5, 9.5, 11.5), ("c", 64): (10.2, 9.2, 11.2),
+             ("a", 128): (40.0, 35.0, 45.0), ("b", 128): (12.0, 11.0, 13.0), ("c", 128): (13.0, 12.5, 14.0),
+             ("a", 256): (90.0, 80.0, 100.0), ("b", 256): (30.0, 28.0, 32.0), ("c", 256): (15.0, 14.0, 16.0)}
+    rows = [ppl_row(sid, n, *v) for (sid, n), v in cells.items()]  # the lowest flips from yarn to ntk at 256
     lines, numbers = eval_ppl.findings(rows + [{**rows[0], "settings": "other"}], labels, [64, 128, 256], 64)
-    assert lines == ["64 tokens, n = 3 documents: rope 10.00, yarn x4 10.50, ntk x4 10.20.",
-                     "128 tokens (past the training length), n = 3 documents: rope 40.00, yarn x4 12.00, ntk x4 13.00.",
-                     "256 tokens (past the training length), n = 2 documents: rope 90.00, yarn x4 30.00, ntk x4 15.00.",
-                     "Perplexity at 256 over that at 64, the longest length within the training length 64: rope x9.00, "
-                     "yarn x4 x2.86, ntk x4 x1.47.",
-                     "Lowest past the training length 64: 128: yarn x4, 256: ntk x4."]
+    assert lines == [
+        "64 tokens, 3 documents: rope 10.00 [9.00, 11.00] (n=3), yarn x4 10.50 [9.50, 11.50] (n=3), "
+        "ntk x4 10.20 [9.20, 11.20] (n=3).",
+        "128 tokens (past the training length), 3 documents: rope 40.00 [35.00, 45.00] (n=3), "
+        "yarn x4 12.00 [11.00, 13.00] (n=3), ntk x4 13.00 [12.50, 14.00] (n=3).",
+        "256 tokens (past the training length), 3 documents: rope 90.00 [80.00, 100.00] (n=3), "
+        "yarn x4 30.00 [28.00, 32.00] (n=3), ntk x4 15.00 [14.00, 16.00] (n=3).",
+        # every document grew by the same factor: the paired interval is that factor alone
+        "Perplexity at 256 over that at 64, the longest length within the training length 64, with its interval "
+        "over the documents (paired): rope x9.00 [9.00, 9.00] (n=3), yarn x4 x2.86 [2.86, 2.86] (n=3), "
+        "ntk x4 x1.47 [1.47, 1.47] (n=3).",
+        "Lowest past the training length 64: 128: yarn x4 (its interval overlaps ntk x4: the data cannot tell them "
+        "apart), 256: ntk x4 (its interval below every other's)."]
     assert numbers["train_len"] == 64 and len(numbers["rows"]) == 9   # the other settings' row is not this run's
-    assert numbers["rows"][0] == {"rope": "rope", "length": 64, "ppl": 10.0, "nll": math.log(10.0), "docs": 3}
-    lines, _ = eval_ppl.findings(rows, labels, [64], 64)
+    assert numbers["rows"][0] == {"rope": "rope", "length": 64, "ppl": 10.0, "ppl_low": 9.0, "ppl_high": 11.0,
+                                  "ppl_n": 3, "ppl_unit": "documents", "nll": math.log(10.0), "docs": 3}
+    # for paper.py: plain RoPE against every other variant past the training length, claimed to be the higher
+    comparisons = numbers["comparisons"]
+    assert [(c["a"]["label"], c["b"]["label"], c["expected"]) for c in comparisons] == [
+        ("rope", "yarn x4", "higher"), ("rope", "ntk x4", "higher")] * 2
+    assert comparisons[0]["claim"].startswith("At 128 tokens") and comparisons[0]["b"]["low"] == 11.0
+    lines, numbers = eval_ppl.findings(rows, labels, [64], 64)
     assert lines[-1] == "No length past the training length 64: nothing here is extrapolated."
+    assert numbers["comparisons"] == []
+    # two documents: no interval, the line says n
+    two = [ppl_row("a", 64, 10.0, None, None, docs=2), ppl_row("b", 64, 11.0, None, None, docs=2)]
+    assert eval_ppl.findings(two, labels, [64], 64)[0][0] == ("64 tokens, 2 documents: rope 10.00 (n=2), "
+                                                            "yarn x4 11.00 (n=2).")
+
+
+def test_growth_is_paired_over_the_same_documents_only():
+    lo, hi = ppl_row("a", 64, 10.0, 9.0, 11.0), ppl_row("a", 128, 10.0 * math.exp(0.7), 18.0, 22.0)
+    hi["doc_nll"] = [math.log(10.0) + d for d in (0.5, 0.7, 0.9)]  # each document grew by its own factor:
+    i = eval_ppl.growth(lo, hi)                                    # e^0.6, e^0.7, e^0.8
+    assert i.estimate == pytest.approx(hi["ppl"] / lo["ppl"]) and i.n == 3 and i.low < i.estimate < i.high
+    assert math.exp(0.6) - 1e-12 <= i.low and i.high <= math.exp(0.8) + 1e-12   # within the documents' own
+    other = eval_ppl.growth(lo, {**hi, "doc_ids": [0, 1, 3]})                    # other documents: no pairs
+    assert other.estimate == pytest.approx(math.exp(0.7)) and not other.known and other.n == 3
 
 
 def test_the_script_writes_its_summary_and_a_rerun_rewrites_it_unchanged(setup):
@@ -249,8 +336,9 @@ def test_the_script_writes_its_summary_and_a_rerun_rewrites_it_unchanged(setup):
     assert summary["results"] == "ppl" and "Zhong" in summary["claim"]
     labels = {r["settings"]: r["label"] for r in rows}
     assert summary["finding"] == eval_ppl.findings(rows, labels, [32, 80], 64)[0]
-    assert summary["finding"][1] == (f"80 tokens (past the training length), n = 2 documents: "
-                                     f"rope {rows[1]['ppl']:.2f}, pi x2 {rows[3]['ppl']:.2f}.")
+    assert summary["finding"][1] == (f"80 tokens (past the training length), 2 documents: "
+                                     f"rope {rows[1]['ppl']:.2f} (n=2), pi x2 {rows[3]['ppl']:.2f} (n=2).")
+    assert [c["b"]["label"] for c in summary["numbers"]["comparisons"]] == ["pi x2"]
     eval_ppl.main(args)  # nothing to run: the same summary, byte for byte (paper.py's fingerprint stays)
     assert (out / "ppl_summary.json").read_text() == written
 
@@ -260,6 +348,58 @@ def test_script_sliding_rows_say_so(setup):
     (row,) = json.loads((setup[2] / "ppl.json").read_text())
     assert (row["protocol"], row["window"], row["stride"], row["tokens"], row["docs"]) == ("sliding", 16, 8,
                                                                                           3 * 63, 3)
+    # 63 scored tokens per document: the first window scores 15, then six of 8: 7 windows x 3 documents
+    assert row["window_tokens"] == [15] + [8] * 6 and (row["ppl_unit"], row["ppl_n"]) == ("windows", 21)
+    assert row["ppl_low"] <= row["ppl"] <= row["ppl_high"]
+    assert math.exp(np.mean(row["doc_nll"])) == pytest.approx(row["ppl"], rel=1e-12)
+
+
+def test_script_rows_carry_their_interval_from_three_documents_on(setup, capsys):
+    """Every row holds ppl_low <= ppl <= ppl_high with n >= 3 units, null ends below; the per-document NLLs give
+    back the PPL; the printed table shows the interval or, without one, n."""
+    eval_ppl.main(argv(setup, "--rope", "rope", "pi", "--factor", "2", "--lengths", "16", "64"))
+    eval_ppl.main(argv(setup, "--rope", "rope", "--lengths", "16", "--docs", "2", "--out", str(setup[2] / "two")))
+    printed = capsys.readouterr().out
+    rows = json.loads((setup[2] / "ppl.json").read_text())
+    assert [r["ppl_n"] for r in rows] == [4, 3, 4, 3]     # 4 documents reach 16 tokens, 3 reach 64
+    for r in rows:
+        assert r["ppl_low"] <= r["ppl"] <= r["ppl_high"] and r["ppl_low"] < r["ppl_high"]
+        assert len(r["doc_nll"]) == r["docs"] and math.exp(np.mean(r["doc_nll"])) == pytest.approx(r["ppl"])
+        assert r["window_nll"] is None and r["ppl_unit"] == "documents"
+    (two,) = json.loads((setup[2] / "two" / "ppl.json").read_text())
+    assert (two["ppl_low"], two["ppl_high"], two["ppl_n"]) == (None, None, 2)
+    csv = (setup[2] / "ppl.csv").read_text().splitlines()
+    assert {"ppl_low", "ppl_high", "ppl_n", "doc_nll"} <= set(csv[0].split(","))
+    table = printed.split("results in")[1].splitlines()[1:5]
+    r = rows[0]
+    assert table[1].split() == ["n=4", "documents", "n=3", "documents"]
+    assert table[2].startswith("rope") and f"{r['ppl']:.3f} [{r['ppl_low']:.3f}, {r['ppl_high']:.3f}]" in table[2]
+    assert printed.rstrip().splitlines()[-1].split()[-1] == f"{two['ppl']:.3f}"   # no interval: the number alone
+    assert "n=2 documents" in printed.rstrip().splitlines()[-2]
+
+
+def test_rows_without_an_interval_are_measured_again(setup, capsys):
+    args = argv(setup, "--lengths", "16")
+    eval_ppl.main(args)
+    (row,) = json.loads((setup[2] / "ppl.json").read_text())
+    old = {k: v for k, v in row.items() if not k.startswith("ppl_") and k not in ("doc_nll", "window_nll")}
+    (setup[2] / "ppl.json").write_text(json.dumps([old]))       # as an older ropelite wrote it
+    eval_ppl.main(args)
+    err = capsys.readouterr().err
+    assert "1 row in" in err and "have no interval (an older ropelite): measuring again" in err
+    (again,) = json.loads((setup[2] / "ppl.json").read_text())
+    assert again["ppl_n"] == 4 and again["ppl"] == row["ppl"]
+
+
+def test_left_out_window_and_stride_are_printed(setup, capsys):
+    eval_ppl.main(argv(setup, "--protocol", "sliding", "--lengths", "80"))
+    err = capsys.readouterr().err
+    assert "sliding protocol: window 64 (default: the training length), stride 32 (default: W/2)" in err
+    (row,) = json.loads((setup[2] / "ppl.json").read_text())
+    assert (row["window"], row["stride"]) == (64, 32)
+    eval_ppl.main(argv(setup, "--protocol", "sliding", "--window", "16", "--stride", "4", "--lengths", "32",
+                       "--out", str(setup[2] / "given")))
+    assert "sliding protocol: window 16, stride 4\n" in capsys.readouterr().err
 
 
 def test_resume_skips_finished_rows(setup, monkeypatch):
@@ -296,6 +436,9 @@ def test_some_documents_too_short_warns_with_the_count(setup, capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--lengths", "16", "1000"], "error: no document has 1000 tokens (longest: 80); 0 of 4 qualify"),
     (["--protocol", "sliding", "--window", "8", "--stride", "9"], "error: the stride (9) must be between 1 and the window (8"),
+    (["--protocol", "sliding", "--window", "8", "--stride", "0"], "error: the stride (0) must be between 1 and the window (8"),
+    (["--protocol", "sliding", "--stride", "0"], "error: the stride (0) must be between 1 and the window (64"),
+    (["--protocol", "sliding", "--window", "0"], "error: the stride (1) must be between 1 and the window (0"),
     (["--window", "8"], "error: --window and --stride belong to --protocol sliding"),
     (["--base", "1e6"], "error: a new base is an NTK setting; rope 'rope' does not take one"),
     (["--lengths", "1"], "error: --lengths must be at least 2"),
@@ -375,6 +518,11 @@ def test_rows_name_their_documents_and_lines_stay_apart(setup, monkeypatch):
     assert len(dashed) == 1 and list(dashed[0].get_xdata()) == [64, 64]      # the tiny model's pretrained L
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert any(label for label in labels)                                    # the y axis is labelled
+    assert ax.get_title().endswith(f"\n4 documents: {data}#0, {data}#1, {data}#2, {data}#3")  # named
+    assert ax.get_legend().get_texts()[-1].get_text() == "95 % interval (bootstrap)"      # the shaded bands
+    assert len(ax.collections) == 2                                                       # one per variant
+    assert eval_ppl.named_documents(["lcet10"]) == "lcet10"
+    assert eval_ppl.named_documents(list("abcdefg")) == "7 documents: a, b, c, d, e and 2 more"
 
 
 def test_y_labels_reach_the_values_under_a_far_line():

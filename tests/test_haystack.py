@@ -21,6 +21,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from ropelite import haystack as hs
 from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
+from ropelite.stats import bootstrap_mean, wilson
 from ropelite.tokenizer import load_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -353,15 +354,41 @@ def test_grid_findings_count_trials_with_wilson_intervals_and_name_each_reversal
     assert lines[0] == "3/9 cells pass over 3 lengths: pass rate 0.33 [0.12, 0.65] (n=9)."   # Wilson of 3/9
     assert lines[1] == ("Within the training length 1500: 2/3, 0.67 [0.21, 0.94] (n=3); past it: 1/6, "
                         "0.17 [0.03, 0.56] (n=6).")
-    assert lines[2] == ("Cells passed per length, and their mean attention entropy: 1000: 2/3 (3.33 nats), "
-                        "2000: 1/3 (4.67 nats), 4000: 0/3 (7.00 nats).")
-    assert lines[3] == ("Mean attention entropy 5.67 nats over the 6 failing cells, 3.67 over the 3 passing ones: "
-                        "higher for the failing ones; per length, the other way at 2000 (failing 4.00, passing 6.00).")
+    # per length: the standard error of (2, 3, 5) is sqrt(7/3) / sqrt(3) = 0.88, of (6, 4, 4) 0.67, of (7, 7, 7) 0
+    assert lines[2:5] == [
+        "1000 tokens: 2/3 cells pass, 0.67 [0.21, 0.94] (n=3); mean attention entropy 3.33 nats (SE 0.88, n=3 "
+        "cells); failing 5.00 (n=1); passing 2.50 (n=2).",
+        "2000 tokens (past the training length): 1/3 cells pass, 0.33 [0.06, 0.79] (n=3); mean attention entropy "
+        "4.67 nats (SE 0.67, n=3 cells); failing 4.00 (n=2); passing 6.00 (n=1).",
+        "4000 tokens (past the training length): 0/3 cells pass, 0.00 [0.00, 0.56] (n=3); mean attention entropy "
+        "7.00 nats (SE 0.00, n=3 cells); failing 7.00 [7.00, 7.00] (n=3)."]
+    failing, passing = bootstrap_mean([5.0, 4.0, 4.0, 7.0, 7.0, 7.0]), bootstrap_mean([2.0, 3.0, 6.0])
+    assert lines[5] == (f"Mean attention entropy over every length, {failing.text()} nats over the failing cells, "
+                        f"{passing.text()} over the passing ones: higher for the failing ones; per length, the "
+                        "other way at 2000 (failing 4.00, passing 6.00).")
+    assert lines[5].startswith("Mean attention entropy over every length, 5.67 [") and "3.67 [" in lines[5]
     assert numbers["passed"] == 3 and numbers["pass_rate_n"] == 9 and numbers["unit"] == "cells"
     assert numbers["pass_rate_low"] == pytest.approx(0.1206, abs=1e-4)
-    assert [(r["length"], r["passed"], r["failed"]) for r in numbers["per_length"]] == [(1000, 2, 1), (2000, 1, 2),
-                                                                                        (4000, 0, 3)]
-    assert numbers["per_length"][2]["entropy_pass"] is None and numbers["per_length"][2]["entropy_fail"] == 7.0
+    assert (numbers["entropy_fail_n"], numbers["entropy_pass_n"]) == (6, 3)
+    per_length = numbers["per_length"]
+    assert [(r["length"], r["passed"], r["failed"], r["pass_rate_n"]) for r in per_length] == [
+        (1000, 2, 1, 3), (2000, 1, 2, 3), (4000, 0, 3, 3)]
+    assert per_length[0]["entropy_se"] == pytest.approx(math.sqrt(7 / 3) / math.sqrt(3))
+    assert per_length[2]["entropy_pass"] is None and per_length[2]["entropy_fail"] == 7.0
+    for r in per_length:   # each pass rate inside its interval
+        assert r["pass_rate_low"] <= r["pass_rate"] <= r["pass_rate_high"]
+    # for paper.py: failing above passing, pooled (no length has 3 of each, so no per-length comparison)
+    (pooled,) = numbers["comparisons"]
+    assert pooled["expected"] == "higher" and (pooled["a"]["label"], pooled["b"]["label"]) == ("failing", "passing")
+    assert (pooled["a"]["estimate"], pooled["a"]["low"], pooled["b"]["n"]) == (failing.estimate, failing.low, 3)
+
+
+def test_grid_findings_compare_at_each_length_with_three_of_each():
+    rows = [needle_row(1000, p, h) for p, h in [(True, 2.0), (True, 2.2), (True, 2.4), (False, 5.0), (False, 5.5),
+                                                (False, 6.0)]]
+    _, numbers = hs.grid_findings(rows, [1000], 4096)
+    pooled, at_1000 = numbers["comparisons"]
+    assert at_1000["claim"].startswith("At 1000 tokens") and at_1000["a"]["low"] > at_1000["b"]["high"]
 
 
 def test_grid_findings_of_passkey_trials_and_of_a_grid_that_never_passes():
@@ -370,12 +397,30 @@ def test_grid_findings_of_passkey_trials_and_of_a_grid_that_never_passes():
     lines, numbers = hs.grid_findings([cell, {**cell, "depth": 90}], [1000], 4096)
     assert lines[0] == "2/4 trials pass over 1 length: pass rate 0.50 [0.15, 0.85] (n=4)."
     assert len(lines) == 3  # no training-length split: every length is inside it
-    assert lines[2].endswith("2.00 over the 2 passing ones: higher for the failing ones; per length, the same at "
-                             "every length that holds both.")
+    assert lines[1] == ("1000 tokens: 2/4 trials pass, 0.50 [0.15, 0.85] (n=4); mean attention entropy 3.00 nats "
+                        "(n=2 cells); failing 4.00 (n=2); passing 2.00 (n=2).")
+    assert lines[2].endswith("2.00 (n=2) over the passing ones: higher for the failing ones; per length, the same "
+                             "at every length that holds both.")
+    assert [c["claim"][:8] for c in numbers["comparisons"]] == ["Over eve"]
     lines, _ = hs.grid_findings([{**cell, "found": [0, 0]}], [1000], 4096)
     assert lines[0].startswith("0/2 trials pass") and lines[2] == (
         "Mean attention entropy 3.00 nats over all 2 trials, every one of which failed: no passing / failing "
         "comparison.")
+
+
+def test_cells_carry_their_interval_from_three_trials_on():
+    cell = {"keys": [1, 2, 3, 4, 5], "found": [1, 2, 3, 0, 0], "entropy_trials": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    fields = hs.cell_intervals(cell)
+    assert (fields["pass_rate"], fields["pass_rate_n"]) == (0.6, 5)
+    assert fields["pass_rate_low"] == pytest.approx(0.2307, abs=1e-4)   # Wilson of 3/5
+    assert fields["pass_rate_high"] == pytest.approx(0.8824, abs=1e-4)
+    assert fields["entropy_se"] == pytest.approx(math.sqrt(2.5 / 5)) and fields["entropy_n"] == 5
+    two = hs.cell_intervals({"keys": [1, 2], "found": [1, 0], "entropy_trials": [1.0, 2.0]})
+    assert (two["pass_rate_low"], two["pass_rate_high"], two["entropy_se"], two["pass_rate_n"]) == (None, None,
+                                                                                                   None, 2)
+    needle = hs.cell_intervals(needle_row(1000, True, 2.0))               # a needle cell is one trial
+    assert (needle["pass_rate"], needle["pass_rate_low"], needle["entropy_se"], needle["entropy_n"]) == (1.0, None,
+                                                                                                        None, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,24 +450,47 @@ def test_heatmap_panels_each_dash_their_own_training_length(monkeypatch, tmp_pat
     hs.draw_heatmaps(panels, lengths, depths, tmp_path / "h.png")
     (fig,) = figures
     axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    dashed = [[line.get_xdata() for line in ax.get_lines() if line.get_linestyle() == "--"] for ax in axes]
-    assert [[list(x) for x in d] for d in dashed] == [[[2.5, 2.5]], [], [[3.5, 3.5]]]
-    titles = [ax.get_title() for ax in axes]
-    assert titles[0].startswith("4K model\ntraining length 4096, ")
-    assert titles[1].startswith("32K model\ntraining length 32768 (no column above it), ")
-    assert titles[2].startswith("8K model\ntraining length 8192, ")
-    assert titles[0].endswith("9/15 pass" if trials == 1 else "mean pass rate 0.36")
-    assert "nats" in fig._suptitle.get_text()
+    grids, strips = axes[:3], axes[3:]                 # a heatmap per panel, a strip under each
+    for row in (grids, strips):
+        dashed = [[line.get_xdata() for line in ax.get_lines() if line.get_linestyle() == "--"] for ax in row]
+        assert [[list(x) for x in d] for d in dashed] == [[[2.5, 2.5]], [], [[3.5, 3.5]]]
+    titles = [ax.get_title() for ax in grids]
+    assert titles[0].startswith("4K model\ntraining length 4096,\n")
+    assert titles[1].startswith("32K model\ntraining length 32768 (no column above it),\n")
+    assert titles[2].startswith("8K model\ntraining length 8192,\n")
+    # the panel's pooled rate with its Wilson interval: 9 of 15 cells, or 9 cells x 3/5 trials = 27 of 75
+    passed, n, unit = (9, 15, "cells") if trials == 1 else (27, 75, "trials")
+    assert titles[0].endswith(f"{passed}/{n} {unit} pass, {wilson(passed, n).text()}")
+    assert "nats" in fig._suptitle.get_text() and "Wilson 95 % interval" in fig._suptitle.get_text()
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     if trials == 1:
         assert labels == ["pass", "fail", "not run", "training length"]
     else:
         assert labels == ["not run", "training length"]
         assert any(ax.get_label() == "<colorbar>" and ax.get_ylabel() == "pass rate" for ax in fig.axes)
-        assert "3/5\n2.50" in [t.get_text() for t in axes[0].texts]
+        assert "3/5\n2.50" in [t.get_text() for t in grids[0].texts]
     # not-run cells of the third panel are masked (grey), run ones carry their rate
-    image = axes[2].get_images()[0].get_array()
+    image = grids[2].get_images()[0].get_array()
     assert image.mask.sum() == len(rows) - 6 and not image.mask[:, :2].any()
+    # the strip: per length, k/n over depths and trials, and the Wilson interval as a vertical bar at its column
+    k = {1000: 3, 2000: 3, 4000: 3, 8192: 0, 10000: 0} if trials == 1 else {1000: 9, 2000: 9, 4000: 9, 8192: 0,
+                                                                           10000: 0}
+    per_length = 3 * trials
+    assert [t.get_text() for t in strips[0].texts] == [f"{k[m]}/{per_length}" for m in lengths]
+    bars = [segment for c in strips[0].collections for segment in c.get_segments()]
+    expected = [wilson(k[m], per_length) for m in lengths]
+    np.testing.assert_allclose([[x0, y0, x1, y1] for (x0, y0), (x1, y1) in bars],
+                               [[j, i.low, j, i.high] for j, i in enumerate(expected)], rtol=1e-12)
+    assert [t.get_text() for t in strips[2].texts] == [f"{k[1000]}/{per_length}", f"{k[2000]}/{per_length}"]
+
+
+def test_a_length_with_fewer_than_three_trials_has_no_bar(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(hs, "save_figure", lambda fig, path: figures.append(fig))
+    hs.draw_heatmaps([("m", cells([1000, 2000], [50], lambda n, d: 1.0), 8192)], [1000, 2000], [50], tmp_path / "h")
+    strip = figures[0].axes[1]
+    assert [t.get_text() for t in strip.texts] == ["1/1", "1/1"]
+    assert [segment for c in strip.collections for segment in c.get_segments()] == []
 
 
 def test_legend_names_only_what_is_drawn(monkeypatch, tmp_path):

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_haystack import SENTENCES, VOCAB, write_byte_tokenizer
@@ -103,6 +104,97 @@ def test_the_summary_is_this_runs_grid(model_dir, tmp_path, monkeypatch):
                                   **numbers}
     assert summary["title"] == "Passkey retrieval, model rope, plain prompt" and "YaRN" in summary["claim"]
     assert summary["results"] == "passkey"
+
+
+def prompts_of(monkeypatch, path) -> list[str]:
+    """The prompts the model is asked, specials included, while still answering them."""
+    seen, real, backend = [], haystack.answer_with_entropy, load_tokenizer(path).backend
+    monkeypatch.setattr(haystack, "answer_with_entropy", lambda model, ids, *a: (
+        seen.append(backend.decode(ids, skip_special_tokens=False)) or real(model, ids, *a)))
+    return seen
+
+
+@pytest.mark.parametrize("flag, templated", [([], False), (["--chat"], True), (["--no-chat"], False)])
+def test_passkey_asks_in_plain_text_unless_told_to_use_the_template(model_dir, tmp_path, monkeypatch, flag,
+                                                                    templated):
+    path = model_dir()
+    seen = prompts_of(monkeypatch, path)
+    out = tmp_path / "out"
+    needle.main(["--model", str(path), "--task", "passkey", "--trials", "1", "--lengths", "450", "--depths", "50",
+                 "--max-new-tokens", "2", "--out", str(out), *flag])
+    (prompt,) = seen
+    assert prompt.startswith("<|im_start|>user\nThere is an important info") is templated
+    title = json.loads((out / "passkey_summary.json").read_text())["title"]
+    assert title.endswith("chat template" if templated else "plain prompt")
+    assert ("<|im_start|>" in prompt) is templated
+    assert prompt.endswith("What is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is" if templated
+                           else "What is the pass key? The pass key is")
+    (row,) = read(out, "passkey")
+    settings = json.loads((out / "passkey_settings.json").read_text())
+    assert row["chat"] is templated and settings[row["settings"]]["chat"] is templated
+
+
+def test_the_help_says_why_passkey_is_plain_by_default(capsys):
+    with pytest.raises(SystemExit):
+        needle.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "passkey uses plain text" in text and "explains the phrase" in text and "Fu et al." in text
+
+
+def test_the_needle_keeps_the_template_by_default(model_dir, tmp_path, monkeypatch):
+    path = model_dir()
+    seen = prompts_of(monkeypatch, path)
+    needle.main(["--model", str(path), "--lengths", "450", "--depths", "50", "--max-new-tokens", "2",
+                 "--out", str(tmp_path / "out")])
+    assert seen[0].startswith("<|im_start|>user\nThis is a long document")
+    assert read(tmp_path / "out")[0]["chat"] is True
+
+
+def test_rows_and_summary_carry_intervals_from_three_trials_on(model_dir, tmp_path, capsys):
+    """Passkey cells of 3 trials: a Wilson interval and an entropy standard error in every row, low <= rate <=
+    high; needle cells (one trial each): null ends, n = 1; per length (3 depths): the pooled interval."""
+    path, out = str(model_dir()), tmp_path / "out"
+    grid = ["--lengths", "450", "600", "--depths", "0", "50", "100", "--max-new-tokens", "3", "--out", str(out)]
+    needle.main(["--model", path, "--task", "passkey", "--trials", "3", *grid])
+    printed = capsys.readouterr().out
+    for r in read(out, "passkey"):
+        assert r["pass_rate_n"] == r["entropy_n"] == 3
+        assert r["pass_rate_low"] <= r["pass_rate"] <= r["pass_rate_high"] and r["pass_rate"] == r["passed"] / 3
+        hand = np.std(r["entropy_trials"], ddof=1) / math.sqrt(3)
+        assert r["entropy_se"] == pytest.approx(hand)
+    assert {"pass_rate_low", "pass_rate_high", "entropy_se"} <= set(
+        (out / "passkey.csv").read_text().splitlines()[0].split(","))
+    numbers = json.loads((out / "passkey_summary.json").read_text())["numbers"]
+    for r in numbers["per_length"]:
+        assert r["pass_rate_n"] == 9 and r["entropy_n"] == 3 and r["pass_rate_low"] <= r["pass_rate"] <= r[
+            "pass_rate_high"] and r["entropy_se"] is not None
+    # the printed table: the cells, then per length the trials passed, the rate with its interval, the entropy
+    head = printed.splitlines()
+    passed = next(line for line in head if line.strip().startswith("passed")).split()[1:]
+    assert passed == [f"{r['passed']}/9" for r in numbers["per_length"]]
+    rate = next(line for line in head if line.strip().startswith("pass rate"))
+    first = numbers["per_length"][0]
+    assert f"{first['pass_rate']:.2f} [{first['pass_rate_low']:.2f}, {first['pass_rate_high']:.2f}]" in rate
+    assert f"{first['entropy']:.2f} ± {first['entropy_se']:.2f}" in printed
+
+    needle.main(["--model", path, *grid])
+    for r in read(out):
+        assert (r["pass_rate_low"], r["pass_rate_high"], r["pass_rate_n"], r["entropy_se"]) == (None, None, 1, None)
+    numbers = json.loads((out / "needle_summary.json").read_text())["numbers"]
+    assert all(r["pass_rate_n"] == 3 and r["pass_rate_low"] is not None for r in numbers["per_length"])
+
+
+def test_rows_of_an_older_run_get_their_intervals(model_dir, tmp_path):
+    path, out = str(model_dir()), tmp_path / "out"
+    argv = ["--model", path, "--task", "passkey", "--trials", "3", "--lengths", "450", "--depths", "50",
+            "--max-new-tokens", "2", "--out", str(out)]
+    needle.main(argv)
+    (row,) = read(out, "passkey")
+    old = {k: v for k, v in row.items() if not k.startswith("pass_rate_") and k not in ("entropy_se", "entropy_n")}
+    (out / "passkey.json").write_text(json.dumps([old]))  # as a run before the intervals wrote it
+    needle.main(argv)                                      # nothing to run, but the rows get their intervals
+    assert read(out, "passkey") == [row]
+    assert json.loads((out / "passkey_summary.json").read_text())["numbers"]["per_length"][0]["pass_rate_n"] == 3
 
 
 def test_dashed_line_at_the_length_ropelite_trained_at(tiny_llama, tmp_path):

@@ -109,3 +109,41 @@ def test_a_summary_file_that_is_not_one_is_an_error(tmp_path):
     step = {"key": "ppl", "title": "ppl", "argv": ["eval_ppl.py", "--out", str(tmp_path / "ppl")]}
     with pytest.raises(RopeliteError, match="is not a results summary"):
         paper.summary([step])
+
+
+def interval(label, estimate, low, high, n=10):
+    return {"label": label, "estimate": estimate, "low": low, "high": high, "n": n, "method": "bootstrap"}
+
+
+def test_a_difference_reproduces_only_when_the_intervals_separate(tmp_path):
+    """The summary's comparisons, judged by stats.compare: separate and as claimed -> reproduces; separate the
+    other way -> against; overlapping or missing intervals -> cannot tell."""
+    claim = "PI's JS above NTK's"
+    cases = [
+        (interval("pi", 0.05, 0.04, 0.06), interval("ntk", 0.001, 0.0, 0.002), "reproduces"),
+        (interval("pi", 0.001, 0.0, 0.002), interval("ntk", 0.05, 0.04, 0.06), "goes against the paper"),
+        (interval("pi", 0.03, 0.01, 0.05), interval("ntk", 0.02, 0.004, 0.04),
+         "cannot tell: the 95 % intervals overlap"),
+        (interval("pi", 0.05, None, None, 2), interval("ntk", 0.001, None, None, 2),
+         "cannot tell: fewer than 3 units, no interval")]
+    comparisons = [{"claim": claim, "expected": "higher", "a": a, "b": b} for a, b, _ in cases]
+    write_summary(tmp_path / "attention", "attention", "JS", "PI moves attention most", ["a line"],
+                  {"comparisons": comparisons})
+    step = {"key": "attention", "title": "attention", "argv": ["analyze.py", "--out", str(tmp_path / "attention")]}
+    lines = paper.summary([step])
+    verdicts = lines[lines.index("Verdict (\"reproduces\" only where the 95 % intervals separate):") + 2:][:4]
+    assert [v.split("**")[1] for v in verdicts] == [word for *_, word in cases]
+    assert verdicts[0] == ("- PI's JS above NTK's: **reproduces** (pi 0.05 [0.04, 0.06] (n=10) vs ntk 0.001 "
+                           "[0, 0.002] (n=10)).")
+    assert verdicts[3].endswith("(pi 0.05 (n=2) vs ntk 0.001 (n=2)).")
+    assert paper.verdict({**comparisons[0], "expected": "lower"}).startswith(f"{claim}: **goes against the paper**")
+    write_summary(tmp_path / "attention", "attention", "JS", "c", ["a line"], {})   # no comparisons: no verdict
+    assert not any(line.startswith("Verdict") for line in paper.summary([step]))
+
+
+def test_the_mini_finetune_says_what_it_can_and_cannot_show(tmp_path):
+    args = paper.argparse.Namespace(model="smollm2", device="cpu", scale="mini", only=["train"], out=str(tmp_path))
+    step, = paper.plan(args)
+    section = paper.piece_section(tmp_path, step, None)
+    assert step["title"] == "A short YaRN finetune: held-out loss"
+    assert "cannot show: any gain past the training length" in section and "never sees a position beyond 512" in section

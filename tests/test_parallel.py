@@ -2,6 +2,7 @@
 k/v expanded for the memory-efficient kernel), mixed-precision FSDP2 on 2 gloo processes, torch.compile per
 block, and the lean mode (bf16 weights + torchao's 8-bit AdamW: the loss falls, resume is exact)."""
 
+import gc
 import importlib.util
 import json
 import math
@@ -87,6 +88,7 @@ def test_no_o_l_kernel_is_an_error_naming_the_fix():
 def test_only_the_last_micro_batch_syncs_gradients():
     assert sync_flags(1) == [True]
     assert sync_flags(4) == [False, False, False, True]
+    assert sync_flags(4, sync_every_micro_batch=True) == [True] * 4
 
 
 @pytest.fixture
@@ -120,6 +122,55 @@ def test_fsdp_reduces_gradients_only_after_the_last_micro_batch(one_process_grou
             assert all((p.grad is not None) == (i == 2) for p in sharded.parameters()), i
     for (name, a), b in zip(plain.named_parameters(), sharded.parameters()):
         torch.testing.assert_close(b.grad.full_tensor(), a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _sync_modes_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    """One of 2 gloo processes: 3 micro-batches of its own under each sync mode; which micro-batches left a
+    sharded .grad, and (rank 0) the full gradients of both modes, saved to ``out``."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{rendezvous}")
+    mesh = init_device_mesh("cpu", (world,))
+    batches = torch.randint(0, 64, (world, 3, 1, 16), generator=torch.Generator().manual_seed(0))[rank]
+    saved = {}
+    for every in (False, True):
+        model = random_model(tiny_config(), seed=0)
+        shard(model, mesh, torch.float32)
+        model.gradient_checkpointing = True
+        synced = []
+        with sync_on_last_micro_batch(model, 3, sync_every_micro_batch=every):
+            for ids in batches:
+                (model.nll(ids)[0] * world).backward()  # FSDP2 averages over ranks: the sum over all of them
+                synced.append(all(p.grad is not None for p in model.parameters()))
+        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        saved[every] = {"synced": synced, "grads": grads}
+    if rank == 0:
+        torch.save(saved, out)
+    # Both ranks done, and no FSDP tensor left for gloo's threads to release during the interpreter's exit (which
+    # aborts the process: pytorch/pytorch#179291)
+    dist.barrier()
+    del model, grads, saved
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def test_reduce_scattering_every_micro_batch_gives_the_gradients_of_one_sync_per_step(tmp_path):
+    """2 gloo processes, 3 micro-batches each: with sync_every_micro_batch every backward reduce-scatters (the
+    sharded .grad exists from the first micro-batch on, not only after the last), and the gradients are those
+    of the one sync per step, and of one process summing all 6 micro-batches, within fp32 rounding."""
+    import torch.multiprocessing as mp
+    mp.spawn(_sync_modes_worker, (2, str(tmp_path / "rendezvous"), str(tmp_path / "grads.pt")), nprocs=2)
+    saved = torch.load(tmp_path / "grads.pt")
+    assert saved[False]["synced"] == [False, False, True] and saved[True]["synced"] == [True, True, True]
+    plain = random_model(tiny_config(), seed=0)
+    plain.gradient_checkpointing = True
+    for ids in torch.randint(0, 64, (2, 3, 1, 16), generator=torch.Generator().manual_seed(0)).flatten(0, 1):
+        plain.nll(ids)[0].backward()
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(saved[True]["grads"][name], saved[False]["grads"][name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+        torch.testing.assert_close(saved[True]["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_learning_rate_is_set_in_place_when_it_is_a_tensor():
