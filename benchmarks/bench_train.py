@@ -60,9 +60,9 @@ from pathlib import Path
 # The ropelite measured: this checkout's, or for --baseline's workers the one in ROPELITE_SRC (set by the driver).
 sys.path.insert(0, os.environ.get("ROPELITE_SRC") or str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ropelite.cli import ArgumentParser, check, run_script  # noqa: E402  (before torch: ropelite/__init__.py)
 from measure import has_transformers, live_tensor_peak, peak_rss_mb, reset_peak_rss, rss_mb, run_worker  # noqa: E402
 from memory_estimate import estimate, param_count  # noqa: E402
-from ropelite.cli import ArgumentParser, check, run_script  # noqa: E402
 from ropelite.errors import RopeliteError  # noqa: E402
 from ropelite.io import write_results  # noqa: E402
 from ropelite.model import LlamaConfig  # noqa: E402

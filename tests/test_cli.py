@@ -123,10 +123,12 @@ def test_a_scaling_variant_takes_the_checkpoints_factor_or_needs_one():
 # ---------------------------------------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every script a user runs on a CPU; not benchmarks/gpu.py (GPU machines), nor bench_threads.py, whose
-# measurements choose the import order themselves (they compare spinning with passive waiting).
-SCRIPTS = sorted([p for p in ROOT.glob("*.py")] + [p for p in (ROOT / "benchmarks").glob("*.py")
-                                                   if p.name not in ("gpu.py", "bench_threads.py", "measure.py")])
+# Every script that computes on a CPU; not benchmarks/gpu.py (GPU machines), memory_estimate.py (arithmetic on
+# shapes) and measure.py (a module of the benchmarks), nor bench_threads.py, whose measurements choose the import
+# order themselves (they compare spinning with passive waiting).
+SCRIPTS = sorted([p for p in ROOT.glob("*.py")] + [
+    p for p in (ROOT / "benchmarks").glob("*.py")
+    if p.name not in ("gpu.py", "memory_estimate.py", "measure.py", "bench_threads.py")])
 
 
 @pytest.mark.slow
