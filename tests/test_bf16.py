@@ -94,6 +94,27 @@ def test_train_records_the_resolved_dtype_and_resume_on_another_cpu_keeps_it(tmp
     assert load_trainer_state(out / "checkpoint")["args"]["dtype"] == "bf16"
 
 
+def test_eval_ppl_records_the_resolved_dtype_and_does_not_resume_across_it(tiny_llama, tmp_path, monkeypatch, capsys):
+    """Results and the resume id hold what auto resolved to: the same --out run where auto means fp32 measures
+    its rows anew instead of taking the bf16 ones as done."""
+    import eval_ppl
+    from ropelite.hf import save_model
+    save_model(tiny_llama(), tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        np.save(tmp_path / "data" / f"doc{i}.npy", np.random.default_rng(i).integers(0, 97, 40))
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--lengths", "16",
+            "--device", "cpu", "--out", str(tmp_path / "out")]
+    rows = {}
+    for native, dtype in ((True, "bf16"), (False, "fp32")):
+        report_cpu(monkeypatch, native, ("avx512_bf16",))
+        eval_ppl.main(argv)
+        assert f"dtype: {dtype} (auto: " in capsys.readouterr().err
+        rows[dtype] = [r for r in json.loads((tmp_path / "out" / "ppl.json").read_text()) if r["dtype"] == dtype]
+    assert len(rows["bf16"]) == len(rows["fp32"]) == 1                  # measured in each dtype, neither reused
+    assert rows["bf16"][0]["ppl"] != rows["fp32"][0]["ppl"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The budget, on SmolLM2
 # ---------------------------------------------------------------------------------------------------------------
