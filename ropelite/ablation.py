@@ -1,7 +1,8 @@
 """The seed paper's third finding in miniature (Zhong et al. 2024, §4.3, Figure 4 e-f): "we finetune models on 4K
 and 32K training lengths with the same tokens on NTK ... models trained in more extended contexts exhibited
 significantly lower attention uncertainty". No short-context LLaMa exists offline, so the miniature trains its
-own; ``ablation.py`` is the script around these pieces.
+own. These are its pieces; ``ropelite.ablation_design`` holds its sizes and models, ``ropelite.ablation_pipeline``
+runs it, ``ropelite.ablation_report`` reads the results, and ``ablation.py`` is its command line.
 
 - Text (``split_documents``): the built-in books, prose and code. Prose topics and code modules that share
   word runs are grouped (``overlap_groups``) and whole groups are held out, so that at most 1 % of any held-out

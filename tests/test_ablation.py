@@ -1,9 +1,9 @@
-"""The ablation miniature (ablation.py, ropelite/ablation.py): both arms of a finetune consume the same tokens
-with the same weights, the finetuning stream's blocks, the pretraining rows, the held-out windows' overlap with
-the training text (at most 1 %), the weighted loss against plain cross-entropy, its training step being
-train.py's own, the one-forward evaluation against separate ones, the verdict rules, the summary naming every
-reversal, resume of the whole pipeline (a tiny configuration of a few seconds), the worker processes and the
-paper-scale commands."""
+"""The ablation miniature (ablation.py over ropelite/ablation.py, ablation_design.py, ablation_pipeline.py and
+ablation_report.py): both arms of a finetune consume the same tokens with the same weights, the finetuning
+stream's blocks, the pretraining rows, the held-out windows' overlap with the training text (at most 1 %), the
+weighted loss against plain cross-entropy, its training step being train.py's own, the one-forward evaluation
+against separate ones, the verdict rules, the summary naming every reversal, resume of the whole pipeline (a tiny
+configuration of a few seconds), the worker processes and the paper-scale commands."""
 
 import dataclasses
 import json
@@ -18,15 +18,20 @@ import torch.nn.functional as F
 
 import ablation
 from ropelite import ablation as lib
+from ropelite import ablation_design as design
+from ropelite import ablation_pipeline as pipeline
+from ropelite import ablation_report as report
 from ropelite import haystack, trainer
 from ropelite.attention import Variant, last_rows
 from ropelite.data import builtin_documents
 from ropelite.errors import RopeliteError
+from ropelite.hf import load_model
 from ropelite.io import read_jsonl, read_summaries
 from ropelite.stats import Interval, entropy, wilson
+from ropelite.tokenizer import load_tokenizer
 
 # L = 128: the shortest passkey document of this 800-piece vocabulary (79 tokens) fits in a block
-TINY = ablation.Mini(
+TINY = design.Mini(
     L=128, layers=1, hidden=32, heads=2, ffn=64, vocab=800,
     pretrain=lib.Recipe(length=128, sequences=4, steps=3, lr=1e-3, warmup=1, min_lr_ratio=0.1,
                         mix=lib.Mix(curriculum=8)),
@@ -42,7 +47,7 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The tiny pipeline, with what each finetune's ``lib.train`` read: model name -> (ids, weights) of every step's
+    """The tiny pipeline, with what each finetune's ``train`` read: model name -> (ids, weights) of every step's
     rows, concatenated in the order they were read."""
     out = tmp_path_factory.mktemp("abl") / "run"
     consumed, real = {}, lib.train
@@ -54,9 +59,9 @@ def tiny_run(tmp_path_factory):
         return real(model, rows, recipe, on_step, dtype)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lib, "train", train)
-        ablation.run_mini(out, TINY)
-    names = ["pretrained", *(f.name for f in ablation.finetunes(TINY))]     # the order the stages ran in
+        mp.setattr(pipeline, "train", train)
+        pipeline.run_mini(out, TINY)
+    names = ["pretrained", *(f.name for f in design.finetunes(TINY))]     # the order the stages ran in
     return out, {name: consumed[i] for i, name in enumerate(names)}
 
 
@@ -65,7 +70,7 @@ def tiny_run(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_the_8L_finetune_sees_the_same_tokens_in_an_eighth_of_the_rows():
-    base = ablation.Mini().finetune
+    base = design.Mini().finetune
     short, long = base.at_length(128), base.at_length(1024)
     assert short.tokens == long.tokens == 327_680
     assert (short.sequences, long.sequences) == (16, 2) and short.steps == long.steps
@@ -80,7 +85,7 @@ def test_both_arms_consume_the_same_tokens_in_the_same_order_with_the_same_weigh
     L and 8L finetunes read the same tokens with the same weights, in rows of L and of 8L; the answers are
     weighted in the mixed stream and nothing is in the text-only one; another seed reads other tokens."""
     _, consumed = tiny_run
-    for ft in ablation.finetunes(TINY):
+    for ft in design.finetunes(TINY):
         if ft.times == 8:
             continue
         (short, ids, weights) = consumed[ft.name]
@@ -94,8 +99,8 @@ def test_both_arms_consume_the_same_tokens_in_the_same_order_with_the_same_weigh
 
 def test_the_finetunes_record_one_stream_digest_per_stream_and_seed(tiny_run):
     out, _ = tiny_run
-    rows = {r["model"]: r for r in ablation.token_rows(out, TINY)}
-    for ft in ablation.finetunes(TINY):
+    rows = {r["model"]: r for r in report.token_rows(out, TINY)}
+    for ft in design.finetunes(TINY):
         twin = rows[dataclasses.replace(ft, rope="yarn" if ft.rope == "ntk" else "ntk", times=9 - ft.times).name]
         mine = rows[ft.name]
         assert mine["stream_sha256"] == twin["stream_sha256"] and mine["tokens"] == twin["tokens"] == 2 * 8 * 128
@@ -295,7 +300,7 @@ def test_the_dtype_reaches_the_training_autocast_and_the_evaluated_weights(tiny_
     (out / "eval" / f"{name}.json").unlink()
     seen, real = [], lib.optimizer_step
     monkeypatch.setattr(lib, "optimizer_step", lambda *a, **k: seen.append(k["dtype"]) or real(*a, **k))
-    ablation.run_task(out, TINY, name, [w for w in held_windows(out)], "bf16", None, False)
+    pipeline.run_task(out, TINY, name, [w for w in held_windows(out)], "bf16", None, False)
     assert seen == [torch.bfloat16] * TINY.finetune.steps
     assert json.loads((out / "eval" / f"{name}.json").read_text())["dtype"] == "torch.bfloat16"
     assert json.loads((out / "eval" / "ntk-L.mixed1.json").read_text())["dtype"] == "torch.float32"
@@ -303,7 +308,7 @@ def test_the_dtype_reaches_the_training_autocast_and_the_evaluated_weights(tiny_
 
 def held_windows(out: Path) -> list[lib.Window]:
     split = lib.split_documents(TINY.kinds)
-    tok = ablation.load_tokenizer(out / "pretrained")
+    tok = load_tokenizer(out / "pretrained")
     return lib.heldout_windows(split.held, tok, max(TINY.lengths), TINY.windows_per_kind)
 
 
@@ -361,7 +366,7 @@ def test_no_evaluation_window_has_more_than_1_percent_of_its_word_runs_in_the_tr
     """The miniature's own split, tokenizer and windows: every window's share of 12-word runs seen verbatim in
     the training text is at most 1 %. (The split that held out every 10th topic let through windows of
     97 %, 75 % and 32 %.)"""
-    cfg = ablation.Mini()
+    cfg = design.Mini()
     split = lib.split_documents(cfg.kinds)
     tok = lib.train_tokenizer(split.train, tmp_path, cfg.vocab)
     windows = lib.heldout_windows(split.held, tok, max(cfg.lengths), cfg.windows_per_kind)
@@ -467,8 +472,8 @@ def stats_for(values: dict[tuple[str, str], list[float]], metric: str = "answer_
 
 def test_every_length_where_8L_goes_against_the_claim_is_named():
     cfg = dataclasses.replace(TINY, L=64, passkey_lengths=(64, 128, 256))
-    at = ablation.stat_index(stats_for({("ntk-8L", "mixed"): [3.0, 2.0, 5.0], ("ntk-L", "mixed"): [2.5, 3.0, 4.5]}))
-    flips = ablation.against_claim(cfg, at, "ntk", "mixed", lib.METRICS["answer_entropy"])
+    at = report.stat_index(stats_for({("ntk-8L", "mixed"): [3.0, 2.0, 5.0], ("ntk-L", "mixed"): [2.5, 3.0, 4.5]}))
+    flips = report.against_claim(cfg, at, "ntk", "mixed", lib.METRICS["answer_entropy"])
     assert flips == ["64 (3.00 vs 2.50)", "256 (5.00 vs 4.50)"]
 
 
@@ -479,7 +484,7 @@ def test_the_retrieval_line_says_where_8L_loses_inside_L_and_L_wins_at_2L():
         for n, k in passed.items():
             rows.append({"arm": arm, "stream": "mixed", "metric": "passed", "length": n,
                          **wilson(k, 30).fields("value"), "passed": k, "trials": 30})
-    (line,) = ablation.retrieval_lines(cfg, ablation.stat_index(rows), "ntk", "mixed", "NTK")
+    (line,) = report.retrieval_lines(cfg, report.stat_index(rows), "ntk", "mixed", "NTK")
     assert "the 8L finetune loses retrieval inside L at 64" in line and "48" not in line.split("So")[1]
     assert "the L finetune wins at 2L" in line and "128: 8L 0.10 [0.03, 0.26] vs L 0.67" in line
 
@@ -496,7 +501,7 @@ def test_the_pipeline_writes_every_model_and_result(tiny_run):
     row = next(r for r in stats
                if (r["arm"], r["stream"], r["metric"], r["length"]) == ("ntk-8L", "mixed", "passed", 256))
     assert (row["trials"], row["seeds"], len(row["per_seed"])) == (3 * 2, 3, 3)        # 3 seeds x 1 depth x 2 keys
-    model = ablation.load_model(out / "finetunes" / "ntk-8L.mixed2")
+    model = load_model(out / "finetunes" / "ntk-8L.mixed2")
     assert model.config.rope.type == "ntk" and model.config.rope.factor == 8
     for png in ("heatmap_ntk.png", "heatmap_yarn_text.png", "ppl.png", "ppl_last_L.png", "last_query_entropy.png",
                 "passkey_entropy.png", "pass_rate.png"):
@@ -521,19 +526,32 @@ def test_the_pipeline_writes_every_model_and_result(tiny_run):
     assert "**Sanity checks**" in section and "Verdicts, text stream" in section and "claim 2" in section
 
 
+def test_a_stage_folder_appears_whole_or_not_at_all(tmp_path):
+    folder = tmp_path / "stage"
+    with pytest.raises(RuntimeError):
+        with pipeline.stage_folder(folder) as tmp:
+            (tmp / "half.txt").write_text("written before the stage failed")
+            raise RuntimeError
+    assert not folder.exists() and (tmp_path / ".stage.tmp" / "half.txt").is_file()
+    with pipeline.stage_folder(folder) as tmp:                      # the rerun starts from an empty folder
+        assert list(tmp.iterdir()) == []
+        (tmp / "done.txt").write_text("whole")
+    assert [p.name for p in folder.iterdir()] == ["done.txt"] and not (tmp_path / ".stage.tmp").exists()
+
+
 def test_a_grown_passkey_grid_runs_only_its_new_cells_and_resumes_after_a_kill(tiny_run, tmp_path, count_calls):
     wider = dataclasses.replace(TINY, depths=(50, 90))
-    names = ablation.model_names(TINY)
+    names = design.model_names(TINY)
     before = {n: json.loads((tiny_run[0] / "passkey" / n / "passkey.json").read_text()) for n in names}
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
-    calls = count_calls(ablation, "passkey_cell")
+    calls = count_calls(pipeline, "passkey_cell")
     calls.kill_at = 3                              # the third model's new cell
     with pytest.raises(KeyboardInterrupt):
-        ablation.run_mini(out, wider)
+        pipeline.run_mini(out, wider)
     calls.clear()
     calls.kill_at = 0
-    ablation.run_mini(out, wider)
+    pipeline.run_mini(out, wider)
     assert len(calls) == 2 * len(names) - 2        # the two new cells finished before the kill are kept
     for name, old in before.items():
         rows = json.loads((out / "passkey" / name / "passkey.json").read_text())
@@ -545,9 +563,9 @@ def test_a_rerun_skips_finished_stages_and_an_interrupted_one_redoes_only_its_ow
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
     before = (out / "ablation.json").read_text()
-    folders = [out / "pretrained", *(out / "finetunes" / f.name for f in ablation.finetunes(TINY))]
+    folders = [out / "pretrained", *(out / "finetunes" / f.name for f in design.finetunes(TINY))]
     weights = {f: (f / "model.safetensors").stat().st_mtime_ns for f in folders}
-    ablation.run_mini(out, TINY)                                        # everything done: nothing retrained
+    pipeline.run_mini(out, TINY)                                        # everything done: nothing retrained
     assert "pretrained: " in capfd.readouterr().err
     assert {f: (f / "model.safetensors").stat().st_mtime_ns for f in folders} == weights
     assert (out / "ablation.json").read_text() == before
@@ -556,7 +574,7 @@ def test_a_rerun_skips_finished_stages_and_an_interrupted_one_redoes_only_its_ow
     (out / "finetunes" / ".yarn-8L.mixed2.tmp").mkdir()
     (out / "eval" / "yarn-8L.mixed2.json").unlink()
     shutil.rmtree(out / "passkey" / "yarn-8L.mixed2")
-    ablation.run_mini(out, TINY)
+    pipeline.run_mini(out, TINY)
     assert (out / "pretrained" / "model.safetensors").stat().st_mtime_ns == weights[out / "pretrained"]
     assert not (out / "finetunes" / ".yarn-8L.mixed2.tmp").exists()
     assert (out / "ablation.json").read_text() == before               # deterministic: the same numbers again
@@ -571,7 +589,7 @@ def test_two_worker_processes_give_the_numbers_of_one(tiny_run, tmp_path):
         shutil.rmtree(out / "finetunes" / name)
         (out / "eval" / f"{name}.json").unlink()
         shutil.rmtree(out / "passkey" / name)
-    ablation.run_mini(out, TINY, workers=2, threads=1)
+    pipeline.run_mini(out, TINY, workers=2, threads=1)
     assert (out / "ablation.json").read_text() == before
 
 
@@ -590,9 +608,9 @@ def test_each_heatmap_panel_draws_its_own_training_length(tiny_run, monkeypatch)
     out, _ = tiny_run
     figures = []
     monkeypatch.setattr(haystack, "save_figure", lambda fig, path: figures.append(fig))
-    monkeypatch.setattr(ablation, "save_figure", lambda fig, path: None)       # the shared run's figures stay
-    monkeypatch.setattr(ablation, "draw_heatmaps", lambda panels, *a, **k: figures.append(panels))
-    ablation.draw_all(out, TINY, json.loads((out / "ablation.json").read_text()))
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: None)       # the shared run's figures stay
+    monkeypatch.setattr(report, "draw_heatmaps", lambda panels, *a, **k: figures.append(panels))
+    report.draw_all(out, TINY, json.loads((out / "ablation.json").read_text()))
     panels = figures[0]
     assert [p[2] for p in panels] == [128, 128, 128, 1024]            # pretrained, free, L, 8L
     assert [c["trials"] for c in panels[3][1]] == [3 * 2, 3 * 2]      # the 3 seeds' trials pooled
