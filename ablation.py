@@ -2,7 +2,7 @@
 
     python ablation.py                              # the miniature on a CPU -> runs/ablation
     python ablation.py --workers 1                  # everything in this process, a progress bar per model
-    python ablation.py --dtype bf16                 # bf16 training (autocast) and evaluation (bf16 weights)
+    python ablation.py --dtype fp32                 # fp32 throughout (default auto: bf16 where the CPU has it)
     python ablation.py --scale paper --device cuda  # SmolLM2 (trained at 8K): finetunes at 8K and 32K, grids to 64K
     python ablation.py --scale paper --dry-run      # print the paper-scale commands and stop
 
@@ -44,7 +44,7 @@ import ropelite  # noqa: F401  (before torch, so that OpenMP waits passively: ro
 import torch
 
 from ropelite.ablation_pipeline import Clock, run_mini
-from ropelite.cli import ArgumentParser, check, run_script
+from ropelite.cli import AUTO, ArgumentParser, check, resolve_dtype, run_script
 from ropelite.io import lock_out
 from ropelite.training import latest_checkpoint
 
@@ -104,19 +104,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mini: processes that run the 19 independent finetunes and evaluations side by side, "
                         f"after the pretraining (default {WORKERS}: min(2, this machine's cores); 1 runs them in "
                         "this process, with a progress bar each)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="mini: torch threads per process, the pretraining's and each worker's (default 1: on 2 "
-                        "cores shared with other jobs 2 threads trained this model ~10x slower than 1)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="mini: fp32 (default), or bf16 for training (autocast over fp32 weights) and evaluation "
-                        "(bf16 weights; the loss's softmax, the perplexity's logits and the entropies in fp32); "
-                        "it can only be faster on CPUs that multiply bf16 natively (AMX or AVX512-BF16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="mini: torch threads of the pretraining and of each worker (default: the pretraining takes "
+                        "the threads every script takes, ropelite.cli.set_threads: all cores, waiting passively, "
+                        "so another job costs its share; each worker takes cores / --workers)")
+    p.add_argument("--dtype", choices=(AUTO, "fp32", "bf16"), default=AUTO,
+                   help="mini: auto (default: bf16 on a CPU that multiplies bf16 natively, AMX or AVX512-BF16, "
+                        "else fp32; ropelite.cli.resolve_dtype), fp32, or bf16: training under bf16 autocast over "
+                        "fp32 weights and AdamW, evaluation with bf16 weights (the loss's softmax, the perplexity's "
+                        "log-sum-exp, the RoPE angles and the entropies in fp32); the resolved dtype is recorded")
     p.add_argument("--out", default="runs/ablation", help="run folder; a rerun skips finished stages "
                                                           "(default runs/ablation)")
     p.add_argument("--dry-run", action="store_true", help="--scale paper: print the commands and stop")
     args = p.parse_args(argv)
     check(args.workers >= 1, "--workers must be at least 1")
-    check(args.threads >= 1, "--threads must be at least 1")
+    check(args.threads is None or args.threads >= 1, "--threads must be at least 1")
     check(args.scale == "paper" or args.device == "cpu", "--scale mini runs on the cpu (it is sized for one)")
     check(args.scale == "paper" or not args.dry_run, "--dry-run is for --scale paper")
     return args
@@ -130,9 +132,12 @@ def main(argv=None) -> None:
         run_paper(args)
         return
     out = lock_out(args.out)
-    torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, "cpu", log=lambda line: print(line, file=sys.stderr))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    worker_threads = args.threads or max(1, torch.get_num_threads() // args.workers)
     clock = Clock()
-    lines = run_mini(out, workers=args.workers, threads=args.threads, dtype=args.dtype)
+    lines = run_mini(out, workers=args.workers, threads=worker_threads, dtype=dtype)
     print((out / "section.md").read_text())
     print("finding:\n" + "\n".join(lines) + f"\n({clock.read()} for this run; results in {out})")
 

@@ -672,3 +672,17 @@ def test_paper_runs_the_ablation_piece_and_quotes_its_finding(tiny_run, tmp_path
 def test_window_rows_wants_increasing_lengths(tiny_llama):
     with pytest.raises(RopeliteError, match="increasing order"):
         lib.window_rows(tiny_llama(), np.arange(64) % 97, [64, 32], L=32)
+
+
+def test_main_resolves_auto_and_gives_each_worker_its_share_of_the_cores(tmp_path, monkeypatch):
+    from ropelite.cli import resolve_dtype
+    seen = {}
+    monkeypatch.setattr(ablation, "run_mini", lambda folder, **kw: seen.update(kw) or [])
+    monkeypatch.setattr(ablation.torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(ablation.torch, "set_num_threads", lambda n: None)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "section.md").write_text("")
+    ablation.main(["--out", str(tmp_path / "run"), "--workers", "2"])
+    assert seen == {"workers": 2, "threads": 2, "dtype": resolve_dtype("auto", "cpu")}
+    ablation.main(["--out", str(tmp_path / "run"), "--workers", "2", "--threads", "1", "--dtype", "fp32"])
+    assert seen == {"workers": 2, "threads": 1, "dtype": "fp32"}

@@ -13,7 +13,6 @@ Lengths are short (1K-2K) so the set runs in about a minute on 2 cores; each tes
 """
 
 import json
-import math
 
 import numpy as np
 import pytest
