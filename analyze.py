@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +33,14 @@ from tqdm import tqdm
 
 from ropelite import attention, bound
 from ropelite.attention import DEFINITIONS, Variant, measure, pick_samples, state_meta
-from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, load_for, parse_grid,
-                          run_script, token_bar, variant_config)
+from ropelite.cli import (GRID_HELP, ArgumentParser, add_data_args, add_model_args, check, load_for, needs_factor,
+                          parse_grid, run_script, token_bar, variant_config)
 from ropelite.data import load_documents
 from ropelite.errors import RopeliteError
 from ropelite.hf import read_config
 from ropelite.io import lock_out, pyplot, save_figure, write_csv, write_json, write_summary
 from ropelite.model import LlamaConfig
-from ropelite.rope import RopeConfig, pair_table
+from ropelite.rope import RopeConfig, check_scale_factor, pair_table
 
 # ----------------------------------------------------------------------------------------------------------------
 # attention: seed paper Figure 2 and Table 1
@@ -190,13 +191,37 @@ def entropy_figure(rows: list[dict]):
     return fig
 
 
+ANALYZE_FACTOR = 4.0
+FACTOR_HELP = ("scale factor s (>= 1) of the variants that scale (default: the checkpoint's own factor for the "
+               "variant it runs; for any other, the checkpoint's factor when it scales, so all are compared at one "
+               "s, else 4: at s = 1 every extension is plain RoPE and there is nothing to compare; the one rule of "
+               "every script, ropelite.cli.FACTOR_RULE, with analyze.py's default; a line says when it is used)")
+
+
+def say_default_factor(checkpoint: RopeConfig, ropes, base: float | None, factor: float) -> None:
+    """One line naming the variants that take analyze.py's default factor, when any does."""
+    named = [r for r in dict.fromkeys(ropes) if needs_factor(checkpoint, r, base)]
+    if named:
+        print(f"rope: --factor not given, so {', '.join(named)} run at s = {factor:g} (analyze.py's default)",
+              file=sys.stderr)
+
+
+def analyze_factor(checkpoint: RopeConfig) -> float:
+    """analyze.py's default scale factor (``cli.FACTOR_RULE``) for a variant the checkpoint does not run: the
+    checkpoint's own factor when it scales, so every variant is compared at one s, else 4 (at s = 1 every
+    extension is plain RoPE and there is nothing to compare)."""
+    return checkpoint.factor if checkpoint.factor > 1 else ANALYZE_FACTOR
+
+
 def load_variants(args) -> tuple[list[Variant], Variant, list, list[int]]:
     """(variants, reference, tokenizers, vocabulary sizes). The variants share one loaded model."""
     model, tokenizer = load_for(args)
     base = model.config
     variants = []
+    if args.factor is None:
+        say_default_factor(base.rope, args.rope, args.base, analyze_factor(base.rope))
     for rope in dict.fromkeys(args.rope):
-        config = variant_config(base, rope, args.factor, args.base, args.rope)
+        config = variant_config(base, rope, args.factor, args.base, args.rope, default=analyze_factor(base.rope))
         variants.append(Variant(config.rope.describe(), model, config, 0))
     tokenizers, vocab = [tokenizer], [base.vocab_size]
     if args.reference_model is None:
@@ -415,13 +440,16 @@ def freqs_main(args) -> None:
     check(dim >= 2 and dim % 2 == 0, f"the rotary dim must be an even number >= 2, got {dim}")
     check(theta > 1, f"the base must be > 1, got {theta:g}")
     check(L >= 1, "--original must be positive")
-    # without --factor: the checkpoint's own scaling when it has one, else 4 (a plot of s = 1 shows nothing)
-    factor = args.factor if args.factor is not None else config.rope.factor if config.rope.factor > 1 else 4.0
-    length = args.length if args.length is not None else int(round(L * factor))
+    default = analyze_factor(config.rope)
+    if args.factor is not None:
+        check_scale_factor(args.factor)
+    else:
+        say_default_factor(config.rope, args.rope, args.base, default)
+    length = args.length if args.length is not None else int(round(L * (args.factor or default)))
     check(length >= 1, "--length must be positive")
     rows, summary = [], []
     for name in dict.fromkeys(args.rope):
-        rope = variant_config(config, name, factor, args.base, args.rope).rope
+        rope = variant_config(config, name, args.factor, args.base, args.rope, default=default).rope
         label = rope.describe()
         summary.append({"rope": label, "config": dataclasses.asdict(rope),
                         "attention_factor": rope.frequencies(dim, length)[1]})
@@ -481,7 +509,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(a, several_ropes=True, overrides={
         "--rope": {"default": ["rope", "pi", "ntk", "yarn"],
                    "help": "RoPE variants, weights loaded once (default: rope pi ntk yarn, the paper's four)"},
-        "--factor": {"default": 4.0, "help": "scale factor s for pi/ntk/dynamic/yarn/llama3 (default 4)"}})
+        "--factor": {"help": FACTOR_HELP}})
     g = a.add_argument_group("measurement")
     g.add_argument("--lengths", nargs="+", default=["2048"], metavar="N",
                    help=f"sequence lengths L, {GRID_HELP} (default 2048; the paper: 2048 8192)")
@@ -492,7 +520,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-curves", type=int, default=300,
                    help="per-head curves drawn per panel, an evenly spaced subset of the (layer, head) pairs "
                         "(default 300; the mean is over all)")
-    add_data_args(a, "books")
+    add_data_args(a)
     a.add_argument("--out", default="runs/analyze", help=out_help)
 
     b = sub.add_parser("bound", help="Men et al.'s lower bound of the base per context length",
@@ -522,7 +550,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--rope": {"default": ["rope", "pi", "ntk", "yarn", "dynamic", "llama3"],
                    "help": "variants (default: rope pi ntk yarn dynamic llama3; longrope needs a checkpoint's "
                            "factor lists)"},
-        "--factor": {"default": None, "help": "scale factor s (default: the checkpoint's when it is > 1, else 4)"},
+        "--factor": {"help": FACTOR_HELP},
         "--dtype": hidden, "--device": hidden})
     f.add_argument("--dim", type=int, default=None, help="rotary dimension d (with --theta: no model is read)")
     f.add_argument("--theta", type=float, default=None, help="pretrained base b")

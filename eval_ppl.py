@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sliding only: stride S, 1 <= S <= W (default W/2); the settings used are printed")
     e.add_argument("--chunk-size", type=int, default=512,
                    help="positions whose logits exist at once: memory chunk x vocab x 4 bytes (default 512)")
-    add_data_args(p, "books")
+    add_data_args(p)
     d = p.add_argument_group("selection")
     d.add_argument("--docs", type=int, default=None,
                    help="at most this many documents, the longest ones (default: every long enough document)")

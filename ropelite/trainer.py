@@ -35,14 +35,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .cli import DTYPES, check, resolve_dtype, token_bar, torch_device
+from .cli import DTYPES, check, resolve_dtype, resolve_factor, token_bar, torch_device
 from .data import PackedSequences, load_documents, pack_documents
 from .errors import RopeliteError
 from .hf import config_to_hf, load_model, read_config
 from .io import append_jsonl, lock_out, read_jsonl, truncate_jsonl, write_json, write_summary
 from .model import Llama, LlamaConfig, attention_kernel_note
 from .parallel import compile_blocks, lean_weights, make_optimizer, set_learning_rate, shard, sync_on_last_micro_batch
-from .rope import VARIANTS, RopeConfig
+from .rope import RopeConfig
 from .stats import Interval, bootstrap_mean, compare
 from .tokenizer import ByteTokenizer, first_id, load_tokenizer
 from .training import (LossFn, accumulate_gradients, checkpoint_state, clip_gradients, commit_checkpoint,
@@ -224,13 +224,12 @@ def resume_flags(saved: dict, args, given: set[str], dist: Dist) -> None:
 # Preparing the run: everything that bad input can fail, before any weight is loaded
 # --------------------------------------------------------------------------------------------------------------
 
-def default_factor(rope: str, length: int, original: int, given: float | None) -> float | None:
-    """--factor, else len / L for the variants that take one (1 when len <= L); None leaves the config's."""
-    if given is not None:
-        return given
-    if not VARIANTS[rope].scales_by_factor:  # plain RoPE has no factor; longrope's comes with its searched lists
-        return None
-    return max(1.0, length / original)
+def default_factor(checkpoint: RopeConfig, rope: str | None, length: int, base: float | None,
+                   given: float | None) -> float | None:
+    """--factor by the one rule of every script (``cli.resolve_factor``), train.py's default being len / L: the
+    factor the training length asks for (1 when len <= L); None keeps the checkpoint's or needs none."""
+    return resolve_factor(checkpoint, rope, given, base,
+                          default=max(1.0, length / checkpoint.original_max_position_embeddings))
 
 
 def random_config(args, vocab: int, eos: int) -> LlamaConfig:
@@ -398,7 +397,7 @@ def prepare(args, given: set[str], dist: Dist, dry_run: bool = False) -> Trainin
     docs = load_documents(args.data, kind=args.builtin)
     base, source, tokenizer, eos = choose_model(args, docs)
     original = base.rope.original_max_position_embeddings
-    factor = default_factor(args.rope or base.rope.type, args.len, original, args.factor)
+    factor = default_factor(base.rope, args.rope, args.len, args.base, args.factor)
     if factor is not None and args.factor is None and checkpoint is None:
         dist.say(f"rope: --factor not given, so s = max(1, len / L) = max(1, {args.len} / {original}) = {factor:g}; "
                  f"a run at another --len trains another RoPE: give --factor to compare lengths")

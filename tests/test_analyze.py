@@ -384,6 +384,22 @@ def test_freqs_reads_only_the_config(tmp_path, tiny_llama):
     assert [r["scale"] for r in result["rows"]] == pytest.approx([4.0] * 8)
 
 
+def test_analyze_takes_a_yarn_checkpoints_own_factor_for_every_variant_and_says_so(tmp_path, tiny_llama, capsys):
+    """The one factor rule (ropelite.cli.FACTOR_RULE) with analyze.py's default: a yarn x8 checkpoint's own variant
+    keeps its 8, every other scaling variant is compared at the same 8 (a line names them); no default reaches a
+    variant that needs none."""
+    path = tmp_path / "model"
+    model = tiny_llama()
+    model.config = model.config.with_rope("yarn", factor=8.0)
+    save_model(model, path)
+    analyze.main(["freqs", "--model", str(path), "--rope", "rope", "pi", "yarn", "--out", str(tmp_path / "o")])
+    assert capsys.readouterr().err.strip().splitlines() == ["rope: --factor not given, so pi run at s = 8 "
+                                                            "(analyze.py's default)"]
+    result = json.loads((tmp_path / "o" / "freqs.json").read_text())
+    assert [v["rope"] for v in result["variants"]] == ["rope", "pi x8", "yarn x8"]
+    assert result["settings"]["length"] == 8 * 64
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,6 +422,10 @@ def test_freqs_reads_only_the_config(tmp_path, tiny_llama):
     (["bound", "--dim", "7"], "error: --dim must be an even number"),
     (["freqs", "--rope", "foo"], "error: analyze.py freqs: argument --rope: invalid choice"),
     (["freqs", "--dim", "16", "--theta", "1e4", "--factor", "0.5"], "error: rope factor must be >= 1"),
+    (["freqs", "--dim", "16", "--theta", "1e4", "--factor", "nan"], "error: rope factor must be >= 1"),
+    (["freqs", "--dim", "16", "--theta", "1e4", "--factor", "0"], "error: rope factor must be >= 1"),
+    (["freqs", "--dim", "16", "--theta", "1e4", "--factor", "-1"], "error: rope factor must be >= 1"),
+    (["attention", "--factor", "inf"], "error: rope factor must be >= 1"),
     ([], "error: analyze.py: the following arguments are required"),
 ])
 def test_bad_input_is_one_line(setup, tmp_path, capsys, argv, message):
@@ -416,8 +436,9 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, argv, message):
         run_script(lambda: analyze.main(argv + (["--out", str(tmp_path / "o")] if argv else [])))
     assert exit_.value.code == 2
     *notes, err = capsys.readouterr().err.strip().splitlines()
-    # the error comes last; before it at most one line, --dtype auto's
-    assert err.startswith(message) and [n[:7] for n in notes] in ([], ["dtype: "])
+    # the error comes last; before it only the notices of what a default chose: --dtype auto's, the factor's
+    assert err.startswith(message)
+    assert len(notes) <= 2 and all(n.startswith(("dtype: ", "rope: --factor not given")) for n in notes)
 
 
 def test_token_ids_outside_the_vocabulary_are_one_line(setup, tmp_path, capsys):
@@ -430,8 +451,8 @@ def test_token_ids_outside_the_vocabulary_are_one_line(setup, tmp_path, capsys):
     assert exit_.value.code == 2
     *notes, err = capsys.readouterr().err.strip().splitlines()
     assert err == "error: token id 200 outside the model's vocabulary (97 ids)"
-    # the error comes last; before it at most one line, --dtype auto's
-    assert [n[:7] for n in notes] in ([], ["dtype: "])
+    # the error comes last; before it only the notices of what a default chose (--dtype auto, the factor)
+    assert len(notes) <= 2 and all(n.startswith(("dtype: ", "rope: --factor not given")) for n in notes)
 
 
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):

@@ -116,6 +116,13 @@ def test_a_scaling_variant_takes_the_checkpoints_factor_or_needs_one():
             variant_config(plain, rope, None, None, [rope])
     with pytest.raises(RopeliteError, match="--rope pi needs --factor: the checkpoint runs yarn x8"):
         variant_config(yarn8, "pi", None, None, ["pi"])
+    # a script's default (analyze.py's, train.py's len / L) fills exactly the case that is an error without one
+    assert variant_config(plain, "pi", None, None, ["pi"], default=4.0).rope.factor == 4.0
+    assert variant_config(yarn8, "yarn", None, None, ["yarn"], default=4.0).rope.factor == 8.0
+    assert variant_config(plain, "ntk", None, 1e6, ["ntk"], default=4.0).rope.factor == 1.0
+    for bad in (float("nan"), float("inf"), 0.0, -1.0, 0.5):
+        with pytest.raises(RopeliteError, match=r"rope factor must be >= 1 \(extension, not compression\)"):
+            variant_config(plain, "pi", bad, None, ["pi"], default=4.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

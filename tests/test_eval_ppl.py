@@ -453,7 +453,7 @@ def test_bad_input_is_one_line(setup, capsys, extra, message):
     assert e.value.code == 2
     *notes, err = capsys.readouterr().err.strip().splitlines()
     # the error comes last; before it at most one line, --dtype auto's
-    assert err.startswith(message) and [n[:7] for n in notes] in ([], ["dtype: "])
+    assert err.startswith(message) and len(notes) <= 2 and all(n.startswith(("dtype: ", "rope: --factor not given")) for n in notes)
 
 
 def test_no_documents_and_unknown_variant(setup, tmp_path, capsys):
@@ -478,7 +478,7 @@ def test_script_run_as_a_program_fails_in_one_line(setup):
     assert err == ("error: no document has 500 tokens (longest: 80); 0 of 4 qualify: give "
                    f"shorter --lengths or longer --data ({eval_ppl.ONE_PER_DOCUMENT})")
     # the error comes last; before it at most one line, --dtype auto's
-    assert [n[:7] for n in notes] in ([], ["dtype: "])
+    assert len(notes) <= 2 and all(n.startswith(("dtype: ", "rope: --factor not given")) for n in notes)
     assert "analyze.py --samples" in eval_ppl.ONE_PER_DOCUMENT  # names the option that gives more sequences
 
 

@@ -293,7 +293,7 @@ def test_bad_input_is_one_line(model_dir, tmp_path, capsys, extra, message):
     assert exit_.value.code == 2
     *notes, err = capsys.readouterr().err.strip().splitlines()
     # the error comes last; before it at most one line, --dtype auto's
-    assert err.startswith(message) and [n[:7] for n in notes] in ([], ["dtype: "])
+    assert err.startswith(message) and len(notes) <= 2 and all(n.startswith(("dtype: ", "rope: --factor not given")) for n in notes)
 
 
 def test_out_that_is_a_file_is_one_line(model_dir, tmp_path, capsys):
@@ -303,4 +303,4 @@ def test_out_that_is_a_file_is_one_line(model_dir, tmp_path, capsys):
     expected = f"error: --out {tmp_path / 'file'} is a file, not a folder; choose another --out"
     *notes, err = capsys.readouterr().err.strip().splitlines()
     # the error comes last; before it at most one line, --dtype auto's
-    assert err == expected and [n[:7] for n in notes] in ([], ["dtype: "])
+    assert err == expected and len(notes) <= 2 and all(n.startswith(("dtype: ", "rope: --factor not given")) for n in notes)
