@@ -1,4 +1,4 @@
-"""Every GPU figure of the README in one run (at most 8 minutes on one H100/H200), beside the memory estimate.
+"""Every GPU figure of docs/results.md in one run (at most 8 minutes on one H100/H200), beside the memory estimate.
 
     python benchmarks/gpu.py                # on a CUDA machine: benchmarks/results/gpu-<device>.json and .md
     python benchmarks/gpu.py --dry-run      # the same code paths at toy sizes on CPU (the test suite runs it)

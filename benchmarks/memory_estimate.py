@@ -1,6 +1,6 @@
 """Training memory of train.py per GPU, COMPUTED (not measured), for SmolLM2-135M and LLaMa-2-7B or any config.
 
-    python benchmarks/memory_estimate.py                                   # the README table: 4K/8K/16K/32K
+    python benchmarks/memory_estimate.py                                   # the table of docs/results.md: 4K/8K/16K/32K
     python benchmarks/memory_estimate.py --model path/to/model --len 8192 65536 --gpus 1 8 --micro-batch 2
 
 The recipe is train.py's: AdamW over fp32 master weights (weights, gradients and two moments: 16 bytes per
