@@ -390,6 +390,8 @@ def bound_main(args) -> None:
     draw_B(args.dim, args.plot_bases, max(max(lengths), 1 << 20), out / "bound.png")
     print(f"resolution {args.resolution:g} (relative, in b); bulk walked down from {args.bulk_up_to:g} x min base")
     print("min base: the smallest base that reaches the length; every base up to 'proven below' fails")
+    print(f"bulk: the smallest base above which every base up to {args.bulk_up_to:g} x min base reaches the length "
+          f"('-': some base that fails remains that far up)")
     print(f"{'length':>8} {'min base':>12} {'proven below':>13} {'gaps':>4} {'bulk':>10} {'paper':>8} {'paper ok':>8} "
           f"{'paper reaches':>13}")
     for r in rows:
