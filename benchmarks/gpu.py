@@ -372,7 +372,7 @@ def eval_case(stage: Stage, device: torch.device, dry: bool, deadline: float) ->
         seconds, _, peak = measure(lambda: model.nll(ids), device, stage.steps, deadline)
         if device.type != "cuda":
             peak = live_tensor_peak(lambda: model.nll(ids), model)["peak"] / GIB
-    del model
+    model = None  # the closures above hold the name: drop the weights before the next case
     release(device)
     return {"model": stage.model + (" (toy)" if dry else ""), "len": stage.len, "tokens_per_s": stage.len / seconds,
             "seconds": seconds, "tflops": train_flops_per_token(c, stage.len) / 3 * stage.len / seconds / 1e12,
@@ -399,7 +399,7 @@ def needle_case(stage: Stage, device: torch.device, dry: bool) -> dict:
         if device.type != "cuda":
             decode = live_tensor_peak(lambda: generate(model, ids, stage.steps, on_attention=observe), model)
             peak = decode["peak"] / GIB
-    del model
+    model = None  # the closures above hold the name: drop the weights before the next case
     release(device)
     return {"model": stage.model + (" (toy)" if dry else ""), "prompt_len": stage.len, "new_tokens": stage.steps,
             "prefill_s": prefill, "decode_tokens_per_s": (stage.steps - 1) / max(whole - prefill, 1e-9),
