@@ -31,6 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from ropelite.errors import RopeliteError
+from ropelite.hf import shard_groups, shard_names, write_shard_index
 from ropelite.rope import adjacent_to_halves, llama3_inv_freq, rope_inv_freq
 
 # llama.cpp's per-block tensor names -> Hugging Face LlamaForCausalLM names (without "model.layers.N." / ".weight")
@@ -247,28 +248,16 @@ def _hf_tensor(t, config, path) -> torch.Tensor:
 def _write_weights(weights, config, dtype, max_shard_bytes, out: Path, path) -> None:
     """Dequantise and write the weights shard by shard: `model.safetensors`, or numbered shards + an index."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    shards, size = [[]], 0
-    for t, name in weights:
-        nbytes = int(t.n_elements) * itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((t, name))
-        size += nbytes
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    total, weight_map = sum(int(t.n_elements) for t, _ in weights) * itemsize, {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {path.name}", disable=None) as bar:
-        for file_name, shard in zip(files, shards):
+    sizes = [int(t.n_elements) * itemsize for t, _ in weights]
+    groups = shard_groups(sizes, max_shard_bytes)
+    with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"converting {path.name}", disable=None) as bar:
+        for file_name, group in zip(shard_names(len(groups)), groups):
             tensors = {}
-            for t, name in shard:
+            for t, name in (weights[i] for i in group):
                 tensors[name] = _hf_tensor(t, config, path).to(dtype)
                 bar.update(tensors[name].nbytes)
             save_file(tensors, str(out / file_name), metadata={"format": "pt", "source": path.name})
-            weight_map.update(dict.fromkeys(tensors, file_name))
-    if len(files) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_shard_index(out, [name for _, name in weights], groups, sum(sizes))
 
 
 def _tokenizer_files(meta, path) -> dict[str, bytes]:

@@ -207,6 +207,35 @@ def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Lla
     return model
 
 
+def shard_groups(sizes: list[int], max_bytes: int | None) -> list[list[int]]:
+    """Indices of tensors of ``sizes`` bytes, in order, cut into files of at most ``max_bytes`` (a larger tensor
+    has a file to itself; None = one file): Hugging Face's sharding."""
+    groups, total = [[]], 0
+    for i, size in enumerate(sizes):
+        if max_bytes and groups[-1] and total + size > max_bytes:
+            groups, total = groups + [[]], 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def shard_names(n: int) -> list[str]:
+    """The file names of a model saved in ``n`` files, as transformers expects them."""
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_shard_index(out: Path, keys: list[str], groups: list[list[int]], total_size: int) -> None:
+    """``model.safetensors.index.json`` (which file holds each tensor) for a model in several files; for one file,
+    none (a stale index would shadow nothing, but would mislead a reader)."""
+    index = out / "model.safetensors.index.json"
+    if len(groups) > 1:
+        names = shard_names(len(groups))
+        write_json(index, {"metadata": {"total_size": total_size},
+                           "weight_map": {keys[i]: n for n, group in zip(names, groups) for i in group}})
+    else:
+        index.unlink(missing_ok=True)
+
+
 def save_model(model: Llama, out_dir, max_shard_bytes: int | None = None, extra_config: dict | None = None) -> Path:
     """Write safetensors (sharded with an index past ``max_shard_bytes``) and a transformers-loadable
     config.json. Each file is written atomically; config.json last, so a directory with a config is complete."""
@@ -216,26 +245,12 @@ def save_model(model: Llama, out_dir, max_shard_bytes: int | None = None, extra_
     tied = model.config.tie_word_embeddings
     state = {hf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()
              if not (tied and k == "lm_head.weight")}
-    shards: list[dict] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
+    keys, sizes = list(state), [t.numel() * t.element_size() for t in state.values()]
+    groups = shard_groups(sizes, max_shard_bytes)
+    for name, group in zip(shard_names(len(groups)), groups):
         with atomic_path(out / name) as tmp:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-    index = out / "model.safetensors.index.json"
-    if len(shards) > 1:
-        write_json(index, {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                           "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}})
-    else:
-        index.unlink(missing_ok=True)  # a stale index would shadow nothing, but would mislead a reader
+            save_file({keys[i]: state[keys[i]] for i in group}, str(tmp), metadata={"format": "pt"})
+    write_shard_index(out, keys, groups, sum(sizes))
     dtype = next(iter(state.values())).dtype
     config = {**config_to_hf(model.config), "torch_dtype": str(dtype).removeprefix("torch."), **(extra_config or {})}
     write_json(out / "config.json", config)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import RopeliteError
 from .io import atomic_path, write_json
-from .hf import config_to_hf, hf_name
+from .hf import config_to_hf, hf_name, shard_groups, shard_names, write_shard_index
 from .model import Llama, LlamaConfig
 
 CHECKPOINT = "checkpoint"          # out/checkpoint: the last complete step
@@ -171,8 +171,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """This process's part of the model and optimizer state, keyed by parameter name, as torch.distributed.checkpoint
     (DCP) saves and loads it: FSDP2's DTensor shards under torchrun, whole tensors in one process. An optimizer
-    that has not stepped yet gets its state made here (one step of zero gradients at lr 0, which leaves the
-    weights as they are), so that a checkpoint has something to load into."""
+    that has not stepped yet gets its state made by ``get_state_dict`` (one step of zero gradients at lr 0, which
+    leaves the weights as they are), so that a checkpoint has something to load into."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optimizer_state}
@@ -306,18 +306,6 @@ def safetensors_header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) 
     return len(text).to_bytes(8, "little") + text
 
 
-def shard_groups(sizes: list[int], max_bytes: int | None) -> list[list[int]]:
-    """Indices of tensors of ``sizes`` bytes, in order, cut into files of at most ``max_bytes`` (a larger tensor
-    has a file to itself; None = one file): Hugging Face's sharding, as hf.save_model does it."""
-    groups, total = [[]], 0
-    for i, size in enumerate(sizes):
-        if max_bytes and groups[-1] and total + size > max_bytes:
-            groups, total = groups + [[]], 0
-        groups[-1].append(i)
-        total += size
-    return groups
-
-
 def export_model(model: nn.Module, config: LlamaConfig, out: Path, extra_config: dict, write: bool = True,
                  max_shard_bytes: int | None = MAX_SHARD_BYTES) -> None:
     """``out``'s model.safetensors (Hugging Face's shards and index past ``max_shard_bytes``) in fp32 and its
@@ -329,9 +317,7 @@ def export_model(model: nn.Module, config: LlamaConfig, out: Path, extra_config:
     tied = config.tie_word_embeddings
     weights = [(hf_name(k), v) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")]
     groups = shard_groups([v.numel() * 4 for _, v in weights], max_shard_bytes)
-    names = (["model.safetensors"] if len(groups) == 1 else
-             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-    for name, group in zip(names, groups):
+    for name, group in zip(shard_names(len(groups)), groups):
         with atomic_path(out / name) if write else contextlib.nullcontext() as tmp, \
                 open(tmp, "wb") if write else contextlib.nullcontext() as f:
             if f is not None:
@@ -346,10 +332,5 @@ def export_model(model: nn.Module, config: LlamaConfig, out: Path, extra_config:
                 del tensor
     if not write:
         return
-    index = out / "model.safetensors.index.json"
-    if len(groups) > 1:
-        write_json(index, {"metadata": {"total_size": sum(v.numel() * 4 for _, v in weights)},
-                           "weight_map": {weights[i][0]: n for n, group in zip(names, groups) for i in group}})
-    else:
-        index.unlink(missing_ok=True)
+    write_shard_index(out, [name for name, _ in weights], groups, sum(v.numel() * 4 for _, v in weights))
     write_json(out / "config.json", {**config_to_hf(config), "torch_dtype": "float32", **extra_config})
