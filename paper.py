@@ -81,11 +81,11 @@ def plan(args) -> list[dict]:
                                       ("YaRN x4", "yarn", ["--rope", "yarn", "--factor", "4"]))],
         dict(name="train", title="A short YaRN finetune: held-out loss",
              note=None if paper else (
-                 "What a 512-token finetune of a model trained at 8K can show: that the training loop runs and "
-                 "that the model adapts to YaRN's rescaled slow dimensions and attention temperature at short "
-                 "range (the held-out loss under YaRN x4 falls). What it cannot show: any gain past the training "
-                 "length, since it never sees a position beyond 512, far inside the 8K SmolLM2 already knows; the "
-                 "ablation piece is the experiment about training length."),
+                 "What a 512-token finetune of a model trained at 8K can show: that the training loop runs, and "
+                 "whether the model adapts to YaRN's rescaled slow dimensions and attention temperature at short "
+                 "range (its held-out loss, with its interval over the held-out sequences). What it cannot show: "
+                 "any gain past the training length, since it never sees a position beyond 512, far inside the 8K "
+                 "SmolLM2 already knows; the ablation piece is the experiment about training length."),
              argv=["train.py", *m, "--rope", "yarn", "--factor", "4", "--len", "32768" if paper else "512",
                    # paper scale on the built-in books reads them many times over: bring --data for a real run
                    *(["--epochs-ok"] if paper else ["--tokens", "8192", "--batch-tokens", "1024", "--lr", "5e-5", "--warmup", "2",

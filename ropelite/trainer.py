@@ -522,8 +522,8 @@ def evaluate(run: TrainingRun, model: Llama, step: int, dist: Dist) -> None:
         parts = [torch.empty_like(sums) for _ in range(dist.world)]
         torch.distributed.all_gather(parts, sums)
         sums = torch.cat(parts)
-    loss = bootstrap_mean((sums / (run.args.len - 1)).cpu().numpy())   # per sequence: each has len - 1 targets
-    ppl = bootstrap_mean((sums / (run.args.len - 1)).cpu().numpy(), transform=math.exp)
+    per_sequence = (sums / (run.args.len - 1)).cpu().numpy()   # mean NLL: each sequence has len - 1 targets
+    loss, ppl = bootstrap_mean(per_sequence), bootstrap_mean(per_sequence, transform=math.exp)
     if dist.main:
         append_jsonl(run.out / EVAL_LOG, {"step": step, **loss.fields("eval_loss"), **ppl.fields("eval_ppl"),
                                           "eval_tokens": len(sums) * run.args.len, "tokens": step * run.step_tokens})
