@@ -148,7 +148,8 @@ def add_budget_and_optimizer_args(p: ArgumentParser) -> None:
     g.add_argument("--keep-attention", action=argparse.BooleanOptionalAction, default=False,
                    help="with --grad-ckpt, also keep each block's attention output so backward does not recompute "
                         "attention, the O(len^2) part: one more len x hidden tensor per block, a faster step at long "
-                        "len (default off; the same gradients either way; measured in docs/results.md, 'Speed and memory')")
+                        "len (default off; the same gradients either way; measured in docs/results.md, 'Speed and "
+                        "memory')")
     g.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
     g = p.add_argument_group("GPU speed and memory")
     g.add_argument("--compile", action="store_true",
