@@ -7,8 +7,8 @@ import sys
 
 # OpenMP threads that soon sleep when they wait for each other, instead of spinning, so that another job on the
 # same cores costs its share of them and little more: a spinning thread holds its core while the thread it waits
-# for is descheduled (benchmarks/bench_threads.py, the ablation's model on 2 cores beside one busy job: 0.21x its
-# speed alone when spinning, 0.45x waiting passively, where its share is about 0.55x). OMP_WAIT_POLICY=PASSIVE is
+# for is descheduled (benchmarks/bench_threads.py, the ablation's model on 2 cores beside one busy job: 0.14x its
+# speed alone when spinning, 0.43x waiting passively, where its share is about 0.55x). OMP_WAIT_POLICY=PASSIVE is
 # the standard's switch; libgomp (torch's Linux wheels) then never spins, which cost that model 30 % on quiet
 # cores (wake-ups between its many short kernels), so GOMP_SPINCOUNT lets it spin 3000 rounds of its wait loop
 # first (then 5 % slower than spinning on quiet cores, within 15 % of never spinning beside a busy job).
